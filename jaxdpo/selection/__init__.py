@@ -1,0 +1,32 @@
+"""Batch selection: the ActiveDPO greedy rule (Eq. 3-4) and the baselines, as pure functions."""
+
+from jaxdpo.selection._baselines import (
+    predictive_entropy,
+    select_apo,
+    select_certainty,
+    select_entropy,
+    select_hybrid,
+    select_near_tie,
+    select_random,
+    select_uncertainty,
+)
+from jaxdpo.selection._greedy import SelectionResult, select_batch, v_inv_norms
+from jaxdpo.selection._registry import SELECTORS, SelectionPool, Selector, make_selector
+
+__all__ = [
+    "SELECTORS",
+    "SelectionPool",
+    "SelectionResult",
+    "Selector",
+    "make_selector",
+    "predictive_entropy",
+    "select_apo",
+    "select_batch",
+    "select_certainty",
+    "select_entropy",
+    "select_hybrid",
+    "select_near_tie",
+    "select_random",
+    "select_uncertainty",
+    "v_inv_norms",
+]

@@ -1,0 +1,131 @@
+"""Selectors by name, over one pool type, so experiments choose a method with a string.
+
+A `SelectionPool` carries everything any selector may read; each selector declares the fields it
+`requires`, so a pipeline computes only those (gradient features are expensive, margins need
+implicit rewards, entropies need sampled log-probs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxdpo.selection import _baselines
+from jaxdpo.selection._greedy import SelectionResult, select_batch
+
+
+class SelectionPool(NamedTuple):
+    """One round's candidate triplets (n of them) and what the selectors read from them.
+
+    features: per-response gradient features g `[r, d]` (with `pairs`) or φ `[n, d]` (without).
+    pairs: `[n, 2]` response indices of each candidate (φ_i = g[a_i] − g[b_i]).
+    prior: φ of the triplets labeled so far `[p, d]`, recomputed under the current model.
+    margins: implicit-reward margins r(x, y_a) − r(x, y_b) `[n]`.
+    prompt_entropy: predictive entropy of each prompt `[prompts]`; pair_prompt_ids `[n]` maps
+      candidates to prompts.
+    apo_features / apo_prior: frozen-model features for APO (same layout as features / prior).
+    mask: `[n]` bool, eligible candidates.
+    """
+
+    num_candidates: int
+    features: Float[Array, "r d"] | None = None
+    pairs: Int[Array, "n 2"] | None = None
+    prior: Float[Array, "p d"] | None = None
+    margins: Float[Array, " n"] | None = None
+    prompt_entropy: Float[Array, " prompts"] | None = None
+    pair_prompt_ids: Int[Array, " n"] | None = None
+    apo_features: Float[Array, "r h"] | None = None
+    apo_prior: Float[Array, "p h"] | None = None
+    mask: Bool[Array, " n"] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Selector:
+    """A named selection rule bound to its options: `selector(pool, batch_size, key=key)`."""
+
+    name: str
+    requires: frozenset[str]
+    options: dict[str, Any]
+    _select: Callable[..., SelectionResult]
+
+    def __call__(self, pool: SelectionPool, batch_size: int, *, key: Array) -> SelectionResult:
+        missing = sorted(field for field in self.requires if getattr(pool, field) is None)
+        if missing:
+            raise ValueError(f"selector {self.name!r} needs pool fields {missing}, which are None")
+        return self._select(pool, batch_size, key, **self.options)
+
+
+def _activedpo(pool, batch_size, key, *, reg=1.0):
+    return select_batch(
+        pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs
+    )
+
+
+def _random(pool, batch_size, key):
+    return _baselines.select_random(key, pool.num_candidates, batch_size, mask=pool.mask)
+
+
+def _certainty(pool, batch_size, key):
+    return _baselines.select_certainty(pool.margins, batch_size, mask=pool.mask)
+
+
+def _uncertainty(pool, batch_size, key):
+    return _baselines.select_uncertainty(pool.margins, batch_size, mask=pool.mask)
+
+
+def _entropy(pool, batch_size, key):
+    return _baselines.select_entropy(
+        pool.prompt_entropy, pool.pair_prompt_ids, batch_size, key=key, mask=pool.mask
+    )
+
+
+def _hybrid(pool, batch_size, key, *, ogf=16):
+    return _baselines.select_hybrid(
+        pool.prompt_entropy, pool.pair_prompt_ids, pool.margins, batch_size, ogf=ogf, mask=pool.mask
+    )
+
+
+def _apo(pool, batch_size, key, *, reg=1e-5):
+    return _baselines.select_apo(
+        pool.apo_features, batch_size, reg=reg, prior=pool.apo_prior, pairs=pool.pairs, mask=pool.mask
+    )
+
+
+def _near_tie(pool, batch_size, key, *, nu=1.0, reg=1.0):
+    return _baselines.select_near_tie(
+        pool.margins, pool.features, batch_size, nu=nu, reg=reg, prior=pool.prior, pairs=pool.pairs, mask=pool.mask
+    )
+
+
+_RULES: dict[str, tuple[Callable[..., SelectionResult], frozenset[str]]] = {
+    "activedpo": (_activedpo, frozenset({"features"})),
+    "random": (_random, frozenset()),
+    "certainty": (_certainty, frozenset({"margins"})),
+    "uncertainty": (_uncertainty, frozenset({"margins"})),
+    "entropy": (_entropy, frozenset({"prompt_entropy", "pair_prompt_ids"})),
+    "hybrid": (_hybrid, frozenset({"prompt_entropy", "pair_prompt_ids", "margins"})),
+    "apo": (_apo, frozenset({"apo_features"})),
+    "near_tie": (_near_tie, frozenset({"margins", "features"})),
+}
+_ALIASES = {"aplp": "hybrid"}
+
+SELECTORS: tuple[str, ...] = tuple(sorted([*_RULES, *_ALIASES]))
+
+
+def make_selector(name: str, **options: Any) -> Selector:
+    """The selector registered under `name` ("aplp" is APLP's hybrid), bound to `options`.
+
+    Raises ValueError for an unknown name or an option the rule does not take."""
+    canonical = _ALIASES.get(name, name)
+    if canonical not in _RULES:
+        raise ValueError(f"unknown selection method {name!r}; known methods: {', '.join(SELECTORS)}")
+    rule, requires = _RULES[canonical]
+    accepted = [p.name for p in inspect.signature(rule).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"selection method {name!r} takes options {accepted}, got unknown {unknown}")
+    return Selector(canonical, requires, dict(options), rule)
