@@ -84,7 +84,7 @@ def _solve(prior: _Prior, vector: Float[Array, " d"]) -> Float[Array, " d"]:
     if prior.kind == "none":
         return vector / prior.reg
     if prior.kind == "low":
-        coords = jnp.matmul(prior.basis.T, vector, precision=_HIGHEST)
+        coords = jnp.matmul(vector, prior.basis, precision=_HIGHEST)
         inner = solve_triangular(prior.tri, solve_triangular(prior.tri, coords, trans="T"))
         residual = vector - jnp.matmul(prior.basis, coords, precision=_HIGHEST)
         return residual / prior.reg + jnp.matmul(prior.basis, inner, precision=_HIGHEST)
@@ -182,9 +182,9 @@ def _step(candidates: _Candidates, prior: _Prior, locate, b: Array, state: _Gree
     """One pick: Eq. (3) argmax, then Eq. (4) applied to every score by Sherman–Morrison."""
     pick = locate(candidates, jnp.where(state.eligible, state.scores, -jnp.inf))
     score = jnp.maximum(pick.score, 0.0)
-    correction = jnp.matmul(
-        state.updates.T, jnp.matmul(state.updates, pick.phi, precision=_HIGHEST), precision=_HIGHEST
-    )
+    # Σ_k ũ_k (ũ_kᵀφ*), written as (Uφ*)ᵀU: a transposed U would be copied at every pick
+    coeffs = jnp.matmul(state.updates, pick.phi, precision=_HIGHEST)
+    correction = jnp.matmul(coeffs, state.updates, precision=_HIGHEST)
     u = (_solve(prior, pick.phi) - correction) / jnp.sqrt(1.0 + score)  # ũ = V_b⁻¹φ* / √(1 + s*)
     scores = jnp.maximum(state.scores - candidates.inner(u) ** 2, 0.0)
     return _GreedyState(
