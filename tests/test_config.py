@@ -1,0 +1,64 @@
+"""Experiment configs: strict parsing, defaults, and errors that name the offending key."""
+
+from __future__ import annotations
+
+import pytest
+
+from jaxdpo.config import ConfigError, ExperimentConfig, config_from_dict, load_config
+
+
+def test_default_is_valid_and_round_trips_through_toml_and_yaml(tmp_path):
+    default = load_config(None)
+    assert default == ExperimentConfig()
+    toml = tmp_path / "c.toml"
+    toml.write_text('[run]\nmethods = ["activedpo", "random"]\nseeds = [3]\n[selection]\nbatch_size = 4\n'
+                    '[selection.options.activedpo]\nreg = 0.5\n[dpo]\ntrain_on = "all"\nlearning_rate = 1e-3\n')
+    parsed = load_config(toml)
+    assert parsed.run.methods == ("activedpo", "random") and parsed.run.seeds == (3,)
+    assert parsed.selection.options == {"activedpo": {"reg": 0.5}}
+    assert parsed.dpo.train_on == "all" and parsed.dpo.learning_rate == 1e-3
+    yml = tmp_path / "c.yaml"
+    yml.write_text("run:\n  methods: [activedpo, random]\n  seeds: [3]\nselection:\n  batch_size: 4\n"
+                   "  options:\n    activedpo: {reg: 0.5}\ndpo:\n  train_on: all\n  learning_rate: 0.001\n")
+    assert load_config(yml) == parsed
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"run": {"methods": ["activedpo", "bald"]}}, r"run\.methods\[1\]: unknown method 'bald'"),
+        ({"run": {"method": ["random"]}}, r"run\.method: unknown key; did you mean 'methods'\?"),
+        ({"selction": {}}, r"selction: unknown key; did you mean 'selection'\?"),
+        ({"run": {"rounds": "5"}}, r"run\.rounds: must be an integer"),
+        ({"run": {"rounds": 0}}, r"run\.rounds: must be > 0"),
+        ({"run": {"methods": "random"}}, r"run\.methods: must be a list"),
+        ({"run": {"methods": ["random", "random"]}}, r"run\.methods: lists a method twice"),
+        ({"dpo": {"train_on": "everything"}}, r"dpo\.train_on: must be one of \['new', 'all'\]"),
+        ({"dpo": {"label_smoothing": 0.5}}, r"dpo\.label_smoothing"),
+        ({"selection": {"batch_size": 10_000}}, r"selection\.batch_size: 10000 is larger than the pool of 192"),
+        ({"selection": {"options": {"aplp": {"nu": 1.0}}}}, r"selection\.options\.aplp: .*unknown \['nu'\]"),
+        ({"selection": {"options": {"bald": {}}}}, r"selection\.options\.bald: unknown method"),
+        ({"generation": {"responses_per_prompt": 1}}, r"generation\.responses_per_prompt: must be >= 2"),
+        ({"generation": {"top_p": 1.5}}, r"generation\.top_p"),
+        ({"oracle": {"kind": "reward_model"}}, r"oracle\.path: .*needs the reward model's path"),
+        ({"oracle": {"kind": "gpt4"}}, r"oracle\.kind: must be one of"),
+        ({"lora": {"rank": True}}, r"lora\.rank: must be an integer"),
+        ({"model": {"remat": "yes"}}, r"model\.remat: must be true or false"),
+    ],
+)
+def test_bad_configs_name_the_key(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(raw)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nrounds = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+    other = tmp_path / "c.json"
+    other.write_text("{}")
+    with pytest.raises(ConfigError, match="must end in .toml"):
+        load_config(other)
