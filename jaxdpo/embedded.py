@@ -1,0 +1,81 @@
+"""The embedded default task: small enough to run ActiveDPO end to end on a laptop CPU.
+
+"Topic words". A prompt names one of `TOPICS` topics and a few context words, then ":"; a response
+is 4-8 content words and an end token. Each topic has a hidden taste: a fixed value v[topic, word]
+~ N(0, 1) per content word (seeded by `TASK_SEED`, the same everywhere). The oracle's reward is the
+mean value of the response's words under the prompt's topic, r ∈ about [-2, 2]. The SFT data has
+uniformly random responses, so the SFT policy scores ≈ 0 and DPO can raise the reward by learning,
+per topic, which words are liked — from pairwise labels only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+TASK_SEED = 20250525
+TOPICS = 6
+WORDS = 24
+CONTEXT_WORDS = 3
+MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS = 4, 8
+PAD, EOS, BOS, SEPARATOR = "<pad>", "<eos>", "<bos>", ":"
+
+TOPIC_TOKENS = tuple(f"topic{k}" for k in range(TOPICS))
+WORD_TOKENS = tuple(f"w{j:02d}" for j in range(WORDS))
+VOCAB = (PAD, EOS, BOS, SEPARATOR, *TOPIC_TOKENS, *WORD_TOKENS)
+
+
+def word_values() -> np.ndarray:
+    """The hidden taste v [TOPICS, WORDS] (fixed by TASK_SEED)."""
+    return np.random.default_rng(TASK_SEED).normal(size=(TOPICS, WORDS))
+
+
+_VALUES = word_values()
+_WORD_INDEX = {w: j for j, w in enumerate(WORD_TOKENS)}
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `VOCAB` (whitespace-separated tokens; no training needed)."""
+    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(VOCAB)}, unk_token=PAD))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins tokens with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS)
+
+
+def sample_prompts(rng: np.random.Generator, count: int) -> list[str]:
+    """`count` prompts "topicK wAA wBB wCC :" with uniformly random topic and context words."""
+    topics = rng.integers(0, TOPICS, size=count)
+    context = rng.integers(0, WORDS, size=(count, CONTEXT_WORDS))
+    return [
+        " ".join([TOPIC_TOKENS[k], *(WORD_TOKENS[j] for j in row), SEPARATOR]) for k, row in zip(topics, context)
+    ]
+
+
+def sample_responses(rng: np.random.Generator, count: int) -> list[str]:
+    """Uniformly random responses (the SFT data's): 4-8 uniformly drawn content words."""
+    lengths = rng.integers(MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS + 1, size=count)
+    return [" ".join(WORD_TOKENS[j] for j in rng.integers(0, WORDS, size=n)) for n in lengths]
+
+
+def prompt_topic(prompt: str) -> int:
+    first = prompt.split()[0] if prompt.split() else ""
+    if first not in TOPIC_TOKENS:
+        raise ValueError(f"not a prompt of the embedded task (no topic token first): {prompt!r}")
+    return TOPIC_TOKENS.index(first)
+
+
+def reward(prompt: str, response: str) -> float:
+    """The oracle's reward: mean v[topic, word] over the response's content words. Anything that is
+    not a content word (a stray topic token, ':', a missing end) counts as a word of value -2, and
+    an empty response scores -2, so the reward cannot be gamed by degenerate text."""
+    values = _VALUES[prompt_topic(prompt)]
+    tokens = [t for t in response.replace(EOS, " ").split() if t != PAD]
+    if not tokens:
+        return -2.0
+    return float(np.mean([values[_WORD_INDEX[t]] if t in _WORD_INDEX else -2.0 for t in tokens]))
+
+
+def best_reward(prompt: str) -> float:
+    """The highest reward any response can get for this prompt (for reporting headroom)."""
+    return float(_VALUES[prompt_topic(prompt)].max())

@@ -1,0 +1,25 @@
+"""Decoder LLMs (Llama, Gemma, Qwen2/Qwen3) in Flax NNX, HF checkpoint I/O, and LoRA adapters."""
+
+from jaxdpo.models.checkpoint import hf_state_dict, load_pretrained, load_reward_model, save_pretrained
+from jaxdpo.models.config import SUPPORTED_FAMILIES, DecoderConfig
+from jaxdpo.models.decoder import Decoder, KVCache
+from jaxdpo.models.lora import LORA_TARGETS, LoRA, LoraFn, default_lora_fn, init_lora, target_shapes
+from jaxdpo.models.reward_model import RewardModel
+
+__all__ = [
+    "LORA_TARGETS",
+    "SUPPORTED_FAMILIES",
+    "Decoder",
+    "DecoderConfig",
+    "KVCache",
+    "LoRA",
+    "LoraFn",
+    "RewardModel",
+    "default_lora_fn",
+    "hf_state_dict",
+    "init_lora",
+    "load_pretrained",
+    "load_reward_model",
+    "save_pretrained",
+    "target_shapes",
+]

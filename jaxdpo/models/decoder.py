@@ -1,0 +1,242 @@
+"""One decoder for the Llama, Gemma and Qwen2/Qwen3 families (switches in `DecoderConfig`).
+
+Layer weights are stacked along a leading layer axis and the layers run under one `lax.scan`, so
+the layer body compiles once whatever the depth. The same code path serves the plain forward and
+the KV-cached prefill/decode used by sampling: attention always sees (query slots, key slots, key
+validity), and positions come from the attention mask, so left-padded batches are exact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxdpo import _checks
+from jaxdpo.models.config import DecoderConfig
+from jaxdpo.models.lora import LoRA, LoraFn, default_lora_fn, target_shapes
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_len` slots, and which slots hold real tokens.
+
+    `index` is the next slot to write (the same for the whole batch); `next_position` the next
+    position id of each sequence (padding does not advance it)."""
+
+    k: Float[Array, "L b S kv hd"]
+    v: Float[Array, "L b S kv hd"]
+    key_mask: Bool[Array, "b S"]
+    next_position: Int[Array, " b"]
+    index: Int[Array, ""]
+
+
+def _rms_norm(x: Array, weight: Array, config: DecoderConfig) -> Array:
+    """RMSNorm in float32; Gemma scales by (1 + w) in float32, Llama/Qwen by w in the model dtype."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.rms_norm_eps)
+    if config.norm_offset:
+        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def _rope(positions: Int[Array, "b t"], config: DecoderConfig, dtype) -> tuple[Array, Array]:
+    half = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    inv_freq = 1.0 / (config.rope_theta**half)
+    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, t, 1, hd]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    first, second = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
+
+
+def _activation(name: str, x: Array) -> Array:
+    if name == "silu":
+        return jax.nn.silu(x)
+    return jax.nn.gelu(x, approximate=name == "gelu_tanh")
+
+
+def _attention(q: Array, k: Array, v: Array, allowed: Bool[Array, "b t S"]) -> Array:
+    """Grouped-query attention; softmax in float32. Rows with no allowed key (left padding) get a
+    uniform, finite distribution — their outputs are never used."""
+    b, t, heads, hd = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, heads // kv_heads, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * hd**-0.5
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * hd)
+
+
+def _layer_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """Per-layer parameter shapes (without the leading layer axis), in [in, out] layout."""
+    shapes = {"attn_norm": (config.hidden_size,), "mlp_norm": (config.hidden_size,)}
+    shapes.update(target_shapes(config))
+    if config.qk_norm:
+        shapes.update(q_norm=(config.head_dim,), k_norm=(config.head_dim,))
+    biases = {"q": config.qkv_bias, "k": config.qkv_bias, "v": config.qkv_bias, "o": config.o_bias,
+              "gate": config.mlp_bias, "up": config.mlp_bias, "down": config.mlp_bias}
+    for name, has_bias in biases.items():
+        if has_bias:
+            shapes[f"{name}_bias"] = (shapes[name][1],)
+    return shapes
+
+
+def _is_norm(name: str) -> bool:
+    return name.endswith("norm")
+
+
+class Decoder(nnx.Module):
+    """A causal LM. `model(input_ids, attention_mask=..., lora=...)` → float32 logits [b, s, vocab]."""
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.float32,
+        remat: bool = False,
+        hf_config: dict | None = None,
+    ):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.remat = remat
+        self.hf_config_json = json.dumps(hf_config if hf_config is not None else config.to_hf().to_dict(), sort_keys=True)
+        normal = nnx.initializers.normal(0.02)
+        norm_value = 0.0 if config.norm_offset else 1.0
+        layers = {}
+        for name, shape in _layer_shapes(config).items():
+            full = (config.num_layers, *shape)
+            if _is_norm(name):
+                layers[name] = jnp.full(full, norm_value, self.dtype)
+            elif name.endswith("_bias"):
+                layers[name] = jnp.zeros(full, self.dtype)
+            else:
+                layers[name] = normal(rngs.params(), full, self.dtype)
+        self.layers = nnx.Dict({name: nnx.Param(value) for name, value in layers.items()})
+        self.embed = nnx.Param(normal(rngs.params(), (config.vocab_size, config.hidden_size), self.dtype))
+        self.final_norm = nnx.Param(jnp.full((config.hidden_size,), norm_value, self.dtype))
+        self.lm_head = None if config.tie_embeddings else nnx.Param(
+            normal(rngs.params(), (config.hidden_size, config.vocab_size), self.dtype)
+        )
+
+    # -- public calls ---------------------------------------------------------------------------
+
+    def __call__(self, input_ids, *, attention_mask=None, lora: LoRA | None = None, lora_fn: LoraFn | None = None):
+        """Float32 logits `[b, s, vocab]`. `attention_mask` [b, s]: 1 = token, 0 = (left) padding."""
+        return self.logits(self.hidden_states(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn))
+
+    def hidden_states(self, input_ids, *, attention_mask=None, lora=None, lora_fn=None) -> Float[Array, "b s h"]:
+        """Final-normed hidden states `[b, s, hidden]` (reward heads, APO features)."""
+        valid = self._valid(input_ids, attention_mask)
+        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+        slots = jnp.arange(input_ids.shape[1])
+        hidden, _ = self._run(input_ids, positions, slots, slots, valid, lora, lora_fn, cache=None)
+        return hidden
+
+    def logits(self, hidden: Float[Array, "b s h"]) -> Float[Array, "b s vocab"]:
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens (prompt included)."""
+        c = self.config
+        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
+        dtype = dtype or self.dtype
+        return KVCache(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            key_mask=jnp.zeros((batch, max_len), bool),
+            next_position=jnp.zeros((batch,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def forward_cached(self, input_ids, cache: KVCache, *, attention_mask=None, lora=None, lora_fn=None):
+        """Run t new tokens on top of `cache` (prefill: the left-padded prompts; decode: t = 1).
+
+        Returns float32 logits `[b, t, vocab]` and the cache with the tokens written at slots
+        `index … index + t − 1`."""
+        valid = self._valid(input_ids, attention_mask)
+        _checks.require(
+            input_ids.shape[0] == cache.key_mask.shape[0],
+            f"input_ids has batch {input_ids.shape[0]} but the cache was made for {cache.key_mask.shape[0]}",
+        )
+        t = input_ids.shape[1]
+        positions = jnp.maximum(cache.next_position[:, None] + jnp.cumsum(valid, axis=1) - 1, 0)
+        key_mask = jax.lax.dynamic_update_slice(cache.key_mask, valid.astype(bool), (0, cache.index))
+        query_slots = cache.index + jnp.arange(t)
+        key_slots = jnp.arange(cache.key_mask.shape[1])
+        hidden, (k, v) = self._run(
+            input_ids, positions, query_slots, key_slots, key_mask, lora, lora_fn, cache=(cache.k, cache.v, cache.index)
+        )
+        new_cache = KVCache(k, v, key_mask, cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32), cache.index + t)
+        return self.logits(hidden), new_cache
+
+    # -- internals ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _valid(input_ids, attention_mask) -> Int[Array, "b s"]:
+        _checks.check_ndim("input_ids", input_ids, 2, "[batch, seq]")
+        _checks.check_integer("input_ids", input_ids)
+        if attention_mask is None:
+            return jnp.ones(input_ids.shape, jnp.int32)
+        _checks.check_shape("attention_mask", attention_mask, input_ids.shape)
+        return jnp.asarray(attention_mask).astype(jnp.int32)
+
+    def _run(self, input_ids, positions, query_slots, key_slots, key_valid, lora, lora_fn, cache):
+        config, dtype = self.config, self.dtype
+        x = self.embed[...][input_ids].astype(dtype)
+        if config.embed_scale:
+            x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
+        cos, sin = _rope(positions, config, dtype)
+        allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :].astype(bool)
+        lora_fn = lora_fn or default_lora_fn
+        scale = lora.scale if lora is not None else 1.0
+        b, t = input_ids.shape
+        heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
+
+        def body(carry, inputs):
+            x, kv = carry
+            params, adapter, layer = inputs
+
+            def project(h, name):
+                y = h @ params[name]
+                if f"{name}_bias" in params:
+                    y = y + params[f"{name}_bias"]
+                if adapter is not None and name in adapter:
+                    y = y + lora_fn(h, adapter[name], scale, layer, name).astype(y.dtype)
+                return y
+
+            h = _rms_norm(x, params["attn_norm"], config)
+            q = project(h, "q").reshape(b, t, heads, hd)
+            k = project(h, "k").reshape(b, t, kv_heads, hd)
+            v = project(h, "v").reshape(b, t, kv_heads, hd)
+            if config.qk_norm:
+                q, k = _rms_norm(q, params["q_norm"], config), _rms_norm(k, params["k_norm"], config)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            if kv is not None:  # write this layer's new keys/values into the cache, attend over all slots
+                cache_k, cache_v, index = kv
+                cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, index, 0, 0))
+                cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, index, 0, 0))
+                k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
+                kv = (cache_k, cache_v, index)
+            x = x + project(_attention(q, k, v, allowed), "o")
+            h = _rms_norm(x, params["mlp_norm"], config)
+            x = x + project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down")
+            return (x, kv), None
+
+        if self.remat:
+            body = jax.checkpoint(body)
+        params = {name: p[...] for name, p in self.layers.items()}
+        adapter = lora.params if lora is not None else None
+        layers = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, kv), _ = jax.lax.scan(body, (x, cache), (params, adapter, layers))
+        hidden = _rms_norm(x, self.final_norm[...], config)
+        return hidden, (None if kv is None else kv[:2])
