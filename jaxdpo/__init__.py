@@ -1,5 +1,9 @@
 """jaxdpo: ActiveDPO in JAX — gradient-based active selection of preference pairs, then DPO."""
 
+from jaxdpo import projection
+from jaxdpo.features import gradient_features
+from jaxdpo.models import Decoder, DecoderConfig, LoRA, init_lora, load_pretrained, load_reward_model, save_pretrained
+from jaxdpo.rewards import implicit_reward, reward_gradients, sequence_logprobs
 from jaxdpo.selection import (
     SELECTORS,
     SelectionPool,
@@ -14,10 +18,22 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SELECTORS",
+    "Decoder",
+    "DecoderConfig",
+    "LoRA",
     "SelectionPool",
     "SelectionResult",
     "Selector",
+    "gradient_features",
+    "implicit_reward",
+    "init_lora",
+    "load_pretrained",
+    "load_reward_model",
     "make_selector",
+    "projection",
+    "reward_gradients",
+    "save_pretrained",
     "select_batch",
+    "sequence_logprobs",
     "v_inv_norms",
 ]

@@ -1,7 +1,15 @@
-"""Test-wide settings: deterministic hypothesis runs without per-example deadlines (JIT
-compilation makes the first example of a test slow)."""
+"""Test-wide settings.
 
+- XLA compiles with most optimizations off: compile time dominates these tiny-shape tests on CPU,
+  and every comparison has a tolerance. (Benchmarks run outside pytest, fully optimized.)
+- Hypothesis: deterministic runs without per-example deadlines (the first example of a test
+  includes JIT compilation).
+"""
+
+import jax
 from hypothesis import HealthCheck, settings
+
+jax.config.update("jax_disable_most_optimizations", True)
 
 settings.register_profile(
     "jaxdpo",

@@ -35,19 +35,24 @@ class KVCache:
     index: Int[Array, ""]
 
 
+def _wide(dtype) -> jnp.dtype:
+    """The accumulation dtype: float32, or float64 for a float64 model."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _rms_norm(x: Array, weight: Array, config: DecoderConfig) -> Array:
     """RMSNorm in float32; Gemma scales by (1 + w) in float32, Llama/Qwen by w in the model dtype."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(_wide(x.dtype))
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.rms_norm_eps)
     if config.norm_offset:
-        return (normed * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+        return (normed * (1.0 + weight.astype(xf.dtype))).astype(x.dtype)
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def _rope(positions: Int[Array, "b t"], config: DecoderConfig, dtype) -> tuple[Array, Array]:
-    half = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    half = jnp.arange(0, config.head_dim, 2, dtype=_wide(dtype)) / config.head_dim
     inv_freq = 1.0 / (config.rope_theta**half)
-    angles = positions[..., None].astype(jnp.float32) * inv_freq
+    angles = positions[..., None].astype(inv_freq.dtype) * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, t, 1, hd]
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
 
@@ -69,8 +74,8 @@ def _attention(q: Array, k: Array, v: Array, allowed: Bool[Array, "b t S"]) -> A
     b, t, heads, hd = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, heads // kv_heads, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * hd**-0.5
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(_wide(q.dtype)) * hd**-0.5
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, heads * hd)
 
@@ -94,7 +99,8 @@ def _is_norm(name: str) -> bool:
 
 
 class Decoder(nnx.Module):
-    """A causal LM. `model(input_ids, attention_mask=..., lora=...)` → float32 logits [b, s, vocab]."""
+    """A causal LM. `model(input_ids, attention_mask=..., lora=...)` → logits [b, s, vocab] in
+    float32 (float64 for a float64 model), whatever the compute dtype (float32 or bfloat16)."""
 
     def __init__(
         self,
@@ -143,7 +149,7 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: Float[Array, "b s h"]) -> Float[Array, "b s vocab"]:
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=_wide(hidden.dtype))
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache for `batch` sequences of up to `max_len` tokens (prompt included)."""

@@ -1,0 +1,142 @@
+"""Per-response gradient features g(x, y) = P · ∇r(x, y) over the LoRA parameters (paper §3.3).
+
+A triplet's φ(x, y1, y2) = g(x, y1) − g(x, y2), which `select_batch` takes directly through its
+`pairs` option. Two methods:
+
+* "dense": per-example LoRA gradients (vmapped, `chunk_size` examples at a time), scaled to unit
+  L2 norm when `normalize` (paper §3.3, before projection), then `projection.dense_project`.
+* "factored": LoGra-style. Zero probes E are inserted into every LoRA factor as W + P_lᵀ E P_r
+  (through the decoder's `lora_fn` hook), so ∂(β log π)/∂E = P_l G P_rᵀ is computed from the
+  projected activations and output gradients; no per-example gradient is ever formed. With
+  `normalize`, the projected vector is scaled to unit norm: the gradient's own norm is never
+  formed either, and ‖Pg‖ = ‖g‖ up to the JL error O(1/√dim).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from jaxdpo import _checks
+from jaxdpo.models import LoRA
+from jaxdpo.projection import FactoredPlan, as_key, dense_project, plan_factored
+from jaxdpo.rewards import _sequence_logprobs, check_sequences, per_example_grads
+
+METHODS = ("dense", "factored")
+
+
+def _unit(x: Array, squared_norm: Array) -> Array:
+    norm = jnp.sqrt(squared_norm)
+    return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
+def _tree_unit(tree):
+    squared = sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(tree))
+    return jax.tree.map(lambda leaf: _unit(leaf, squared), tree)
+
+
+def _targets(lora: LoRA) -> tuple[str, ...]:
+    """Targets in a canonical order (sorted, as JAX flattens dicts), so the seed → projection map
+    does not depend on how the adapter dict was built or whether it went through `jit`."""
+    return tuple(sorted(lora.params))
+
+
+def factored_plan(lora: LoRA, dim: int) -> FactoredPlan:
+    """The Kronecker plan for this adapter: blocks "target.a" [in, r] and "target.b" [r, out]."""
+    shapes = []
+    for target in _targets(lora):
+        p = lora.params[target]
+        num_layers, fan_in, rank = p["a"].shape
+        shapes += [(f"{target}.a", fan_in, rank, 1), (f"{target}.b", rank, p["b"].shape[2], 0)]
+    return plan_factored(shapes, num_layers=num_layers, dim=dim)
+
+
+def _probed_lora_fn(plan: FactoredPlan, key: Array, targets: tuple[str, ...]):
+    """A `lora_fn` computing the adapter through W + P_lᵀ E P_r for the zero probes E in params."""
+
+    def lora_fn(x, params, scale, layer, target):
+        block = 2 * targets.index(target)
+        left_a, right_a = (m.astype(x.dtype) for m in plan.factors(key, block, layer))
+        left_b, right_b = (m.astype(x.dtype) for m in plan.factors(key, block + 1, layer))
+        z = x @ params["a"] + ((x @ left_a.T) @ params["e_a"]) @ right_a
+        return scale * (z @ params["b"] + ((z @ left_b.T) @ params["e_b"]) @ right_b)
+
+    return lora_fn
+
+
+def _zero_probes(lora: LoRA, plan: FactoredPlan) -> dict[str, dict[str, Array]]:
+    probes = {}
+    for i, target in enumerate(_targets(lora)):
+        a, b = plan.blocks[2 * i], plan.blocks[2 * i + 1]
+        probes[target] = {
+            "e_a": jnp.zeros((plan.num_layers, a.k_left, a.k_right), jnp.float32),
+            "e_b": jnp.zeros((plan.num_layers, b.k_left, b.k_right), jnp.float32),
+        }
+    return probes
+
+
+@partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size"))
+def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size):
+    def logprob(lora, example, lora_fn=None):
+        ids, response, attention = (x[None] for x in example)
+        return beta * _sequence_logprobs(model, lora, ids, response, attention, lora_fn)[0]
+
+    if method == "dense":
+
+        def one(example):
+            grads = jax.grad(logprob)(lora, example)
+            grads = _tree_unit(grads) if normalize else grads
+            return dense_project(jax.tree.map(lambda g: g[None], grads), dim=dim, key=key)[0]
+
+        return jax.lax.map(one, batch, batch_size=chunk_size)
+
+    plan = factored_plan(lora, dim)
+    lora_fn = _probed_lora_fn(plan, key, _targets(lora))
+
+    def probe_logprob(probes, example):
+        params = {t: {**lora.params[t], **probes[t]} for t in lora.params}
+        return logprob(LoRA(params=params, rank=lora.rank, alpha=lora.alpha), example, lora_fn)
+
+    probe_grads = per_example_grads(probe_logprob, _zero_probes(lora, plan), batch, chunk_size)
+    blocks = [probe_grads[t][side] for t in _targets(lora) for side in ("e_a", "e_b")]
+    features = plan.select(blocks)
+    return _unit(features, jnp.sum(features**2, axis=1, keepdims=True)) if normalize else features
+
+
+def gradient_features(
+    model,
+    lora: LoRA,
+    input_ids,
+    response_mask,
+    *,
+    beta: float,
+    dim: int,
+    seed,
+    normalize: bool = True,
+    method: Literal["dense", "factored"] = "dense",
+    attention_mask=None,
+    chunk_size: int = 8,
+) -> Float[Array, "n dim"]:
+    """Features g = P ∇_θ r(x, y) `[n, dim]` (float32) of every (prompt + response) row.
+
+    ∇r = β ∇ log π_θ(y|x) over the LoRA parameters; `seed` (int or key) fixes P, so features of
+    different rounds and devices live in the same space. `normalize` scales each gradient to unit
+    L2 norm (paper §3.3; see the module docstring for the factored method)."""
+    _checks.require(method in METHODS, f"method must be one of {list(METHODS)}, got {method!r}")
+    _checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
+    _checks.require(beta > 0, f"beta must be > 0, got {beta}")
+    _checks.require(isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size!r}")
+    check_sequences(input_ids, response_mask, attention_mask)
+    n = np.shape(input_ids)[0]
+    if attention_mask is None:
+        attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)
+    batch = (jnp.asarray(input_ids), jnp.asarray(response_mask), jnp.asarray(attention_mask))
+    return _features(
+        model, lora, batch, jnp.float32(beta), as_key(seed),
+        dim=int(dim), normalize=bool(normalize), method=method, chunk_size=int(min(chunk_size, n)),
+    )

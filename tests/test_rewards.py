@@ -1,0 +1,123 @@
+"""Masked sequence log-probs, implicit rewards and per-example reward gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdpo import implicit_reward, init_lora, reward_gradients, sequence_logprobs
+from tests.tiny import sequences, tiny_model, trained_lora
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    return model, trained_lora(model), sequences()
+
+
+def brute_force_logprobs(model, lora, ids, response, attention):
+    """Row by row in float64 NumPy: log-softmax of the logits before each response token."""
+    totals = []
+    for row_ids, row_response, row_attention in zip(ids, response, attention):
+        logits = np.asarray(model(jnp.asarray(row_ids[None]), attention_mask=jnp.asarray(row_attention[None]), lora=lora), np.float64)[0]
+        total = 0.0
+        for t in np.flatnonzero(row_response):
+            before = logits[t - 1]
+            total += before[row_ids[t]] - before.max() - np.log(np.sum(np.exp(before - before.max())))
+        totals.append(total)
+    return np.array(totals)
+
+
+def test_sequence_logprobs_equal_token_by_token_brute_force(setup):
+    model, lora, (ids, response, attention) = setup
+    got = sequence_logprobs(model, lora, ids, response, attention_mask=attention)
+    np.testing.assert_allclose(got, brute_force_logprobs(model, lora, ids, response, attention), rtol=1e-5)
+
+
+def test_implicit_reward_is_beta_times_log_ratio_and_zero_at_init(setup):
+    model, lora, (ids, response, attention) = setup
+    reward = implicit_reward(model, lora, ids, response, beta=0.1, attention_mask=attention)
+    policy = sequence_logprobs(model, lora, ids, response, attention_mask=attention)
+    reference = sequence_logprobs(model, None, ids, response, attention_mask=attention)
+    np.testing.assert_allclose(reward, 0.1 * (policy - reference), rtol=1e-5, atol=1e-6)
+    fresh = init_lora(model, rank=2, alpha=4.0, key=jax.random.key(5))
+    np.testing.assert_array_equal(implicit_reward(model, fresh, ids, response, beta=0.1, attention_mask=attention), 0.0)
+
+
+@pytest.fixture(scope="module")
+def grads(setup):
+    model, lora, (ids, response, attention) = setup
+    return reward_gradients(model, lora, ids, response, beta=0.5, attention_mask=attention, chunk_size=2)
+
+
+def test_per_example_gradients_equal_single_example_grad(setup, grads):
+    model, lora, (ids, response, attention) = setup
+    for i in (0, 3):
+        single = jax.grad(
+            lambda l: 0.5 * sequence_logprobs(model, l, ids[i : i + 1], response[i : i + 1], attention_mask=attention[i : i + 1])[0]
+        )(lora)
+        for a, b in zip(jax.tree.leaves(single), jax.tree.leaves(grads)):
+            np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-6)
+    assert type(grads) is type(lora)
+    assert grads.params["q"]["a"].shape == (4, *lora.params["q"]["a"].shape)
+
+
+def test_gradients_agree_with_finite_differences():
+    """In float64 (model and adapter), so central differences are accurate."""
+    from flax import nnx
+
+    from jaxdpo.models import Decoder
+    from tests.tiny import CONFIG
+
+    with jax.enable_x64(True):
+        model = Decoder(CONFIG, rngs=nnx.Rngs(0), dtype=jnp.float64)
+        lora = jax.tree.map(lambda x: x.astype(jnp.float64), trained_lora(model))
+        ids, response, attention = sequences(n=2)
+        g = reward_gradients(model, lora, ids, response, beta=1.0, attention_mask=attention, chunk_size=2)
+        direction = jax.tree.map(lambda x: jax.random.normal(jax.random.key(3), x.shape, jnp.float64), lora)
+        eps = 1e-5
+
+        def at(t):
+            shifted = jax.tree.map(lambda p, d: p + t * d, lora, direction)
+            return np.asarray(sequence_logprobs(model, shifted, ids, response, attention_mask=attention))
+
+        numeric = (at(eps) - at(-eps)) / (2 * eps)
+        analytic = sum(
+            np.asarray(gl).reshape(2, -1) @ np.asarray(dl).reshape(-1) for gl, dl in zip(jax.tree.leaves(g), jax.tree.leaves(direction))
+        )
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6)
+
+
+def test_chunk_size_does_not_change_the_result(setup, grads):
+    model, lora, (ids, response, attention) = setup
+    one_by_one = reward_gradients(model, lora, ids, response, beta=0.5, attention_mask=attention, chunk_size=1)
+    for a, b in zip(jax.tree.leaves(one_by_one), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda ids, r, a: (ids, r[:, :-1], a), "response_mask must have shape"),
+        (lambda ids, r, a: (ids, np.where(np.arange(4)[:, None] == 2, 0, r), a), r"no response token in rows \[2\]"),
+        (lambda ids, r, a: (ids.astype(np.float32), r, a), "input_ids must be an integer array"),
+        (lambda ids, r, a: (ids, np.ones_like(r), None), "marks position 0"),
+        (lambda ids, r, a: (ids, r, np.zeros_like(a)), "marks padding"),
+        (lambda ids, r, a: (ids[0], r, a), "input_ids must be 2-D"),
+    ],
+)
+def test_bad_input(setup, mutate, match):
+    model, lora, (ids, response, attention) = setup
+    ids, response, attention = mutate(ids, response, attention)
+    with pytest.raises(ValueError, match=match):
+        sequence_logprobs(model, lora, ids, response, attention_mask=attention)
+    with pytest.raises(ValueError, match=match):
+        reward_gradients(model, lora, ids, response, beta=1.0, attention_mask=attention)
+
+
+def test_beta_must_be_positive(setup):
+    model, lora, (ids, response, attention) = setup
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        implicit_reward(model, lora, ids, response, beta=0.0, attention_mask=attention)
