@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +92,12 @@ def dense_project(grads, *, dim: int, key) -> Float[Array, "n dim"]:
     """
     _checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
     leaves, n = _check_batch(grads)
-    key = as_key(key)
+    return _dense_project(leaves, as_key(key), int(dim))
+
+
+@partial(jax.jit, static_argnames="dim")
+def _dense_project(leaves: list[Array], key: Array, dim: int) -> Float[Array, "n dim"]:
+    n = leaves[0].shape[0]
     total = jnp.zeros((n, dim), jnp.float32)
     for i, leaf in enumerate(leaves):
         total = total + _project_leaf(jax.random.fold_in(key, i), _leaf_matrix(n, leaf), dim)
