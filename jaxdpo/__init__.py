@@ -3,6 +3,7 @@
 from jaxdpo import projection
 from jaxdpo.features import gradient_features
 from jaxdpo.models import Decoder, DecoderConfig, LoRA, init_lora, load_pretrained, load_reward_model, save_pretrained
+from jaxdpo.sampling import Generation, generate
 from jaxdpo.rewards import implicit_reward, reward_gradients, sequence_logprobs
 from jaxdpo.selection import (
     SELECTORS,
@@ -20,10 +21,12 @@ __all__ = [
     "SELECTORS",
     "Decoder",
     "DecoderConfig",
+    "Generation",
     "LoRA",
     "SelectionPool",
     "SelectionResult",
     "Selector",
+    "generate",
     "gradient_features",
     "implicit_reward",
     "init_lora",

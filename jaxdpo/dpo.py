@@ -1,0 +1,227 @@
+"""DPO (paper Eq. 2) on the LoRA parameters only, with optax.
+
+The data of a round are sequences (prompt + response, as `generate` lays them out) and `pairs`
+`[n, 2]` of (chosen, rejected) row indices. Reference log-probs come from the same model with
+`lora=None`; they are computed once per round (`reference_logprobs`) and passed to `train`.
+
+One jitted optimizer step per trainer: every micro-batch has the same shape (the last one is
+padded with zero-weight pairs), gradient accumulation is a `lax.scan` inside the step, and the
+learning rate is an optimizer hyperparameter set from Python each step (`optax.inject_hyperparams`),
+so nothing recompiles between rounds or when the schedule or the number of labels changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jaxtyping import Array, Float, Int
+
+from jaxdpo import _checks
+from jaxdpo.models import LoRA
+from jaxdpo.rewards import _sequence_logprobs, check_sequences
+
+
+def dpo_loss(
+    policy_chosen: Float[Array, " n"],
+    policy_rejected: Float[Array, " n"],
+    ref_chosen: Float[Array, " n"],
+    ref_rejected: Float[Array, " n"],
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> Float[Array, " n"]:
+    """Per-pair DPO loss (Eq. 2): −log σ(h) with h = β[(log π_c − log π_ref,c) − (log π_r − log π_ref,r)].
+
+    `label_smoothing` ε assumes labels flip with probability ε (conservative DPO):
+    −(1 − ε) log σ(h) − ε log σ(−h)."""
+    margin = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(margin) - label_smoothing * jax.nn.log_sigmoid(-margin)
+
+
+class Sequences(NamedTuple):
+    """Prompt + response rows `[r, s]` (left-padded prompt, response tokens marked)."""
+
+    input_ids: Int[Array, "r s"]
+    response_mask: Int[Array, "r s"]
+    attention_mask: Int[Array, "r s"]
+
+
+@struct.dataclass
+class TrainState:
+    """The adapter being trained, its optimizer state and the number of optimizer steps taken."""
+
+    lora: LoRA
+    opt_state: optax.OptState
+    step: int = 0
+
+
+@partial(jax.jit, static_argnames=("chunk_size",))
+def _logprobs(model, lora, sequences: Sequences, *, chunk_size: int) -> Float[Array, " r"]:
+    def chunk(rows):
+        return _sequence_logprobs(model, lora, *rows)
+
+    rows = jax.tree.map(lambda x: x.reshape(-1, chunk_size, *x.shape[1:]), sequences)
+    return jax.lax.map(chunk, rows).reshape(-1)
+
+
+def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_size: int = 16) -> np.ndarray:
+    """`sequence_logprobs` of every row, `chunk_size` rows per forward pass (rows padded to a
+    multiple of it, so one compiled function serves every pool size of a run)."""
+    check_sequences(*sequences)
+    n = sequences.input_ids.shape[0]
+    padded = math.ceil(n / chunk_size) * chunk_size
+    sequences = Sequences(*(_pad_rows(np.asarray(x), padded) for x in sequences))
+    return np.asarray(_logprobs(model, lora, sequences, chunk_size=chunk_size))[:n]
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """Repeat the last row up to `rows` rows (valid data, so no NaN from an empty row)."""
+    return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)]) if rows > len(x) else x
+
+
+def reference_logprobs(model, sequences: Sequences, *, chunk_size: int = 16) -> np.ndarray:
+    """log π_ref of every row: the model without an adapter. Compute once per round and cache."""
+    return batched_logprobs(model, None, sequences, chunk_size=chunk_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class DpoTrainer:
+    """DPO over LoRA parameters: `init(lora)` → `TrainState`, `train(state, ...)` → (state, losses).
+
+    `schedule`: "constant", "linear" (decay to 0 over the round's steps) or "cosine", after
+    `warmup_steps` of linear warm-up. `batch_size` pairs per micro-batch, `grad_accum` micro-batches
+    per optimizer step."""
+
+    beta: float = 0.1
+    learning_rate: float = 1e-4
+    epochs: int = 4
+    batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.0
+    schedule: str = "constant"
+
+    def __post_init__(self):
+        _checks.require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        _checks.require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("epochs", "batch_size", "grad_accum"):
+            value = getattr(self, name)
+            _checks.require(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        _checks.require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _checks.require(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        _checks.require(
+            self.schedule in ("constant", "linear", "cosine"),
+            f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}",
+        )
+
+    @property
+    def optimizer(self) -> optax.GradientTransformation:
+        return optax.inject_hyperparams(optax.adamw)(learning_rate=self.learning_rate, weight_decay=self.weight_decay)
+
+    def init(self, lora: LoRA) -> TrainState:
+        return TrainState(lora=lora, opt_state=self.optimizer.init(lora), step=0)
+
+    def learning_rate_at(self, step: int, total_steps: int) -> float:
+        """The learning rate of optimizer step `step` (0-based) of a round of `total_steps`."""
+        if step < self.warmup_steps:
+            return self.learning_rate * (step + 1) / (self.warmup_steps + 1)
+        if self.schedule == "constant":
+            return self.learning_rate
+        progress = (step - self.warmup_steps) / max(total_steps - self.warmup_steps, 1)
+        if self.schedule == "linear":
+            return self.learning_rate * (1.0 - progress)
+        return self.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def steps_per_epoch(self, num_pairs: int) -> int:
+        return math.ceil(num_pairs / (self.batch_size * self.grad_accum))
+
+    def train(
+        self,
+        model,
+        state: TrainState,
+        sequences: Sequences,
+        pairs: Int[Array, "n 2"],
+        ref_logprobs: Float[Array, " r"],
+        *,
+        seed: int,
+        callback=None,
+    ) -> tuple[TrainState, np.ndarray]:
+        """`epochs` passes over the (chosen, rejected) `pairs`, shuffled per epoch from `seed`.
+
+        Returns the new state and the mean loss of every optimizer step; `callback(step, loss)`
+        is called after each (progress bars)."""
+        check_sequences(*sequences)
+        pairs = np.asarray(pairs)
+        _checks.check_ndim("pairs", pairs, 2, "[n, 2] (chosen, rejected)")
+        _checks.require(pairs.shape[1] == 2 and len(pairs) >= 1, f"pairs must be [n >= 1, 2], got {pairs.shape}")
+        _checks.check_index_range("pairs", pairs, sequences.input_ids.shape[0], "sequences")
+        _checks.check_shape("ref_logprobs", ref_logprobs, (sequences.input_ids.shape[0],))
+        _checks.check_finite("ref_logprobs", ref_logprobs)
+        rng = np.random.default_rng(seed)
+        per_step = self.batch_size * self.grad_accum
+        total = self.epochs * self.steps_per_epoch(len(pairs))
+        arrays = Sequences(*(jnp.asarray(x) for x in sequences))
+        ref = jnp.asarray(ref_logprobs, jnp.float32)
+        losses = []
+        for _ in range(self.epochs):
+            order = rng.permutation(len(pairs))
+            for start in range(0, len(order), per_step):
+                rows = order[start : start + per_step]
+                weights = np.zeros(per_step, np.float32)
+                weights[: len(rows)] = 1.0
+                rows = np.resize(rows, per_step)  # pad with real pairs of weight 0
+                opt_state = _set_learning_rate(state.opt_state, self.learning_rate_at(state.step, total))
+                lora, opt_state, loss = _train_step(
+                    model, state.lora, opt_state, arrays, ref, jnp.asarray(pairs[rows]), jnp.asarray(weights),
+                    trainer=self,
+                )
+                state = TrainState(lora=lora, opt_state=opt_state, step=state.step + 1)
+                losses.append(float(loss))
+                if callback is not None:
+                    callback(state.step, losses[-1])
+        return state, np.asarray(losses)
+
+
+def _set_learning_rate(opt_state, value: float):
+    hyperparams = dict(opt_state.hyperparams)
+    hyperparams["learning_rate"] = jnp.asarray(value, hyperparams["learning_rate"].dtype)
+    return opt_state._replace(hyperparams=hyperparams)
+
+
+@partial(jax.jit, static_argnames=("trainer",))
+def _train_step(model, lora, opt_state, sequences: Sequences, ref, pairs, weights, *, trainer: DpoTrainer):
+    """One optimizer step over `grad_accum` micro-batches of `batch_size` pairs (weighted mean loss)."""
+    micro = (trainer.grad_accum, trainer.batch_size)
+    pairs, weights = pairs.reshape(*micro, 2), weights.reshape(micro)
+    total_weight = jnp.maximum(weights.sum(), 1.0)
+
+    def micro_loss(lora, batch):
+        rows, w = batch
+        chosen, rejected = rows[:, 0], rows[:, 1]
+        both = jnp.concatenate([chosen, rejected])
+        picked = jax.tree.map(lambda x: x[both], sequences)
+        policy = _sequence_logprobs(model, lora, *picked)
+        k = chosen.shape[0]
+        losses = dpo_loss(
+            policy[:k], policy[k:], ref[chosen], ref[rejected], beta=trainer.beta, label_smoothing=trainer.label_smoothing
+        )
+        return jnp.sum(losses * w) / total_weight
+
+    def accumulate(carry, batch):
+        loss, grads = carry
+        value, g = jax.value_and_grad(micro_loss)(lora, batch)
+        return (loss + value, jax.tree.map(jnp.add, grads, g)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, lora)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (pairs, weights))
+    updates, opt_state = trainer.optimizer.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss

@@ -1,0 +1,160 @@
+"""Sampled decoding (DESIGN.md "The loop"): a jitted prefill of the left-padded prompts, then one
+`lax.while_loop` of single-token steps over the decoder's KV cache, stopping when every sequence
+has emitted an end token or `max_new_tokens` are written.
+
+The result is laid out for `sequence_logprobs` / `gradient_features`: the prompt (left-padded)
+followed by the generated tokens, `response_mask` 1 on the generated tokens up to and including
+the end token, 0 elsewhere; tokens after the end are `pad_token_id` with attention 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Float, Int
+
+from jaxdpo import _checks
+from jaxdpo.models import LoRA
+
+
+@struct.dataclass
+class Generation:
+    """`input_ids` / `response_mask` / `attention_mask`: `[batch·num_samples, prompt_len + max_new_tokens]`;
+    rows `i·num_samples … (i+1)·num_samples − 1` answer prompt i."""
+
+    input_ids: Int[Array, "n s"]
+    response_mask: Int[Array, "n s"]
+    attention_mask: Int[Array, "n s"]
+
+
+def filter_logits(logits: Float[Array, "n v"], *, top_p, top_k) -> Float[Array, "n v"]:
+    """Top-k then nucleus (top-p) filtering: excluded tokens get −inf.
+
+    Top-k keeps every token whose logit is ≥ the k-th largest (k = 0: no limit). Top-p keeps, in
+    descending order, each token whose preceding probability mass is < top_p (so at least one, and
+    ties at the cut are kept). `top_p` and `top_k` may be traced scalars."""
+    vocab = logits.shape[-1]
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+    ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p) & (ordered > -jnp.inf)
+    cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= cut, logits, -jnp.inf)
+
+
+def _next_tokens(logits, key, temperature, top_p, top_k, filtered: bool):
+    """Sample from `softmax(filter(logits / T))`; T = 0 is greedy (argmax, lowest index on ties)."""
+    greedy = jnp.argmax(logits, axis=-1)
+    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+    if filtered:
+        scaled = filter_logits(scaled, top_p=top_p, top_k=top_k)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "eos_ids", "pad_id", "filtered"))
+def _generate(model, lora, prompt_ids, prompt_mask, key, temperature, top_p, top_k, *, max_new_tokens, eos_ids, pad_id, filtered):
+    n, prompt_len = prompt_ids.shape
+    cache = model.init_cache(n, prompt_len + max_new_tokens)
+    logits, cache = model.forward_cached(prompt_ids, cache, attention_mask=prompt_mask, lora=lora)
+    eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+    def not_finished(state):
+        step, done = state[0], state[1]
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def decode_step(state):
+        step, done, tokens, live, last_logits, cache, key = state
+        key, draw = jax.random.split(key)
+        token = jnp.where(done, pad_id, _next_tokens(last_logits, draw, temperature, top_p, top_k, filtered))
+        tokens = tokens.at[:, step].set(token)
+        live = live.at[:, step].set(~done)
+        logits, cache = model.forward_cached(token[:, None], cache, attention_mask=(~done)[:, None], lora=lora)
+        done = done | jnp.isin(token, eos)
+        return step + 1, done, tokens, live, logits[:, -1], cache, key
+
+    state = (
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((n,), bool),
+        jnp.full((n, max_new_tokens), pad_id, jnp.int32),
+        jnp.zeros((n, max_new_tokens), bool),
+        logits[:, -1],
+        cache,
+        key,
+    )
+    _, _, tokens, live, _, _, _ = jax.lax.while_loop(not_finished, decode_step, state)
+    live = live.astype(jnp.int32)
+    return Generation(
+        input_ids=jnp.concatenate([prompt_ids, tokens], axis=1),
+        response_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), live], axis=1),
+        attention_mask=jnp.concatenate([prompt_mask, live], axis=1),
+    )
+
+
+def _eos_tuple(eos_token_id) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return ()
+    ids = (eos_token_id,) if np.ndim(eos_token_id) == 0 else tuple(np.ravel(eos_token_id))
+    _checks.require(all(float(i) == int(i) and int(i) >= 0 for i in ids), f"eos_token_id must be non-negative ints, got {eos_token_id!r}")
+    return tuple(sorted({int(i) for i in ids}))
+
+
+def generate(
+    model,
+    prompt_ids: Int[Array, "b p"],
+    prompt_mask: Int[Array, "b p"],
+    *,
+    lora: LoRA | None = None,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    num_samples: int = 1,
+    key: Array,
+    pad_token_id: int = 0,
+) -> Generation:
+    """Sample `num_samples` responses of up to `max_new_tokens` tokens to each left-padded prompt.
+
+    temperature 0 is greedy decoding; `top_k` 0 and `top_p` 1 disable those filters; a sequence
+    stops after any token of `eos_token_id` (one id or several). Compiles once per shape and
+    option set: new LoRA weights, keys, temperatures and top-p/top-k values reuse the compiled loop."""
+    _checks.check_ndim("prompt_ids", prompt_ids, 2, "[batch, prompt_len]")
+    _checks.check_integer("prompt_ids", prompt_ids)
+    _checks.check_shape("prompt_mask", prompt_mask, np.shape(prompt_ids))
+    _checks.require(np.shape(prompt_ids)[0] >= 1, "prompt_ids has no rows (empty batch)")
+    for name, value in [("max_new_tokens", max_new_tokens), ("num_samples", num_samples)]:
+        _checks.require(isinstance(value, (int, np.integer)) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+    _checks.require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+    _checks.require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+    _checks.require(isinstance(top_k, (int, np.integer)) and top_k >= 0, f"top_k must be an int >= 0, got {top_k!r}")
+    if _checks.is_concrete(prompt_mask):
+        mask = np.asarray(prompt_mask)
+        empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
+        _checks.require(empty.size == 0, f"prompt_mask is all padding in rows {empty[:10].tolist()} (empty prompt)")
+        right_padded = np.flatnonzero(mask[:, -1] == 0)
+        _checks.require(right_padded.size == 0, f"prompts must be left-padded; rows {right_padded[:10].tolist()} end in padding")
+    ids = jnp.repeat(jnp.asarray(prompt_ids, jnp.int32), num_samples, axis=0)
+    mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), num_samples, axis=0)
+    return _generate(
+        model,
+        lora,
+        ids,
+        mask,
+        key,
+        jnp.float32(temperature),
+        jnp.float32(top_p),
+        jnp.int32(top_k),
+        max_new_tokens=int(max_new_tokens),
+        eos_ids=_eos_tuple(eos_token_id),
+        pad_id=int(pad_token_id),
+        filtered=bool(top_p < 1 or top_k > 0),
+    )

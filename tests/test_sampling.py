@@ -1,0 +1,158 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import jaxdpo
+from jaxdpo.sampling import _generate, filter_logits
+from tests.tiny import CONFIG, tiny_model, trained_lora
+
+MAX_NEW = 6
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def lora(model):
+    return trained_lora(model)
+
+
+def left_padded(seed=0, batch=3, length=5):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, CONFIG.vocab_size, size=(batch, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    for i in range(batch):
+        mask[i, : i % length] = 0
+        ids[i, : i % length] = 0
+    return ids, mask
+
+
+def greedy_reference(model, lora, prompt, steps, eos=()):
+    """Argmax decoding with a full forward pass over the unpadded prompt + tokens so far."""
+    tokens = list(prompt)
+    out = []
+    for _ in range(steps):
+        logits = model(jnp.asarray([tokens], jnp.int32), lora=lora)[0, -1]
+        token = int(jnp.argmax(logits))
+        out.append(token)
+        tokens.append(token)
+        if token in eos:
+            break
+    return out
+
+
+def test_greedy_with_cache_equals_full_forward_argmax(model, lora):
+    ids, mask = left_padded()
+    result = jaxdpo.generate(model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, temperature=0.0, key=jax.random.key(0))
+    assert result.input_ids.shape == (3, 5 + MAX_NEW)
+    for i in range(3):
+        prompt = ids[i][mask[i] == 1].tolist()
+        expected = greedy_reference(model, lora, prompt, MAX_NEW)
+        np.testing.assert_array_equal(np.asarray(result.input_ids[i, 5:]), expected)
+        np.testing.assert_array_equal(np.asarray(result.response_mask[i]), [0] * 5 + [1] * MAX_NEW)
+        np.testing.assert_array_equal(np.asarray(result.attention_mask[i]), np.r_[mask[i], [1] * MAX_NEW])
+
+
+def test_stops_at_any_eos_and_masks_after(model, lora):
+    ids, mask = left_padded()
+    greedy = jaxdpo.generate(model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, temperature=0.0, key=jax.random.key(0))
+    tokens = np.asarray(greedy.input_ids[:, 5:])
+    eos = (int(tokens[0, 1]), int(tokens[1, 0]))  # row 0 ends at step 1, row 1 at step 0 (or earlier)
+    result = jaxdpo.generate(
+        model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, temperature=0.0, eos_token_id=eos, key=jax.random.key(0)
+    )
+    for i in range(3):
+        prompt = ids[i][mask[i] == 1].tolist()
+        expected = greedy_reference(model, lora, prompt, MAX_NEW, eos=eos)
+        n = len(expected)
+        row = np.asarray(result.input_ids[i, 5:])
+        np.testing.assert_array_equal(row[:n], expected)
+        np.testing.assert_array_equal(row[n:], 0)
+        np.testing.assert_array_equal(np.asarray(result.response_mask[i, 5:]), [1] * n + [0] * (MAX_NEW - n))
+        np.testing.assert_array_equal(np.asarray(result.attention_mask[i, 5:]), [1] * n + [0] * (MAX_NEW - n))
+    assert np.asarray(result.response_mask[0, 5:]).sum() <= 2
+
+
+def test_samples_reproducible_and_laid_out_per_prompt(model, lora):
+    ids, mask = left_padded()
+    kwargs = dict(lora=lora, max_new_tokens=MAX_NEW, num_samples=4, top_k=5, top_p=0.9)
+    a = jaxdpo.generate(model, ids, mask, key=jax.random.key(7), **kwargs)
+    b = jaxdpo.generate(model, ids, mask, key=jax.random.key(7), **kwargs)
+    c = jaxdpo.generate(model, ids, mask, key=jax.random.key(8), **kwargs)
+    assert a.input_ids.shape == (12, 5 + MAX_NEW)
+    np.testing.assert_array_equal(np.asarray(a.input_ids), np.asarray(b.input_ids))
+    assert not np.array_equal(np.asarray(a.input_ids), np.asarray(c.input_ids))
+    np.testing.assert_array_equal(np.asarray(a.input_ids[:, :5]), np.repeat(ids, 4, axis=0))
+    assert len({tuple(r) for r in np.asarray(a.input_ids[:4, 5:]).tolist()}) > 1  # samples differ
+
+
+def test_sampled_tokens_respect_top_k(model, lora):
+    ids, mask = left_padded()
+    result = jaxdpo.generate(model, ids, mask, lora=lora, max_new_tokens=1, top_k=1, num_samples=5, key=jax.random.key(1))
+    greedy = jaxdpo.generate(model, ids, mask, lora=lora, max_new_tokens=1, temperature=0.0, key=jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(result.input_ids[:, -1]), np.repeat(np.asarray(greedy.input_ids[:, -1]), 5))
+
+
+def test_no_recompilation_across_rounds(model, lora):
+    ids, mask = left_padded()
+    kwargs = dict(max_new_tokens=MAX_NEW, num_samples=2, top_p=0.95)
+    jaxdpo.generate(model, ids, mask, lora=lora, key=jax.random.key(0), **kwargs)
+    before = _generate._cache_size()
+    for round_ in range(3):  # new adapter weights, keys, temperatures each "round"
+        new_lora = jax.tree.map(lambda x: x * (1.0 + 0.1 * round_), lora)
+        jaxdpo.generate(model, ids, mask, lora=new_lora, key=jax.random.key(round_), temperature=0.5 + round_, **kwargs)
+    assert _generate._cache_size() == before
+
+
+def reference_filter(logits, top_p, top_k):
+    """float64 NumPy: keep the top-k (ties kept), then the smallest descending prefix reaching top_p."""
+    logits = np.asarray(logits, np.float64)
+    keep = np.ones_like(logits, bool)
+    if top_k > 0:
+        kth = np.sort(logits)[::-1][min(top_k, logits.size) - 1]
+        keep &= logits >= kth
+    order = np.argsort(-logits, kind="stable")
+    order = order[keep[order]]
+    probs = np.exp(logits[order] - logits[order].max())
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    kept = order[before < top_p]
+    cut = logits[kept].min()
+    return keep & (logits >= cut)
+
+
+@given(
+    st.lists(st.integers(-8, 8), min_size=2, max_size=12),
+    st.floats(0.05, 1.0),
+    st.integers(0, 14),
+)
+def test_filter_logits_matches_reference(values, top_p, top_k):
+    logits = np.asarray(values, np.float32) / 2.0  # integer halves: exact ties happen
+    got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], top_p=top_p, top_k=top_k)[0]))
+    np.testing.assert_array_equal(got, reference_filter(logits, top_p, top_k))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(prompt_mask=np.ones((3, 4), np.int32)), "prompt_mask"),
+        (dict(prompt_ids=np.zeros((3, 5), np.float32)), "integer"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(prompt_mask=np.tile([[1, 1, 1, 1, 0]], (3, 1))), "left-padded"),
+        (dict(prompt_mask=np.zeros((3, 5), np.int32)), "empty prompt"),
+    ],
+)
+def test_bad_input(model, change, message):
+    ids, mask = left_padded()
+    kwargs = dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=2, key=jax.random.key(0)) | change
+    with pytest.raises(ValueError, match=message):
+        jaxdpo.generate(model, kwargs.pop("prompt_ids"), kwargs.pop("prompt_mask"), **kwargs)
