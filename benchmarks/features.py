@@ -1,0 +1,230 @@
+"""Gradient-feature throughput, side by side in one run; prints one JSON object per method.
+
+Same model, adapter, sequences and projection dim for every method:
+- `fwd_bwd`: the plain per-example LoRA gradients (vmapped and chunked, `reward_gradients`), no
+  projection — the cost every method pays at least once.
+- `dense`: `gradient_features(method="dense")`: per-example gradients + on-the-fly dense projection.
+- `factored`: `gradient_features(method="factored")`: Kronecker projection, no per-example gradient.
+- `less`: LESS-style: one example per backward pass, the full flattened gradient, unit-normalized,
+  projected densely in buffers of 16 examples (LESS's `project_interval`).
+- `torch_func` (when torch and transformers are installed): the same weights in transformers'
+  PyTorch Llama with LoRA wrappers, `torch.func.vmap(grad)` per chunk, and a dense Rademacher
+  projection generated block by block from a seeded generator.
+
+m responses per prompt give C(m, 2) pairs per prompt, so pairs/s = responses/s · (m − 1)/2 (= 1 for
+the paper's m = 3). Peak memory is XLA's buffer assignment (arguments + outputs + temporaries) of the
+compiled program; for `less` the largest of its two programs; for torch the growth of the process'
+max RSS during the timed run (a coarse upper bound).
+
+    python benchmarks/features.py            # the issue's setting: ~4M-param Llama, 128 tokens, r = 8, d = 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxdpo
+from jaxdpo.features import _features
+from jaxdpo.models import Decoder, DecoderConfig, LoRA, init_lora
+from jaxdpo.projection import _dense_project, as_key
+from jaxdpo.rewards import _sequence_logprobs, per_example_grads
+
+BETA = 0.1
+
+
+def build(args) -> tuple[Decoder, LoRA, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    config = DecoderConfig(
+        family="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64, head_dim=64,
+    )
+    model = Decoder(config, rngs=nnx.Rngs(0))
+    lora = init_lora(model, rank=args.rank, alpha=2.0 * args.rank, key=jax.random.key(1))
+    lora = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(2), x.shape), lora)  # B ≠ 0, as after DPO
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, args.vocab, size=(args.responses, args.seq)).astype(np.int32)
+    response = np.zeros_like(ids)
+    response[:, args.seq // 4 :] = 1
+    return model, lora, (ids, response, np.ones_like(ids))
+
+
+def timed(fn, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile / warm up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def jax_methods(model, lora, batch, args):
+    batch = tuple(jnp.asarray(x) for x in batch)
+    key = as_key(0)
+
+    def scaled_logprob(lora, example):
+        ids, response, attention = (x[None] for x in example)
+        return BETA * _sequence_logprobs(model, lora, ids, response, attention)[0]
+
+    plain = jax.jit(lambda lora, batch: per_example_grads(scaled_logprob, lora, batch, args.chunk))
+    feature_args = lambda method: (model, lora, batch, jnp.float32(BETA), key)  # noqa: E731
+    feature_kwargs = lambda method: dict(dim=args.dim, normalize=True, method=method, chunk_size=args.chunk)  # noqa: E731
+
+    single_grad = jax.jit(lambda lora, example: jax.grad(scaled_logprob)(lora, example))
+
+    def less():
+        """One backward pass per example, full flattened gradient, unit-normalized; projected in
+        buffers of `--less-interval` examples, as LESS's gradient collection does."""
+        out, buffer = [], []
+        for i in range(batch[0].shape[0]):
+            grads = single_grad(lora, tuple(x[i] for x in batch))
+            flat = jnp.concatenate([leaf.reshape(1, -1) for leaf in jax.tree.leaves(grads)], axis=1)
+            buffer.append(flat / jnp.linalg.norm(flat))
+            if len(buffer) == args.less_interval or i == batch[0].shape[0] - 1:
+                out.append(_dense_project([jnp.concatenate(buffer)], key, args.dim))
+                buffer = []
+        return jnp.concatenate(out)
+
+    example = tuple(x[0] for x in batch)
+    flat_size = sum(leaf.size for leaf in jax.tree.leaves(lora))
+    less_peak = max(
+        peak_bytes(single_grad.lower(lora, example).compile()),
+        peak_bytes(_dense_project.lower([jnp.zeros((args.less_interval, flat_size))], key, dim=args.dim).compile()),
+    )
+    return {
+        "fwd_bwd": (lambda: plain(lora, batch), peak_bytes(plain.lower(lora, batch).compile())),
+        **{
+            method: (
+                lambda method=method: _features(*feature_args(method), **feature_kwargs(method)),
+                peak_bytes(_features.lower(*feature_args(method), **feature_kwargs(method)).compile()),
+            )
+            for method in ("dense", "factored")
+        },
+        "less": (less, less_peak),
+    }
+
+
+def torch_method(model, lora, batch, args):
+    """The same model and adapter through transformers + torch.func; None without torch."""
+    try:
+        import torch
+        import transformers
+        from torch.func import functional_call, grad, vmap
+    except ImportError:
+        return None
+    from jaxdpo.models.checkpoint import hf_state_dict
+
+    torch.set_num_threads(args.threads)
+    hf_config = model.config.to_hf()
+    hf_config._attn_implementation = "eager"  # sdpa has no vmap batching rule on CPU
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    hf.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in hf_state_dict(model).items()}, strict=False)
+    names = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+             "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+    class LoraLinear(torch.nn.Module):
+        def __init__(self, base, a, b, scale):
+            super().__init__()
+            self.base, self.scale = base, scale
+            self.a, self.b = torch.nn.Parameter(a), torch.nn.Parameter(b)
+
+        def forward(self, x):
+            return self.base(x) + self.scale * (x @ self.a) @ self.b
+
+    for target, p in lora.params.items():
+        for layer, block in enumerate(hf.model.layers):
+            parent_name, child = names[target].split(".")
+            parent = getattr(block, parent_name)
+            a, b = (torch.from_numpy(np.array(p[s][layer])) for s in ("a", "b"))
+            setattr(parent, child, LoraLinear(getattr(parent, child), a, b, lora.scale))
+    adapter = {n: p.detach() for n, p in hf.named_parameters() if n.endswith((".a", ".b"))}
+    ids, response, attention = (torch.from_numpy(x).long() for x in batch)
+
+    def logprob(params, ids, response):
+        logits = functional_call(hf, params, (ids[None],), {"use_cache": False}).logits[0, :-1]
+        token = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
+        return BETA * (token * response[1:]).sum()
+
+    per_example = vmap(grad(logprob), in_dims=(None, 0, 0))
+    generator = torch.Generator()
+    flat_size = sum(p.numel() for p in adapter.values())
+    block = 2048
+
+    def run():
+        out = []
+        with torch.no_grad():
+            for start in range(0, ids.shape[0], args.chunk):
+                grads = per_example(adapter, ids[start : start + args.chunk], response[start : start + args.chunk])
+                flat = torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
+                flat = flat / flat.norm(dim=1, keepdim=True)
+                total = torch.zeros(flat.shape[0], args.dim)
+                for j, lo in enumerate(range(0, flat_size, block)):
+                    generator.manual_seed(j)
+                    signs = torch.randint(0, 2, (min(block, flat_size - lo), args.dim), generator=generator) * 2.0 - 1.0
+                    total += flat[:, lo : lo + block] @ signs
+                out.append(total / math.sqrt(args.dim))
+        return torch.cat(out)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--responses", type=int, default=48)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--intermediate", type=int, default=688)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--less-interval", type=int, default=16, help="examples per projection call in the LESS baseline")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--responses-per-prompt", type=int, default=3)
+    args = parser.parse_args()
+
+    model, lora, batch = build(args)
+    common = dict(
+        device=str(jax.devices()[0]), params=sum(x.size for x in jax.tree.leaves(nnx.state(model))),
+        lora_params=sum(x.size for x in jax.tree.leaves(lora)), responses=args.responses, seq=args.seq,
+        rank=args.rank, dim=args.dim, chunk=args.chunk,
+    )
+    pairs_per_response = (args.responses_per_prompt - 1) / 2
+    rows = {}
+    for name, (fn, peak) in jax_methods(model, lora, batch, args).items():
+        rows[name] = dict(seconds=timed(fn, args.repeats), peak_bytes=peak)
+        print(f"# {name}: {rows[name]['seconds']:.3f} s", file=sys.stderr, flush=True)
+    torch_run = torch_method(model, lora, batch, args)
+    if torch_run is not None:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        seconds = timed(torch_run, args.repeats)
+        rows["torch_func"] = dict(seconds=seconds, peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
+    plain = rows["fwd_bwd"]["seconds"]
+    for name, row in rows.items():
+        responses_per_s = args.responses / row["seconds"]
+        print(json.dumps(dict(
+            method=name, **common, ms=round(1e3 * row["seconds"], 1), responses_per_s=round(responses_per_s, 2),
+            pairs_per_s=round(responses_per_s * pairs_per_response, 2), peak_mb=round(row["peak_bytes"] / 2**20, 1),
+            vs_fwd_bwd=round(row["seconds"] / plain, 3),
+            speedup_vs_less=round(rows["less"]["seconds"] / row["seconds"], 2),
+        )), flush=True)
+
+
+if __name__ == "__main__":
+    main()

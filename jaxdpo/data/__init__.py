@@ -1,0 +1,164 @@
+"""Prompt sources through `datasets` (paper §4: TLDR, WebGPT; plus Anthropic HH-RLHF and local JSONL)
+and left-padded prompt tokenization that reports what it dropped or truncated.
+
+Every loader returns a `datasets.Dataset` with a `prompt` column (and `chosen` / `rejected` where the
+source has preference pairs). `path=None` loads from the hub by name; a path loads local JSON/JSONL
+files with the hub dataset's schema, so the same code runs offline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+SOURCES = ("tldr", "webgpt", "hh_rlhf", "jsonl")
+
+
+def _load(path: str | Path | None, hub_name: str, hub_config: str | None, split: str) -> datasets.Dataset:
+    if path is None:
+        return datasets.load_dataset(hub_name, hub_config, split=split)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    files = sorted(str(p) for p in path.glob("*.json*")) if path.is_dir() else [str(path)]
+    if not files:
+        raise FileNotFoundError(f"no .json/.jsonl files in {path}")
+    return datasets.load_dataset("json", data_files=files, split="train")
+
+
+def split_dialogue(text: str) -> tuple[str, str]:
+    """An HH-RLHF transcript "\\n\\nHuman: … \\n\\nAssistant: …" → (prompt up to and including the
+    last "\\n\\nAssistant:", the final assistant reply)."""
+    cut = text.rfind(ASSISTANT)
+    if cut < 0 or HUMAN not in text[:cut + 1]:
+        raise ValueError(f"not an HH-RLHF dialogue (needs {HUMAN!r} then {ASSISTANT!r}): {text[:80]!r}")
+    end = cut + len(ASSISTANT)
+    return text[:end], text[end:].strip()
+
+
+def _hh_row(row: dict) -> dict:
+    """The prompt is the shared dialogue up to its last assistant turn. A few HH-RLHF rows have
+    chosen and rejected transcripts that diverge earlier (or whose reply itself contains an
+    "Assistant:" turn), so the split is made inside their common prefix."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    common = 0
+    for x, y in zip(chosen, rejected):
+        if x != y:
+            break
+        common += 1
+    if ASSISTANT not in chosen[:common]:
+        raise ValueError(f"chosen and rejected share no dialogue up to an assistant turn: {chosen[:80]!r}")
+    prompt, _ = split_dialogue(chosen[:common])
+    end = len(prompt)
+    return {"prompt": prompt, "chosen": chosen[end:].strip(), "rejected": rejected[end:].strip()}
+
+
+def load_hh_rlhf(path: str | Path | None = None, split: str = "test") -> datasets.Dataset:
+    """Anthropic HH-RLHF (`Anthropic/hh-rlhf`): prompt = the dialogue up to the last assistant turn,
+    chosen / rejected = the two final replies."""
+    return _load(path, "Anthropic/hh-rlhf", None, split).map(_hh_row, remove_columns=["chosen", "rejected"])
+
+
+def tldr_prompt(info: dict) -> str:
+    """The summarize-from-feedback prompt format."""
+    return f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
+
+
+def _tldr_row(row: dict) -> dict:
+    texts = [s["text"] for s in row["summaries"]]
+    choice = int(row["choice"])
+    return {"prompt": tldr_prompt(row["info"]), "chosen": texts[choice], "rejected": texts[1 - choice]}
+
+
+def load_tldr(path: str | Path | None = None, split: str = "train") -> datasets.Dataset:
+    """TLDR comparisons (`openai/summarize_from_feedback`, "comparisons"): one row per comparison."""
+    data = _load(path, "openai/summarize_from_feedback", "comparisons", split)
+    return data.map(_tldr_row, remove_columns=data.column_names)
+
+
+def _webgpt_row(row: dict) -> dict:
+    first_better = row["score_0"] >= row["score_1"]
+    a, b = row["answer_0"], row["answer_1"]
+    return {"prompt": row["question"]["full_text"], "chosen": a if first_better else b, "rejected": b if first_better else a}
+
+
+def load_webgpt(path: str | Path | None = None, split: str = "train") -> datasets.Dataset:
+    """WebGPT comparisons (`openai/webgpt_comparisons`); ties (equal scores) are dropped."""
+    data = _load(path, "openai/webgpt_comparisons", None, split)
+    data = data.filter(lambda row: row["score_0"] != row["score_1"])
+    return data.map(_webgpt_row, remove_columns=data.column_names)
+
+
+def load_jsonl(path: str | Path, prompt_field: str = "prompt") -> datasets.Dataset:
+    """Local JSONL with one prompt per line under `prompt_field`."""
+    data = _load(path, "", None, "train")
+    if prompt_field not in data.column_names:
+        raise ValueError(f"{path}: no {prompt_field!r} field; fields are {data.column_names}")
+    return data.rename_column(prompt_field, "prompt") if prompt_field != "prompt" else data
+
+
+def load_prompts(source: str, path: str | Path | None = None, split: str = "train") -> list[str]:
+    """The distinct prompts of `source` ("tldr", "webgpt", "hh_rlhf" or "jsonl"), in first-seen order."""
+    loaders = {"tldr": load_tldr, "webgpt": load_webgpt, "hh_rlhf": load_hh_rlhf}
+    if source == "jsonl":
+        if path is None:
+            raise ValueError("data source 'jsonl' needs a path")
+        data = load_jsonl(path)
+    elif source in loaders:
+        data = loaders[source](path, split)
+    else:
+        raise ValueError(f"unknown data source {source!r}; known sources: {', '.join(SOURCES)}")
+    return list(dict.fromkeys(data["prompt"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedPrompts:
+    """Left-padded prompts `[n, max_tokens]`; `kept[i]` is the index in the input list of row i."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    kept: np.ndarray
+    dropped_empty: tuple[int, ...]
+    dropped_too_long: tuple[int, ...]
+    truncated: tuple[int, ...]
+
+    def report(self) -> str:
+        total = len(self.kept) + len(self.dropped_empty) + len(self.dropped_too_long)
+        return (
+            f"{len(self.kept)} of {total} prompts kept; dropped {len(self.dropped_too_long)} longer than "
+            f"{self.input_ids.shape[1]} tokens and {len(self.dropped_empty)} empty; truncated {len(self.truncated)} (left)"
+        )
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], *, max_tokens: int, truncate: bool = False) -> TokenizedPrompts:
+    """Tokenize and left-pad to `max_tokens`. Prompts longer than that are dropped, or with
+    `truncate=True` cut from the left (the end of a prompt — "TL;DR:", "Assistant:" — matters most)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
+    encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    rows, kept, empty, too_long, truncated = [], [], [], [], []
+    for i, ids in enumerate(encoded):
+        if not ids:
+            empty.append(i)
+            continue
+        if len(ids) > max_tokens:
+            if not truncate:
+                too_long.append(i)
+                continue
+            truncated.append(i)
+            ids = ids[-max_tokens:]
+        rows.append(ids)
+        kept.append(i)
+    input_ids = np.full((len(rows), max_tokens), tokenizer.pad_token_id, np.int32)
+    attention = np.zeros((len(rows), max_tokens), np.int32)
+    for r, ids in enumerate(rows):
+        input_ids[r, max_tokens - len(ids) :] = ids
+        attention[r, max_tokens - len(ids) :] = 1
+    return TokenizedPrompts(input_ids, attention, np.asarray(kept, np.int64), tuple(empty), tuple(too_long), tuple(truncated))
