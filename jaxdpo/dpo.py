@@ -169,8 +169,8 @@ class DpoTrainer:
         rng = np.random.default_rng(seed)
         per_step = self.batch_size * self.grad_accum
         total = self.epochs * self.steps_per_epoch(len(pairs))
-        arrays = Sequences(*(jnp.asarray(x) for x in sequences))
-        ref = jnp.asarray(ref_logprobs, jnp.float32)
+        host = Sequences(*(np.asarray(x) for x in sequences))
+        ref = np.asarray(ref_logprobs, np.float32)
         losses = []
         for _ in range(self.epochs):
             order = rng.permutation(len(pairs))
@@ -178,11 +178,14 @@ class DpoTrainer:
                 rows = order[start : start + per_step]
                 weights = np.zeros(per_step, np.float32)
                 weights[: len(rows)] = 1.0
-                rows = np.resize(rows, per_step)  # pad with real pairs of weight 0
+                # gather this step's pairs on the host: [accum, 2·batch, s], chosen then rejected, padded with
+                # real pairs of weight 0, so the step's shapes never depend on how many labels there are
+                picked = pairs[np.resize(rows, per_step)].reshape(self.grad_accum, self.batch_size, 2).transpose(0, 2, 1)
+                picked = picked.reshape(self.grad_accum, 2 * self.batch_size)
                 opt_state = _set_learning_rate(state.opt_state, self.learning_rate_at(state.step, total))
                 lora, opt_state, loss = _train_step(
-                    model, state.lora, opt_state, arrays, ref, jnp.asarray(pairs[rows]), jnp.asarray(weights),
-                    trainer=self,
+                    model, state.lora, opt_state, Sequences(*(x[picked] for x in host)), ref[picked],
+                    weights.reshape(self.grad_accum, self.batch_size), trainer=self,
                 )
                 state = TrainState(lora=lora, opt_state=opt_state, step=state.step + 1)
                 losses.append(float(loss))
@@ -198,30 +201,25 @@ def _set_learning_rate(opt_state, value: float):
 
 
 @partial(jax.jit, static_argnames=("trainer",))
-def _train_step(model, lora, opt_state, sequences: Sequences, ref, pairs, weights, *, trainer: DpoTrainer):
-    """One optimizer step over `grad_accum` micro-batches of `batch_size` pairs (weighted mean loss)."""
-    micro = (trainer.grad_accum, trainer.batch_size)
-    pairs, weights = pairs.reshape(*micro, 2), weights.reshape(micro)
+def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, trainer: DpoTrainer):
+    """One optimizer step over `grad_accum` micro-batches: `batch` rows `[accum, 2·batch_size, s]`
+    hold the chosen responses then the rejected ones, `ref` their reference log-probs; the loss is
+    the `weights`-weighted mean over pairs."""
     total_weight = jnp.maximum(weights.sum(), 1.0)
+    k = trainer.batch_size
 
-    def micro_loss(lora, batch):
-        rows, w = batch
-        chosen, rejected = rows[:, 0], rows[:, 1]
-        both = jnp.concatenate([chosen, rejected])
-        picked = jax.tree.map(lambda x: x[both], sequences)
-        policy = _sequence_logprobs(model, lora, *picked)
-        k = chosen.shape[0]
-        losses = dpo_loss(
-            policy[:k], policy[k:], ref[chosen], ref[rejected], beta=trainer.beta, label_smoothing=trainer.label_smoothing
-        )
+    def micro_loss(lora, micro):
+        rows, ref, w = micro
+        policy = _sequence_logprobs(model, lora, *rows)
+        losses = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta=trainer.beta, label_smoothing=trainer.label_smoothing)
         return jnp.sum(losses * w) / total_weight
 
-    def accumulate(carry, batch):
+    def accumulate(carry, micro):
         loss, grads = carry
-        value, g = jax.value_and_grad(micro_loss)(lora, batch)
+        value, g = jax.value_and_grad(micro_loss)(lora, micro)
         return (loss + value, jax.tree.map(jnp.add, grads, g)), None
 
     zeros = jax.tree.map(jnp.zeros_like, lora)
-    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (pairs, weights))
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (batch, ref, weights))
     updates, opt_state = trainer.optimizer.update(grads, opt_state, lora)
     return optax.apply_updates(lora, updates), opt_state, loss
