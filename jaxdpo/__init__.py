@@ -1,6 +1,7 @@
 """jaxdpo: ActiveDPO in JAX — gradient-based active selection of preference pairs, then DPO."""
 
 from jaxdpo import projection
+from jaxdpo.dpo import DpoTrainer, dpo_loss
 from jaxdpo.features import gradient_features
 from jaxdpo.models import Decoder, DecoderConfig, LoRA, init_lora, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.sampling import Generation, generate
@@ -20,12 +21,14 @@ __version__ = "0.1.0"
 __all__ = [
     "SELECTORS",
     "Decoder",
+    "DpoTrainer",
     "DecoderConfig",
     "Generation",
     "LoRA",
     "SelectionPool",
     "SelectionResult",
     "Selector",
+    "dpo_loss",
     "generate",
     "gradient_features",
     "implicit_reward",

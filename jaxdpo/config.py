@@ -32,7 +32,7 @@ class RunConfig:
     name: str = "experiment"
     methods: tuple[str, ...] = ("activedpo", "random", "aplp")
     seeds: tuple[int, ...] = (0, 1)
-    rounds: int = 5
+    rounds: int = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,19 +100,21 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
-    """DPO on the labels (paper: 4 epochs, lr 1e-4). The paper leaves two choices open:
-    `train_on` "new" (Algorithm 1: this round's batch, from θ_{t−1}) or "all" (every label so far);
-    `reset_lora` True retrains from the SFT model each round, False continues from θ_{t−1}."""
+    """DPO on the labels (paper: 4 epochs, lr 1e-4; the defaults here suit the embedded tiny model).
+    The paper leaves two choices open: `train_on` "new" (Algorithm 1 line 11: this round's batch) or
+    "all" (every label so far; the default, steadier with few labels per round); `reset_lora` True
+    retrains from the SFT model each round, False (default) continues from θ_{t−1}. Each round
+    starts a fresh optimizer state and learning-rate schedule."""
 
     beta: float = 0.1
     epochs: int = 4
-    learning_rate: float = 1e-4
+    learning_rate: float = 2e-3
     batch_size: int = 8
     grad_accum: int = 1
     warmup_steps: int = 0
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
-    train_on: Literal["new", "all"] = "new"
+    train_on: Literal["new", "all"] = "all"
     reset_lora: bool = False
 
 
@@ -124,7 +126,7 @@ class OracleConfig:
 
     kind: Literal["synthetic", "reward_model", "torch_reward_model", "human"] = "synthetic"
     path: str | None = None
-    mode: Literal["bradley_terry", "deterministic"] = "bradley_terry"
+    mode: Literal["bradley_terry", "deterministic"] = "deterministic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,6 +229,11 @@ def _positive(key: str, value, strict: bool = True) -> None:
         _fail(key, f"must be {'>' if strict else '>='} 0, got {value}")
 
 
+def _is_local(path: str) -> bool:
+    """Clearly a filesystem path, not a hub name ("name" or "org/name"): only those can be checked offline."""
+    return path.startswith(("/", ".", "~")) or path.count("/") >= 2
+
+
 def validate(config: ExperimentConfig) -> ExperimentConfig:
     """Range and consistency checks that do not need the model or the data."""
     from jaxdpo.selection import SELECTORS, make_selector
@@ -292,6 +299,9 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         )
     if config.data.max_prompts is not None and config.data.max_prompts < config.data.prompts_per_round:
         _fail("data.max_prompts", f"{config.data.max_prompts} is below data.prompts_per_round={config.data.prompts_per_round}")
+    for key, path in [("model.path", config.model.path), ("oracle.path", config.oracle.path), ("data.path", config.data.path)]:
+        if path and _is_local(path) and not Path(path).expanduser().exists():
+            _fail(key, f"{path} does not exist")
     if config.oracle.kind in ("reward_model", "torch_reward_model") and not config.oracle.path:
         _fail("oracle.path", f"oracle.kind = {config.oracle.kind!r} needs the reward model's path")
     if config.model.path != "embedded" and config.oracle.kind == "synthetic" and config.data.source != "embedded":

@@ -10,9 +10,15 @@ per topic, which words are liked — from pairwise labels only.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
+import optax
+from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from jaxdpo.models import Decoder, DecoderConfig
+from jaxdpo.rewards import _sequence_logprobs
 
 TASK_SEED = 20250525
 TOPICS = 6
@@ -24,6 +30,13 @@ PAD, EOS, BOS, SEPARATOR = "<pad>", "<eos>", "<bos>", ":"
 TOPIC_TOKENS = tuple(f"topic{k}" for k in range(TOPICS))
 WORD_TOKENS = tuple(f"w{j:02d}" for j in range(WORDS))
 VOCAB = (PAD, EOS, BOS, SEPARATOR, *TOPIC_TOKENS, *WORD_TOKENS)
+PROMPT_TOKENS = 1 + CONTEXT_WORDS + 1
+MAX_NEW_TOKENS = MAX_RESPONSE_WORDS + 1  # the words and the end token
+
+MODEL_CONFIG = DecoderConfig(
+    family="llama", vocab_size=len(VOCAB), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=16,
+)
 
 
 def word_values() -> np.ndarray:
@@ -79,3 +92,43 @@ def reward(prompt: str, response: str) -> float:
 def best_reward(prompt: str) -> float:
     """The highest reward any response can get for this prompt (for reporting headroom)."""
     return float(_VALUES[prompt_topic(prompt)].max())
+
+
+def sft_batch(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, response_mask, attention_mask) of `count` SFT examples: prompt, a uniformly
+    random response, the end token; right-padded to PROMPT_TOKENS + MAX_NEW_TOKENS."""
+    index = {token: i for i, token in enumerate(VOCAB)}
+    length = PROMPT_TOKENS + MAX_NEW_TOKENS
+    ids = np.zeros((count, length), np.int32)
+    response = np.zeros_like(ids)
+    for row, (prompt, answer) in enumerate(zip(sample_prompts(rng, count), sample_responses(rng, count))):
+        tokens = [index[t] for t in (*prompt.split(), *answer.split(), EOS)]
+        ids[row, : len(tokens)] = tokens
+        response[row, PROMPT_TOKENS : len(tokens)] = 1
+    attention = (np.arange(length) < (PROMPT_TOKENS + response.sum(axis=1))[:, None]).astype(np.int32)
+    return ids, response, attention
+
+
+def train_sft(*, seed: int = TASK_SEED, steps: int = 300, batch_size: int = 64, learning_rate: float = 3e-3) -> Decoder:
+    """The embedded task's initial policy π_SFT: `MODEL_CONFIG` trained from scratch (all weights,
+    Adam) to imitate the uniformly random SFT responses, so it answers in the task's format and
+    its reward starts near 0 (paper: SFT before DPO)."""
+    model = Decoder(MODEL_CONFIG, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(model)
+    optimizer = optax.adam(learning_rate)
+
+    @jax.jit
+    def step(params, opt_state, ids, response, attention):
+        def loss(params):
+            logprobs = _sequence_logprobs(nnx.merge(graphdef, params), None, ids, response, attention)
+            return -logprobs.sum() / response.sum()
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    rng = np.random.default_rng(seed)
+    opt_state = optimizer.init(params)
+    for _ in range(steps):
+        params, opt_state, _ = step(params, opt_state, *sft_batch(rng, batch_size))
+    return nnx.merge(graphdef, params)

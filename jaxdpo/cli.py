@@ -1,0 +1,49 @@
+"""`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_CONFIG, EXIT_LABELS_PENDING = 2, 3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxdpo", description="ActiveDPO in JAX: active preference selection, then DPO.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run or resume an experiment")
+    run.add_argument("config", nargs="?", help="TOML or YAML config (default: the embedded CPU demo)")
+    run.add_argument("--out", required=True, type=Path, help="output folder: metrics.jsonl, labels.jsonl, checkpoints/, curves.png")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
+    args = parser.parse_args(argv)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxdpo import loop, report
+    from jaxdpo.config import ConfigError, load_config
+    from jaxdpo.oracles import LabelsPending
+
+    console = Console(stderr=True)
+    try:
+        config = load_config(args.config)
+        loop.prepare_out_dir(config, args.out, resume=args.resume)
+    except (ConfigError, FileExistsError, ValueError) as error:
+        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_CONFIG
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            rows = loop.run(config, args.out, resume=True, progress=progress)
+    except LabelsPending as pending:
+        console.print(f"waiting for labels: {pending}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_LABELS_PENDING
+    Console().print(report.summary_table(rows))
+    plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
+    Console().print(f"metrics: {args.out / loop.METRICS}\nlabels:  {args.out / loop.LABELS}\ncurves:  {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
