@@ -1,0 +1,34 @@
+"""Every shipped experiment config parses, validates and builds its selectors and trainer."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from jaxdpo.config import ExperimentConfig, load_config
+from jaxdpo.dpo import DpoTrainer
+from jaxdpo.selection import make_selector
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.toml"))
+
+
+def test_there_are_paper_configs():
+    names = {p.stem for p in CONFIGS}
+    assert {f"{m}-{d}" for m in ("gemma-2b", "llama2-7b", "qwen3-4b") for d in ("tldr", "webgpt")} <= names
+    assert {"ablation-no-normalization", "ablation-dim-1024", "ablation-dim-32768", "embedded"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses_and_builds(path):
+    config = load_config(path)
+    for method in config.run.methods:
+        make_selector(method, **config.selection.options.get(method, {}))
+    d = config.dpo
+    DpoTrainer(beta=d.beta, learning_rate=d.learning_rate, epochs=d.epochs, batch_size=d.batch_size, grad_accum=d.grad_accum)
+    if path.stem != "embedded":
+        assert (config.selection.batch_size, config.lora.rank, config.lora.alpha, config.data.prompts_per_round) == (50, 128, 512.0, 1000)
+
+
+def test_embedded_config_is_the_default():
+    config = load_config(CONFIGS[[p.stem for p in CONFIGS].index("embedded")])
+    assert dataclasses.replace(config, run=dataclasses.replace(config.run, name="experiment")) == ExperimentConfig()
