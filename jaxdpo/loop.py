@@ -301,7 +301,7 @@ def _evaluate(setup: Setup, lora: LoRA | None, seed: int, round_: int, initial_s
     )
 
 
-def _pool(setup: Setup, selector, track: Track, lora: LoRA, sequences: Sequences, pairs: np.ndarray, labeled: list[dict], stages: Stages):
+def _pool(setup: Setup, selector, lora: LoRA, sequences: Sequences, pairs: np.ndarray, labeled: list[dict], stages: Stages):
     """The SelectionPool with exactly the fields `selector` requires."""
     config, m = setup.config, setup.config.generation.responses_per_prompt
     bucket = sequences.input_ids.shape[0]
@@ -360,8 +360,8 @@ def _label_rows(setup: Setup, track: Track, round_: int, picks, sequences: Seque
             [r["prompt"] for r in rows], [r["response_a"] for r in rows], [r["response_b"] for r in rows],
             seed=zlib.crc32(f"{track.name}/{round_}".encode()), request_id=f"{track.name}-round{round_:03d}",
         )
-    for row, prefer_a, i in zip(rows, prefs.prefer_a, range(len(rows))):
-        row["preferred"] = "a" if prefer_a else "b"
+    for i, row in enumerate(rows):
+        row["preferred"] = "a" if prefs.prefer_a[i] else "b"
         if prefs.scores_a is not None:
             row["score_a"], row["score_b"] = float(prefs.scores_a[i]), float(prefs.scores_b[i])
     return rows
@@ -407,7 +407,7 @@ def run_track(setup: Setup, track: Track, out_dir: Path, *, labels: list[dict], 
             )
             sequences = _sequences(generation)
         pairs = triplets(prompts_per_round, m)
-        pool = _pool(setup, selector, track, state.lora, sequences, pairs, previous, stages)
+        pool = _pool(setup, selector, state.lora, sequences, pairs, previous, stages)
         with stages.stage("selection"):
             picks = np.asarray(selector(pool, config.selection.batch_size, key=_key(track.seed, "select", round_)).indices)
         reuse = [r for r in mine if r["round"] == round_]
