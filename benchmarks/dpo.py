@@ -13,9 +13,10 @@ import jax
 import numpy as np
 from flax import nnx
 
+from _common import add_model_args, benchmark_model
+
 import jaxdpo
 from jaxdpo.dpo import DpoTrainer, Sequences, _train_step, reference_logprobs
-from jaxdpo.models import Decoder, DecoderConfig
 
 
 def main() -> None:
@@ -25,17 +26,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_args(parser)
     args = parser.parse_args()
 
-    config = DecoderConfig(
-        family="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64, head_dim=64,
-    )
-    model = Decoder(config, rngs=nnx.Rngs(0))
+    model = benchmark_model(args)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, args.vocab, size=(2 * args.pairs, args.seq)).astype(np.int32)
     response = np.zeros_like(ids)

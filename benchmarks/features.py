@@ -26,16 +26,16 @@ import json
 import math
 import resource
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import jaxdpo
+from _common import add_model_args, benchmark_model, best_time
+
 from jaxdpo.features import _features
-from jaxdpo.models import Decoder, DecoderConfig, LoRA, init_lora
+from jaxdpo.models import Decoder, LoRA, init_lora
 from jaxdpo.projection import _dense_project, as_key
 from jaxdpo.rewards import _sequence_logprobs, per_example_grads
 
@@ -43,11 +43,7 @@ BETA = 0.1
 
 
 def build(args) -> tuple[Decoder, LoRA, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    config = DecoderConfig(
-        family="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64, head_dim=64,
-    )
-    model = Decoder(config, rngs=nnx.Rngs(0))
+    model = benchmark_model(args)
     lora = init_lora(model, rank=args.rank, alpha=2.0 * args.rank, key=jax.random.key(1))
     lora = jax.tree.map(lambda x: x + 0.01 * jax.random.normal(jax.random.key(2), x.shape), lora)  # B ≠ 0, as after DPO
     rng = np.random.default_rng(0)
@@ -55,16 +51,6 @@ def build(args) -> tuple[Decoder, LoRA, tuple[np.ndarray, np.ndarray, np.ndarray
     response = np.zeros_like(ids)
     response[:, args.seq // 4 :] = 1
     return model, lora, (ids, response, np.ones_like(ids))
-
-
-def timed(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile / warm up
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def peak_bytes(compiled) -> int:
@@ -186,10 +172,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--responses", type=int, default=48)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_args(parser)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dim", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=8)
@@ -208,12 +191,12 @@ def main() -> None:
     pairs_per_response = (args.responses_per_prompt - 1) / 2
     rows = {}
     for name, (fn, peak) in jax_methods(model, lora, batch, args).items():
-        rows[name] = dict(seconds=timed(fn, args.repeats), peak_bytes=peak)
+        rows[name] = dict(seconds=best_time(fn, args.repeats)[0], peak_bytes=peak)
         print(f"# {name}: {rows[name]['seconds']:.3f} s", file=sys.stderr, flush=True)
     torch_run = torch_method(model, lora, batch, args)
     if torch_run is not None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        seconds = timed(torch_run, args.repeats)
+        seconds, _ = best_time(torch_run, args.repeats)
         rows["torch_func"] = dict(seconds=seconds, peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before)
     plain = rows["fwd_bwd"]["seconds"]
     for name, row in rows.items():

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import time
 from functools import partial
 
 import jax
@@ -18,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from _common import add_model_args, benchmark_model, best_time
+
 import jaxdpo
-from jaxdpo.models import Decoder, DecoderConfig
 
 
 @partial(jax.jit, static_argnames="max_new_tokens")
@@ -38,44 +37,27 @@ def decode_without_cache(model, prompt_ids, prompt_mask, *, max_new_tokens: int)
     return jax.lax.fori_loop(0, max_new_tokens, step, (ids, mask))[0]
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    out = jax.block_until_ready(fn())
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--intermediate", type=int, default=688)
-    parser.add_argument("--layers", type=int, default=4)
+    add_model_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    config = DecoderConfig(
-        family="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64, head_dim=64,
-    )
-    model = Decoder(config, rngs=nnx.Rngs(0))
+    model = benchmark_model(args)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, args.vocab, size=(args.batch, args.prompt)).astype(np.int32)
     mask = np.ones_like(ids)
     mask[::2, : args.prompt // 4] = 0  # half the prompts left-padded
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
 
-    cached_s, cached = timed(
+    cached_s, cached = best_time(
         lambda: jaxdpo.generate(model, ids, mask, max_new_tokens=args.new_tokens, temperature=0.0, key=jax.random.key(0)).input_ids,
         args.repeats,
     )
-    plain_s, plain = timed(lambda: decode_without_cache(model, ids, mask, max_new_tokens=args.new_tokens), args.repeats)
+    plain_s, plain = best_time(lambda: decode_without_cache(model, ids, mask, max_new_tokens=args.new_tokens), args.repeats)
     agree = float(np.mean(np.asarray(cached) == np.asarray(plain)))
     common = dict(device=str(jax.devices()[0]), params=sum(x.size for x in jax.tree.leaves(nnx.state(model))),
                   batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)

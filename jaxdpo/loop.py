@@ -42,10 +42,17 @@ import orbax.checkpoint as ocp
 from jaxdpo import embedded
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.data import load_prompts, tokenize_prompts
-from jaxdpo.dpo import DpoTrainer, Sequences, batched_logprobs, reference_logprobs
+from jaxdpo.dpo import DpoTrainer, Sequences, _pad_rows, batched_logprobs, reference_logprobs
 from jaxdpo.features import gradient_features
 from jaxdpo.models import Decoder, LoRA, init_lora, load_pretrained, load_reward_model, save_pretrained
-from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
+from jaxdpo.oracles import (
+    HumanOracle,
+    Oracle,
+    reward_model_oracle,
+    synthetic_oracle,
+    torch_reward_model_oracle,
+    write_jsonl_atomic,
+)
 from jaxdpo.sampling import Generation, generate
 from jaxdpo.selection import SelectionPool, make_selector
 
@@ -132,11 +139,7 @@ def _oracle(config: ExperimentConfig, tokenizer, out_dir: Path) -> Oracle:
 def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
     model, tokenizer = _initial_model(config, out_dir)
     train, evaluation = _prompt_pools(config, tokenizer)
-    d = config.dpo
-    trainer = DpoTrainer(
-        beta=d.beta, learning_rate=d.learning_rate, epochs=d.epochs, batch_size=d.batch_size, grad_accum=d.grad_accum,
-        warmup_steps=d.warmup_steps, weight_decay=d.weight_decay, label_smoothing=d.label_smoothing,
-    )
+    trainer = DpoTrainer.from_config(config.dpo)
     max_new = embedded.MAX_NEW_TOKENS if config.data.source == "embedded" else config.generation.max_new_tokens
     return Setup(config, model, tokenizer, train, evaluation, _oracle(config, tokenizer, out_dir), trainer, max_new)
 
@@ -162,7 +165,7 @@ def _in_buckets(fn, sequences: Sequences, bucket: int) -> np.ndarray:
     compiled shape, whatever the number of rows)."""
     n = sequences.input_ids.shape[0]
     total = math.ceil(n / bucket) * bucket
-    padded = Sequences(*(np.concatenate([x, np.repeat(x[-1:], total - n, axis=0)]) for x in sequences))
+    padded = Sequences(*(_pad_rows(np.asarray(x), total) for x in sequences))
     out = [np.asarray(fn(Sequences(*(x[i : i + bucket] for x in padded)))) for i in range(0, total, bucket)]
     return np.concatenate(out)[:n]
 
@@ -473,8 +476,6 @@ def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) ->
 
 
 def write_metrics(out_dir: Path, histories: dict[str, list[dict]]) -> None:
-    from jaxdpo.oracles import write_jsonl_atomic
-
     write_jsonl_atomic(out_dir / METRICS, [row for history in histories.values() for row in history])
 
 

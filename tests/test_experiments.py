@@ -23,8 +23,8 @@ def test_config_parses_and_builds(path):
     config = load_config(path)
     for method in config.run.methods:
         make_selector(method, **config.selection.options.get(method, {}))
-    d = config.dpo
-    DpoTrainer(beta=d.beta, learning_rate=d.learning_rate, epochs=d.epochs, batch_size=d.batch_size, grad_accum=d.grad_accum)
+    trainer = DpoTrainer.from_config(config.dpo)
+    assert (trainer.learning_rate, trainer.epochs, trainer.beta) == (config.dpo.learning_rate, config.dpo.epochs, config.dpo.beta)
     if path.stem != "embedded":
         assert (config.selection.batch_size, config.lora.rank, config.lora.alpha, config.data.prompts_per_round) == (50, 128, 512.0, 1000)
 
