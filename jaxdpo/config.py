@@ -31,8 +31,8 @@ class RunConfig:
 
     name: str = "experiment"
     methods: tuple[str, ...] = ("activedpo", "random", "aplp")
-    seeds: tuple[int, ...] = (0, 1)
-    rounds: int = 4
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    rounds: int = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,10 @@ class LoraConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DpoConfig:
-    """DPO on the labels (paper: 4 epochs, lr 1e-4; the defaults here suit the embedded tiny model).
+    """DPO on the labels (paper: 4 epochs, lr 1e-4, plain DPO; the defaults here suit the embedded
+    tiny model). `nll_weight` (default 0.2; the paper's plain DPO is 0) adds that multiple of the
+    chosen response's per-token NLL (RPO): on the embedded task plain DPO moves probability onto
+    prompt-only tokens and lowers the reward, with 0.2 the reward rises.
     The paper leaves two choices open: `train_on` "new" (Algorithm 1 line 11: this round's batch) or
     "all" (every label so far; the default, steadier with few labels per round); `reset_lora` True
     retrains from the SFT model each round, False (default) continues from θ_{t−1}. Each round
@@ -114,6 +117,7 @@ class DpoConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    nll_weight: float = 0.2
     train_on: Literal["new", "all"] = "all"
     reset_lora: bool = False
 
@@ -134,7 +138,7 @@ class EvalConfig:
     """Mean oracle reward of responses to held-out prompts (paper: 100), and the win-rate against
     the initial model's responses to the same prompts."""
 
-    prompts: int = 64
+    prompts: int = 256
     samples_per_prompt: int = 1
     temperature: float = 1.0
 
@@ -281,6 +285,7 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         ("eval.temperature", config.eval.temperature),
         ("dpo.warmup_steps", config.dpo.warmup_steps),
         ("dpo.weight_decay", config.dpo.weight_decay),
+        ("dpo.nll_weight", config.dpo.nll_weight),
     ]:
         _positive(key, value, strict=False)
     if config.generation.top_p > 1:

@@ -98,7 +98,10 @@ class DpoTrainer:
 
     `schedule`: "constant", "linear" (decay to 0 over the round's steps) or "cosine", after
     `warmup_steps` of linear warm-up. `batch_size` pairs per micro-batch, `grad_accum` micro-batches
-    per optimizer step."""
+    per optimizer step. `nll_weight` λ > 0 adds λ times the chosen response's per-token negative
+    log-likelihood to each pair's loss (RPO, Pang et al. 2024, as TRL's `rpo_alpha`): it keeps
+    probability mass on responses like the chosen ones, where plain DPO (λ = 0, the paper's) can
+    push it onto tokens no labeled response contains."""
 
     beta: float = 0.1
     learning_rate: float = 1e-4
@@ -109,6 +112,7 @@ class DpoTrainer:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     schedule: str = "constant"
+    nll_weight: float = 0.0
 
     def __post_init__(self):
         _checks.require(self.beta > 0, f"beta must be > 0, got {self.beta}")
@@ -117,6 +121,7 @@ class DpoTrainer:
             value = getattr(self, name)
             _checks.require(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
         _checks.require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _checks.require(self.nll_weight >= 0, f"nll_weight must be >= 0, got {self.nll_weight}")
         _checks.require(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         _checks.require(
             self.schedule in ("constant", "linear", "cosine"),
@@ -217,6 +222,8 @@ def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, train
         rows, ref, w = micro
         policy = _sequence_logprobs(model, lora, *rows)
         losses = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta=trainer.beta, label_smoothing=trainer.label_smoothing)
+        if trainer.nll_weight:  # RPO: + λ · per-token NLL of the chosen response
+            losses = losses - trainer.nll_weight * policy[:k] / jnp.sum(rows.response_mask[:k], axis=1)
         return jnp.sum(losses * w) / total_weight
 
     def accumulate(carry, micro):

@@ -3,9 +3,14 @@
 "Topic words". A prompt names one of `TOPICS` topics and a few context words, then ":"; a response
 is 4-8 content words and an end token. Each topic has a hidden taste: a fixed value v[topic, word]
 ~ N(0, 1) per content word (seeded by `TASK_SEED`, the same everywhere). The oracle's reward is the
-mean value of the response's words under the prompt's topic, r ∈ about [-2, 2]. The SFT data has
-uniformly random responses, so the SFT policy scores ≈ 0 and DPO can raise the reward by learning,
-per topic, which words are liked — from pairwise labels only.
+mean value of the response's words under the prompt's topic, r ∈ about [-2, 2].
+
+The SFT data answer each topic in its own *style*: words drawn from a fixed per-topic distribution
+(softmax of N(0, 1) logits, drawn independently of the taste). So π_SFT speaks the task's format,
+tells the topics apart and already gives every word its own direction in output space — what DPO
+needs to re-weight words per topic — while its reward starts near 0, because style and taste are
+unrelated. (With uniformly random SFT answers the words stay indistinguishable in output space, and
+DPO can only raise the reward by also raising prompt-only tokens: it lowered the reward instead.)
 """
 
 from __future__ import annotations
@@ -21,8 +26,8 @@ from jaxdpo.models import Decoder, DecoderConfig
 from jaxdpo.rewards import _sequence_logprobs
 
 TASK_SEED = 20250525
-TOPICS = 6
-WORDS = 24
+TOPICS = 4
+WORDS = 16
 CONTEXT_WORDS = 3
 MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS = 4, 8
 PAD, EOS, BOS, SEPARATOR = "<pad>", "<eos>", "<bos>", ":"
@@ -65,10 +70,22 @@ def sample_prompts(rng: np.random.Generator, count: int) -> list[str]:
     ]
 
 
-def sample_responses(rng: np.random.Generator, count: int) -> list[str]:
-    """Uniformly random responses (the SFT data's): 4-8 uniformly drawn content words."""
-    lengths = rng.integers(MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS + 1, size=count)
-    return [" ".join(WORD_TOKENS[j] for j in rng.integers(0, WORDS, size=n)) for n in lengths]
+def response_style() -> np.ndarray:
+    """The SFT data's word distribution per topic [TOPICS, WORDS] (fixed, independent of the taste)."""
+    logits = np.random.default_rng([TASK_SEED, 1]).normal(size=(TOPICS, WORDS))
+    return np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+
+
+_STYLE = response_style()
+
+
+def sample_responses(rng: np.random.Generator, prompts: list[str]) -> list[str]:
+    """SFT answers to `prompts`: 4-8 content words drawn from the style of each prompt's topic."""
+    lengths = rng.integers(MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS + 1, size=len(prompts))
+    return [
+        " ".join(WORD_TOKENS[j] for j in rng.choice(WORDS, size=n, p=_STYLE[prompt_topic(prompt)]))
+        for prompt, n in zip(prompts, lengths)
+    ]
 
 
 def prompt_topic(prompt: str) -> int:
@@ -95,13 +112,14 @@ def best_reward(prompt: str) -> float:
 
 
 def sft_batch(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, response_mask, attention_mask) of `count` SFT examples: prompt, a uniformly
-    random response, the end token; right-padded to PROMPT_TOKENS + MAX_NEW_TOKENS."""
+    """(input_ids, response_mask, attention_mask) of `count` SFT examples: prompt, a response in
+    the topic's style, the end token; right-padded to PROMPT_TOKENS + MAX_NEW_TOKENS."""
     index = {token: i for i, token in enumerate(VOCAB)}
     length = PROMPT_TOKENS + MAX_NEW_TOKENS
     ids = np.zeros((count, length), np.int32)
     response = np.zeros_like(ids)
-    for row, (prompt, answer) in enumerate(zip(sample_prompts(rng, count), sample_responses(rng, count))):
+    prompts = sample_prompts(rng, count)
+    for row, (prompt, answer) in enumerate(zip(prompts, sample_responses(rng, prompts))):
         tokens = [index[t] for t in (*prompt.split(), *answer.split(), EOS)]
         ids[row, : len(tokens)] = tokens
         response[row, PROMPT_TOKENS : len(tokens)] = 1
@@ -111,8 +129,8 @@ def sft_batch(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndar
 
 def train_sft(*, seed: int = TASK_SEED, steps: int = 300, batch_size: int = 64, learning_rate: float = 3e-3) -> Decoder:
     """The embedded task's initial policy π_SFT: `MODEL_CONFIG` trained from scratch (all weights,
-    Adam) to imitate the uniformly random SFT responses, so it answers in the task's format and
-    its reward starts near 0 (paper: SFT before DPO)."""
+    Adam) to imitate the SFT responses, so it answers in the task's format and style and its
+    reward starts near 0 (paper: SFT before DPO)."""
     model = Decoder(MODEL_CONFIG, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
     optimizer = optax.adam(learning_rate)

@@ -35,6 +35,7 @@ def test_default_is_valid_and_round_trips_through_toml_and_yaml(tmp_path):
         ({"run": {"methods": ["random", "random"]}}, r"run\.methods: lists a method twice"),
         ({"dpo": {"train_on": "everything"}}, r"dpo\.train_on: must be one of \['new', 'all'\]"),
         ({"dpo": {"label_smoothing": 0.5}}, r"dpo\.label_smoothing"),
+        ({"dpo": {"nll_weight": -1.0}}, r"dpo\.nll_weight: must be >= 0"),
         ({"selection": {"batch_size": 10_000}}, r"selection\.batch_size: 10000 is larger than the pool of 192"),
         ({"selection": {"options": {"aplp": {"nu": 1.0}}}}, r"selection\.options\.aplp: .*unknown \['nu'\]"),
         ({"selection": {"options": {"bald": {}}}}, r"selection\.options\.bald: unknown method"),

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import jaxdpo
 from jaxdpo.dpo import DpoTrainer, Sequences, _train_step, batched_logprobs, dpo_loss, reference_logprobs
-from tests.tiny import sequences, tiny_model
+from tests.tiny import sequences, tiny_model, trained_lora
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,20 @@ def trained(model, data):
     return trainer, lora, base, ref, state, losses
 
 
+def test_nll_weight_adds_the_chosen_per_token_nll(model, data):
+    """RPO: the step's loss is the mean over pairs of DPO + λ · (−log π(chosen) / chosen tokens)."""
+    trainer = DpoTrainer(beta=0.5, learning_rate=1e-3, epochs=1, batch_size=len(PAIRS), nll_weight=0.7)
+    lora = trained_lora(model, rank=4, alpha=8.0)
+    ref = reference_logprobs(model, data, chunk_size=4)
+    _, losses = trainer.train(model, trainer.init(lora), data, PAIRS, ref, seed=0)
+    policy = np.asarray(batched_logprobs(model, lora, data, chunk_size=4), np.float64)
+    chosen, rejected = PAIRS[:, 0], PAIRS[:, 1]
+    h = 0.5 * ((policy[chosen] - ref[chosen]) - (policy[rejected] - ref[rejected]))
+    nll = -policy[chosen] / data.response_mask[chosen].sum(axis=1)
+    expected = np.mean(np.logaddexp(0.0, -h) + 0.7 * nll)
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+
+
 def test_loss_falls_and_policy_prefers_chosen(model, data, trained):
     trainer, _, _, ref, state, losses = trained
     assert len(losses) == trainer.epochs * trainer.steps_per_epoch(len(PAIRS)) == 30
@@ -99,6 +113,7 @@ def test_learning_rate_schedule():
         (dict(batch_size=0), "batch_size"),
         (dict(label_smoothing=0.5), "label_smoothing"),
         (dict(schedule="step"), "schedule"),
+        (dict(nll_weight=-0.1), "nll_weight"),
     ],
 )
 def test_bad_trainer_options(kwargs, message):

@@ -27,6 +27,7 @@ def test_config_parses_and_builds(path):
     assert (trainer.learning_rate, trainer.epochs, trainer.beta) == (config.dpo.learning_rate, config.dpo.epochs, config.dpo.beta)
     if path.stem != "embedded":
         assert (config.selection.batch_size, config.lora.rank, config.lora.alpha, config.data.prompts_per_round) == (50, 128, 512.0, 1000)
+        assert config.dpo.nll_weight == 0.0  # the paper's plain DPO
 
 
 def test_embedded_config_is_the_default():

@@ -14,9 +14,9 @@ from jaxdpo.oracles import (
     torch_reward_model_oracle,
 )
 
-PROMPTS = ["topic0 w01 w02 w03 :", "topic3 w04 w05 w06 :", "topic5 w07 w07 w07 :"]
-A = [" w00 w01 w02 w03", " w10 w11 w12 <eos>", " w20"]
-B = [" w04 w05 w06 w07", " w13 <eos>", " w21 w22 w23 w09"]
+PROMPTS = ["topic0 w01 w02 w03 :", "topic3 w04 w05 w06 :", "topic2 w07 w07 w07 :"]
+A = [" w00 w01 w02 w03", " w10 w11 w12 <eos>", " w14"]
+B = [" w04 w05 w06 w07", " w13 <eos>", " w15 w08 w09 w11"]
 
 
 def test_deterministic_synthetic_oracle_follows_the_reward():
