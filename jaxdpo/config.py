@@ -102,8 +102,9 @@ class LoraConfig:
 class DpoConfig:
     """DPO on the labels (paper: 4 epochs, lr 1e-4, plain DPO; the defaults here suit the embedded
     tiny model). `nll_weight` (default 0.2; the paper's plain DPO is 0) adds that multiple of the
-    chosen response's per-token NLL (RPO): on the embedded task plain DPO moves probability onto
-    prompt-only tokens and lowers the reward, with 0.2 the reward rises.
+    chosen response's per-token NLL (RPO): on the embedded task plain DPO raises the reward too, but
+    unsteadily (in some rounds it moves probability onto prompt-only tokens and the reward of a
+    seed collapses); with 0.2 it rises round after round.
     The paper leaves two choices open: `train_on` "new" (Algorithm 1 line 11: this round's batch) or
     "all" (every label so far; the default, steadier with few labels per round); `reset_lora` True
     retrains from the SFT model each round, False (default) continues from θ_{t−1}. Each round
