@@ -3,7 +3,8 @@
 Same model, adapter, sequences and projection dim for every method:
 - `fwd_bwd`: the plain per-example LoRA gradients (vmapped and chunked, `reward_gradients`), no
   projection — the cost every method pays at least once.
-- `dense`: `gradient_features(method="dense")`: per-example gradients + on-the-fly dense projection.
+- `dense`: `gradient_features(method="dense")`: per-example gradients + on-the-fly dense projection
+  (`--projection-batch` examples per projection pass).
 - `factored`: `gradient_features(method="factored")`: Kronecker projection, no per-example gradient.
 - `less`: LESS-style: one example per backward pass, the full flattened gradient, unit-normalized,
   projected densely in buffers of 16 examples (LESS's `project_interval`).
@@ -68,7 +69,9 @@ def jax_methods(model, lora, batch, args):
 
     plain = jax.jit(lambda lora, batch: per_example_grads(scaled_logprob, lora, batch, args.chunk))
     feature_args = lambda method: (model, lora, batch, jnp.float32(BETA), key)  # noqa: E731
-    feature_kwargs = lambda method: dict(dim=args.dim, normalize=True, method=method, chunk_size=args.chunk)  # noqa: E731
+    feature_kwargs = lambda method: dict(  # noqa: E731
+        dim=args.dim, normalize=True, method=method, chunk_size=args.chunk, projection_batch=min(args.projection_batch, args.responses)
+    )
 
     single_grad = jax.jit(lambda lora, example: jax.grad(scaled_logprob)(lora, example))
 
@@ -176,9 +179,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dim", type=int, default=8192)
     parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--projection-batch", type=int, default=64, help="dense: examples per projection pass")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--less-interval", type=int, default=16, help="examples per projection call in the LESS baseline")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--skip-torch", action="store_true", help="leave out the (slow) torch.func row")
     parser.add_argument("--responses-per-prompt", type=int, default=3)
     args = parser.parse_args()
 
@@ -186,14 +191,14 @@ def main() -> None:
     common = dict(
         device=str(jax.devices()[0]), params=sum(x.size for x in jax.tree.leaves(nnx.state(model))),
         lora_params=sum(x.size for x in jax.tree.leaves(lora)), responses=args.responses, seq=args.seq,
-        rank=args.rank, dim=args.dim, chunk=args.chunk,
+        rank=args.rank, dim=args.dim, chunk=args.chunk, projection_batch=min(args.projection_batch, args.responses),
     )
     pairs_per_response = (args.responses_per_prompt - 1) / 2
     rows = {}
     for name, (fn, peak) in jax_methods(model, lora, batch, args).items():
         rows[name] = dict(seconds=best_time(fn, args.repeats)[0], peak_bytes=peak)
         print(f"# {name}: {rows[name]['seconds']:.3f} s", file=sys.stderr, flush=True)
-    torch_run = torch_method(model, lora, batch, args)
+    torch_run = None if args.skip_torch else torch_method(model, lora, batch, args)
     if torch_run is not None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         seconds, _ = best_time(torch_run, args.repeats)

@@ -60,24 +60,30 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Sampled decoding of m responses per prompt (paper: m = 3 → 3 triplets per prompt)."""
+    """Sampled decoding of m responses per prompt (paper: m = 3 → 3 triplets per prompt).
+    `entropy_samples`: the n extra temperature-1 samples per prompt behind APLP's predictive
+    entropy (their setting: 8); only methods that use the entropy draw them."""
 
     responses_per_prompt: int = 3
     max_new_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    entropy_samples: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
-    """Gradient features g = P·∇r (paper §3.3): projection dim d (paper: 8192), normalization."""
+    """Gradient features g = P·∇r (paper §3.3): projection dim d (paper: 8192), normalization,
+    method (see `jaxdpo.features`); `chunk_size` responses per vmapped backward pass and, for
+    "dense", `projection_batch` responses per projection pass (memory: that many LoRA gradients)."""
 
     dim: int = 8192
     normalize: bool = True
     method: Literal["dense", "factored"] = "factored"
     seed: int = 0
     chunk_size: int = 16
+    projection_batch: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +272,10 @@ def validate(config: ExperimentConfig) -> ExperimentConfig:
         ("data.max_prompts", config.data.max_prompts),
         ("generation.max_new_tokens", config.generation.max_new_tokens),
         ("generation.top_p", config.generation.top_p),
+        ("generation.entropy_samples", config.generation.entropy_samples),
         ("features.dim", config.features.dim),
         ("features.chunk_size", config.features.chunk_size),
+        ("features.projection_batch", config.features.projection_batch),
         ("selection.batch_size", config.selection.batch_size),
         ("lora.rank", config.lora.rank),
         ("lora.alpha", config.lora.alpha),

@@ -4,7 +4,10 @@ A triplet's φ(x, y1, y2) = g(x, y1) − g(x, y2), which `select_batch` takes di
 `pairs` option. Two methods:
 
 * "dense": per-example LoRA gradients (vmapped, `chunk_size` examples at a time), scaled to unit
-  L2 norm when `normalize` (paper §3.3, before projection), then `projection.dense_project`.
+  L2 norm when `normalize` (paper §3.3, before projection), then `projection.dense_project`, for
+  `projection_batch` examples at once: every projection pass generates the whole on-the-fly
+  matrix, which costs about as much as projecting tens of examples, so the passes are amortized
+  over `projection_batch` gradients (memory: that many flattened LoRA gradients).
 * "factored": LoGra-style. Zero probes E are inserted into every LoRA factor as W + P_lᵀ E P_r
   (through the decoder's `lora_fn` hook), so ∂(β log π)/∂E = P_l G P_rᵀ is computed from the
   projected activations and output gradients; no per-example gradient is ever formed. With
@@ -24,7 +27,7 @@ from jaxtyping import Array, Float
 
 from jaxdpo import _checks
 from jaxdpo.models import LoRA
-from jaxdpo.projection import FactoredPlan, as_key, dense_project, plan_factored
+from jaxdpo.projection import FactoredPlan, _dense_project, as_key, plan_factored
 from jaxdpo.rewards import _sequence_logprobs, check_sequences, per_example_grads
 
 METHODS = ("dense", "factored")
@@ -80,20 +83,30 @@ def _zero_probes(lora: LoRA, plan: FactoredPlan) -> dict[str, dict[str, Array]]:
     return probes
 
 
-@partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size"))
-def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size):
+def _in_groups(fn, batch, size: int) -> Array:
+    """`fn` over consecutive groups of `size` examples (the last padded by repeating its final
+    example), concatenated, `[n, ...]`."""
+    n = batch[0].shape[0]
+    groups = -(-n // size)
+    padded = [jnp.concatenate([x, jnp.repeat(x[-1:], groups * size - n, axis=0)]) for x in batch]
+    out = jax.lax.map(fn, tuple(x.reshape(groups, size, *x.shape[1:]) for x in padded))
+    return out.reshape(groups * size, *out.shape[2:])[:n]
+
+
+@partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size", "projection_batch"))
+def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch):
     def logprob(lora, example, lora_fn=None):
         ids, response, attention = (x[None] for x in example)
         return beta * _sequence_logprobs(model, lora, ids, response, attention, lora_fn)[0]
 
     if method == "dense":
 
-        def one(example):
-            grads = jax.grad(logprob)(lora, example)
-            grads = _tree_unit(grads) if normalize else grads
-            return dense_project(jax.tree.map(lambda g: g[None], grads), dim=dim, key=key)[0]
+        def project_group(examples):
+            grads = per_example_grads(logprob, lora, examples, chunk_size)
+            grads = jax.vmap(_tree_unit)(grads) if normalize else grads
+            return _dense_project(jax.tree.leaves(grads), key, dim)
 
-        return jax.lax.map(one, batch, batch_size=chunk_size)
+        return _in_groups(project_group, batch, projection_batch)
 
     plan = factored_plan(lora, dim)
     lora_fn = _probed_lora_fn(plan, key, _targets(lora))
@@ -121,16 +134,22 @@ def gradient_features(
     method: Literal["dense", "factored"] = "dense",
     attention_mask=None,
     chunk_size: int = 8,
+    projection_batch: int = 64,
 ) -> Float[Array, "n dim"]:
     """Features g = P ∇_θ r(x, y) `[n, dim]` (float32) of every (prompt + response) row.
 
     ∇r = β ∇ log π_θ(y|x) over the LoRA parameters; `seed` (int or key) fixes P, so features of
     different rounds and devices live in the same space. `normalize` scales each gradient to unit
-    L2 norm (paper §3.3; see the module docstring for the factored method)."""
+    L2 norm (paper §3.3; see the module docstring for the factored method). `chunk_size` examples
+    share one vmapped backward pass; `projection_batch` (dense only) examples one projection pass."""
     _checks.require(method in METHODS, f"method must be one of {list(METHODS)}, got {method!r}")
     _checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
     _checks.require(beta > 0, f"beta must be > 0, got {beta}")
     _checks.require(isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size!r}")
+    _checks.require(
+        isinstance(projection_batch, (int, np.integer)) and projection_batch >= 1,
+        f"projection_batch must be >= 1, got {projection_batch!r}",
+    )
     check_sequences(input_ids, response_mask, attention_mask)
     n = np.shape(input_ids)[0]
     if attention_mask is None:
@@ -139,4 +158,5 @@ def gradient_features(
     return _features(
         model, lora, batch, jnp.float32(beta), as_key(seed),
         dim=int(dim), normalize=bool(normalize), method=method, chunk_size=int(min(chunk_size, n)),
+        projection_batch=int(min(projection_batch, n)),
     )

@@ -6,7 +6,8 @@ A run compares `config.run.methods` over `config.run.seeds`; each (method, seed)
   1. sample `prompts_per_round` prompts, generate m responses each with π_{θ_{t−1}} (APO: with the
      initial model, as in its paper, which does not regenerate), form the C(m, 2) triplets;
   2. compute what the selector needs under θ_{t−1}: gradient features g (and the prior φ of every
-     triplet labeled so far, recomputed under θ_{t−1}), implicit-reward margins, APLP entropies,
+     triplet labeled so far, recomputed under θ_{t−1}), implicit-reward margins, APLP entropies
+     (from `generation.entropy_samples` extra samples per prompt),
      APO's frozen-model features;
   3. select B triplets; ask the oracle; append the labels to `labels.jsonl` (fsync) — before
      training uses them;
@@ -176,6 +177,7 @@ def _features(setup: Setup, lora: LoRA, sequences: Sequences, bucket: int) -> np
         lambda rows: gradient_features(
             setup.model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask,
             beta=setup.config.dpo.beta, dim=f.dim, seed=f.seed, normalize=f.normalize, method=f.method, chunk_size=f.chunk_size,
+            projection_batch=f.projection_batch,
         ),
         sequences,
         bucket,
@@ -304,8 +306,20 @@ def _evaluate(setup: Setup, lora: LoRA | None, seed: int, round_: int, initial_s
     )
 
 
-def _pool(setup: Setup, selector, lora: LoRA, sequences: Sequences, pairs: np.ndarray, labeled: list[dict], stages: Stages):
-    """The SelectionPool with exactly the fields `selector` requires."""
+def _prompt_entropy(setup: Setup, lora: LoRA, prompts: tuple[np.ndarray, np.ndarray], key: jax.Array) -> np.ndarray:
+    """APLP's predictive entropy of each prompt: the mean of −log π(y|x) over
+    `generation.entropy_samples` samples y drawn at temperature 1 (Muldrew et al., §4.1)."""
+    n = setup.config.generation.entropy_samples
+    samples = generate(
+        setup.model, *prompts, lora=lora, max_new_tokens=setup.max_new_tokens, temperature=1.0, num_samples=n, key=key,
+        eos_token_id=setup.tokenizer.eos_token_id, pad_token_id=setup.tokenizer.pad_token_id,
+    )
+    return -batched_logprobs(setup.model, lora, _sequences(samples)).reshape(-1, n).mean(axis=1)
+
+
+def _pool(setup: Setup, selector, lora: LoRA, sequences: Sequences, pairs: np.ndarray, labeled: list[dict], stages: Stages, *, prompts, key):
+    """The SelectionPool with exactly the fields `selector` requires (`prompts`: the round's
+    (input_ids, attention_mask); `key` draws APLP's entropy samples)."""
     config, m = setup.config, setup.config.generation.responses_per_prompt
     bucket = sequences.input_ids.shape[0]
     fields: dict[str, Any] = dict(num_candidates=len(pairs), pairs=jnp.asarray(pairs))
@@ -316,12 +330,14 @@ def _pool(setup: Setup, selector, lora: LoRA, sequences: Sequences, pairs: np.nd
                 prev, prev_pairs = _labeled_sequences(labeled)
                 g = _features(setup, lora, prev, bucket)
                 fields["prior"] = jnp.asarray(g[prev_pairs[:, 0]] - g[prev_pairs[:, 1]])
-    if {"margins", "prompt_entropy"} & selector.requires:
+    if "margins" in selector.requires:
         with stages.stage("rewards"):
             policy = batched_logprobs(setup.model, lora, sequences)
             reward = config.dpo.beta * (policy - reference_logprobs(setup.model, sequences))
             fields["margins"] = jnp.asarray(reward[pairs[:, 0]] - reward[pairs[:, 1]])
-            fields["prompt_entropy"] = jnp.asarray(-policy.reshape(-1, m).mean(axis=1))  # APLP: mean −log π of samples
+    if "prompt_entropy" in selector.requires:
+        with stages.stage("entropy"):
+            fields["prompt_entropy"] = jnp.asarray(_prompt_entropy(setup, lora, prompts, key))
             fields["pair_prompt_ids"] = jnp.asarray(pairs[:, 0] // m)
     if "apo_features" in selector.requires:
         with stages.stage("features"):
@@ -400,9 +416,10 @@ def run_track(setup: Setup, track: Track, out_dir: Path, *, labels: list[dict], 
         stages = stages_factory()
         previous = [r for r in mine if r["round"] < round_]
         chosen_prompts = np.random.default_rng([track.seed, round_]).choice(len(setup.train.texts), prompts_per_round, replace=False)
+        round_prompts = (setup.train.input_ids[chosen_prompts], setup.train.attention_mask[chosen_prompts])
         with stages.stage("generation"):
             generation = generate(
-                setup.model, setup.train.input_ids[chosen_prompts], setup.train.attention_mask[chosen_prompts],
+                setup.model, *round_prompts,
                 lora=None if selector.name == "apo" else state.lora, max_new_tokens=setup.max_new_tokens,
                 temperature=config.generation.temperature, top_p=config.generation.top_p, top_k=config.generation.top_k,
                 num_samples=m, key=_key(track.seed, "generate", round_),
@@ -410,7 +427,7 @@ def run_track(setup: Setup, track: Track, out_dir: Path, *, labels: list[dict], 
             )
             sequences = _sequences(generation)
         pairs = triplets(prompts_per_round, m)
-        pool = _pool(setup, selector, state.lora, sequences, pairs, previous, stages)
+        pool = _pool(setup, selector, state.lora, sequences, pairs, previous, stages, prompts=round_prompts, key=_key(track.seed, "entropy", round_))
         with stages.stage("selection"):
             picks = np.asarray(selector(pool, config.selection.batch_size, key=_key(track.seed, "select", round_)).indices)
         reuse = [r for r in mine if r["round"] == round_]

@@ -41,6 +41,8 @@ def test_default_is_valid_and_round_trips_through_toml_and_yaml(tmp_path):
         ({"selection": {"options": {"bald": {}}}}, r"selection\.options\.bald: unknown method"),
         ({"generation": {"responses_per_prompt": 1}}, r"generation\.responses_per_prompt: must be >= 2"),
         ({"generation": {"top_p": 1.5}}, r"generation\.top_p"),
+        ({"generation": {"entropy_samples": 0}}, r"generation\.entropy_samples: must be > 0"),
+        ({"features": {"projection_batch": 0}}, r"features\.projection_batch: must be > 0"),
         ({"oracle": {"kind": "reward_model"}}, r"oracle\.path: .*needs the reward model's path"),
         ({"oracle": {"kind": "gpt4"}}, r"oracle\.kind: must be one of"),
         ({"lora": {"rank": True}}, r"lora\.rank: must be an integer"),

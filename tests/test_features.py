@@ -80,6 +80,8 @@ def test_seed_determinism_and_chunking(setup):
     np.testing.assert_array_equal(first, features(setup, method="factored"))
     assert not np.allclose(first, features(setup, method="factored", seed=8))
     np.testing.assert_allclose(first, features(setup, method="factored", chunk_size=4), atol=1e-6)
+    dense = features(setup, method="dense")  # one projection pass for all 4 examples
+    np.testing.assert_allclose(features(setup, method="dense", projection_batch=3), dense, atol=1e-6)  # 3 + 1 padded
 
 
 def test_features_feed_select_batch_pairs(setup):
@@ -97,6 +99,7 @@ def test_features_feed_select_batch_pairs(setup):
         (dict(dim=0), "dim must be a positive int"),
         (dict(beta=-1.0), "beta must be > 0"),
         (dict(chunk_size=0), "chunk_size must be >= 1"),
+        (dict(projection_batch=0), "projection_batch must be >= 1"),
         (dict(dim=3, method="factored"), "below the number of projected blocks"),
     ],
 )
