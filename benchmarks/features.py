@@ -70,7 +70,7 @@ def jax_methods(model, lora, batch, args):
     plain = jax.jit(lambda lora, batch: per_example_grads(scaled_logprob, lora, batch, args.chunk))
     feature_args = lambda method: (model, lora, batch, jnp.float32(BETA), key)  # noqa: E731
     feature_kwargs = lambda method: dict(  # noqa: E731
-        dim=args.dim, normalize=True, method=method, chunk_size=args.chunk, projection_batch=min(args.projection_batch, args.responses)
+        dim=args.dim, normalize=True, method=method, chunk_size=args.chunk, projection_batch=args.projection_batch
     )
 
     single_grad = jax.jit(lambda lora, example: jax.grad(scaled_logprob)(lora, example))
@@ -186,12 +186,13 @@ def main() -> None:
     parser.add_argument("--skip-torch", action="store_true", help="leave out the (slow) torch.func row")
     parser.add_argument("--responses-per-prompt", type=int, default=3)
     args = parser.parse_args()
+    args.projection_batch = min(args.projection_batch, args.responses)  # as gradient_features clamps it
 
     model, lora, batch = build(args)
     common = dict(
         device=str(jax.devices()[0]), params=sum(x.size for x in jax.tree.leaves(nnx.state(model))),
         lora_params=sum(x.size for x in jax.tree.leaves(lora)), responses=args.responses, seq=args.seq,
-        rank=args.rank, dim=args.dim, chunk=args.chunk, projection_batch=min(args.projection_batch, args.responses),
+        rank=args.rank, dim=args.dim, chunk=args.chunk, projection_batch=args.projection_batch,
     )
     pairs_per_response = (args.responses_per_prompt - 1) / 2
     rows = {}
