@@ -17,15 +17,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=688)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the model's compute dtype")
 
 
 def benchmark_model(args: argparse.Namespace) -> Decoder:
-    """A random Llama of the sizes in `args` (64-dim heads, no GQA)."""
+    """A random Llama of the sizes and dtype in `args` (64-dim heads, no GQA)."""
     config = DecoderConfig(
         family="llama", vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_layers=args.layers, num_heads=args.hidden // 64, num_kv_heads=args.hidden // 64, head_dim=64,
     )
-    return Decoder(config, rngs=nnx.Rngs(0))
+    return Decoder(config, rngs=nnx.Rngs(0), dtype=args.dtype)
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
