@@ -94,7 +94,7 @@ def test_chunk_size_does_not_change_the_result(setup, grads):
     model, lora, (ids, response, attention) = setup
     one_by_one = reward_gradients(model, lora, ids, response, beta=0.5, attention_mask=attention, chunk_size=1)
     for a, b in zip(jax.tree.leaves(one_by_one), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32 sums reassociate with the batch shape
 
 
 @pytest.mark.parametrize(

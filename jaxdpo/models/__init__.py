@@ -1,4 +1,4 @@
-"""Decoder LLMs (Llama, Gemma, Qwen2/Qwen3) in Flax NNX, HF checkpoint I/O, and LoRA adapters."""
+"""Decoder LLMs (Llama, Gemma, Gemma-2, Qwen2/Qwen3) in Flax NNX, HF checkpoint I/O, and LoRA adapters."""
 
 from jaxdpo.models.checkpoint import hf_state_dict, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.models.config import SUPPORTED_FAMILIES, DecoderConfig

@@ -23,6 +23,8 @@ _SINGLE = "model.safetensors"
 _LAYER_NAMES = {
     "attn_norm": ("input_layernorm.weight", False),
     "mlp_norm": ("post_attention_layernorm.weight", False),
+    "attn_post_norm": ("post_attention_layernorm.weight", False),
+    "mlp_post_norm": ("post_feedforward_layernorm.weight", False),
     "q_norm": ("self_attn.q_norm.weight", False),
     "k_norm": ("self_attn.k_norm.weight", False),
     **{p: (f"self_attn.{p}_proj.weight", True) for p in ("q", "k", "v", "o")},
@@ -30,6 +32,14 @@ _LAYER_NAMES = {
     **{f"{p}_bias": (f"self_attn.{p}_proj.bias", False) for p in ("q", "k", "v", "o")},
     **{f"{p}_bias": (f"mlp.{p}_proj.bias", False) for p in ("gate", "up", "down")},
 }
+
+
+def _hf_layer_name(name: str, config: DecoderConfig) -> tuple[str, bool]:
+    """HF's name and layout of our per-layer tensor `name`; Gemma-2 norms the MLP input with
+    `pre_feedforward_layernorm` and uses `post_attention_layernorm` on the attention output."""
+    if name == "mlp_norm" and config.sandwich_norms:
+        return "pre_feedforward_layernorm.weight", False
+    return _LAYER_NAMES[name]
 
 
 def _read_config(path: Path) -> dict:
@@ -79,7 +89,7 @@ def _load_decoder(path: Path, hf_config: dict, dtype, remat: bool, tensors: _Ten
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, hf_config=hf_config))
     prefix = _prefix(tensors)
     for name, shape in _layer_shapes(config).items():
-        hf_name, transpose = _LAYER_NAMES[name]
+        hf_name, transpose = _hf_layer_name(name, config)
         per_layer = [
             tensors.get(f"{prefix}layers.{i}.{hf_name}", shape, dtype, transpose) for i in range(config.num_layers)
         ]
@@ -92,7 +102,7 @@ def _load_decoder(path: Path, hf_config: dict, dtype, remat: bool, tensors: _Ten
 
 
 def load_pretrained(path, dtype=jnp.float32, *, remat: bool = False) -> Decoder:
-    """A `Decoder` from an HF causal-LM checkpoint folder (Llama, Gemma, Qwen2, Qwen3)."""
+    """A `Decoder` from an HF causal-LM checkpoint folder (Llama, Gemma, Gemma-2, Qwen2, Qwen3)."""
     path = Path(path)
     hf_config = _read_config(path)
     return _load_decoder(path, hf_config, dtype, remat, _Tensors(path))
@@ -121,7 +131,7 @@ def hf_state_dict(model: Decoder, lora: LoRA | None = None) -> dict[str, jax.Arr
         weight = param[...]
         if lora is not None and name in lora.params:
             weight = (weight.astype(jnp.float32) + merged_delta(lora, name)).astype(weight.dtype)
-        hf_name, transpose = _LAYER_NAMES[name]
+        hf_name, transpose = _hf_layer_name(name, model.config)
         for i in range(model.config.num_layers):
             state[f"{prefix}layers.{i}.{hf_name}"] = weight[i].T if transpose else weight[i]
     return state

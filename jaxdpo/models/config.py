@@ -2,8 +2,10 @@
 
 The families differ only in switches: how RMSNorm applies its weight (Gemma: `1 + w`), whether
 embeddings are scaled by √hidden (Gemma), the MLP activation (SwiGLU / GeGLU with tanh GELU),
-per-head q/k RMSNorm (Qwen3), projection biases (Qwen2: q/k/v only; Llama: optional), and tied
-embeddings.
+per-head q/k RMSNorm (Qwen3), projection biases (Qwen2: q/k/v only; Llama: optional), tied
+embeddings, and Gemma-2's extras: norms after attention and MLP too ("sandwich"), tanh soft-capping
+of attention scores and final logits, the query scale 1/√query_pre_attn_scalar, and a sliding
+attention window on the layers its `layer_types` name.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Any, Literal
 
 from transformers import AutoConfig, PretrainedConfig
 
-SUPPORTED_FAMILIES = ("gemma", "llama", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = ("gemma", "gemma2", "llama", "qwen2", "qwen3")
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                 "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
 
@@ -23,7 +25,7 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 class DecoderConfig:
     """Static shape and family switches of a decoder (hashable: safe as a `jit` static argument)."""
 
-    family: Literal["gemma", "llama", "qwen2", "qwen3"]
+    family: Literal["gemma", "gemma2", "llama", "qwen2", "qwen3"]
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -41,6 +43,12 @@ class DecoderConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    sandwich_norms: bool = False  # Gemma-2: RMSNorm on the attention and MLP outputs before the residual add
+    query_pre_attn_scalar: int | None = None  # Gemma-2: scores scaled by its -1/2 power (default head_dim)
+    attn_logit_softcap: float | None = None  # Gemma-2: scores → c · tanh(scores / c)
+    final_logit_softcap: float | None = None  # Gemma-2: logits → c · tanh(logits / c)
+    sliding_window: int | None = None  # keys at most this many slots back (HF: kv_idx > q_idx − window)
+    sliding_layers: tuple[bool, ...] = ()  # which layers use the window (empty: none)
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -50,6 +58,10 @@ class DecoderConfig:
             raise ValueError(f"unsupported model family {self.family!r}; supported: {', '.join(SUPPORTED_FAMILIES)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+        if any(self.sliding_layers) and not self.sliding_window:
+            raise ValueError("sliding_layers are set but sliding_window is not")
 
     @classmethod
     def from_hf(cls, hf: PretrainedConfig | Mapping[str, Any]) -> DecoderConfig:
@@ -62,7 +74,7 @@ class DecoderConfig:
         if rope_type != "default":
             raise ValueError(f"{family}: RoPE scaling type {rope_type!r} is not supported (only 'default')")
         if getattr(hf, "use_sliding_window", False) or (family == "gemma" and getattr(hf, "sliding_window", None)):
-            raise ValueError(f"{family}: sliding-window attention is not supported")
+            raise ValueError(f"{family}: sliding-window attention is not supported for this family (only gemma2)")
         act_name = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
         if act_name not in _ACTIVATIONS:
             raise ValueError(f"{family}: activation {act_name!r} is not supported ({', '.join(_ACTIVATIONS)})")
@@ -79,14 +91,15 @@ class DecoderConfig:
             head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
             rope_theta=float(rope.get("rope_theta", getattr(hf, "rope_theta", 10000.0))),
             rms_norm_eps=float(hf.rms_norm_eps),
-            norm_offset=family == "gemma",
-            embed_scale=family == "gemma",
+            norm_offset=family.startswith("gemma"),
+            embed_scale=family.startswith("gemma"),
             activation=_ACTIVATIONS[act_name],
             qk_norm=family == "qwen3",
             qkv_bias=True if family == "qwen2" else bias,
             o_bias=False if family == "qwen2" else bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             tie_embeddings=bool(hf.tie_word_embeddings),
+            **(_gemma2_fields(hf) if family == "gemma2" else {}),
             pad_token_id=hf.pad_token_id,
             bos_token_id=hf.bos_token_id,
             eos_token_id=tuple(eos) if isinstance(eos, (list, tuple)) else eos,
@@ -114,7 +127,33 @@ class DecoderConfig:
             fields.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.family == "qwen3":
             fields.update(attention_bias=self.qkv_bias)
+        if self.family == "gemma2":
+            fields.update(
+                hidden_activation=fields.pop("hidden_act"),
+                query_pre_attn_scalar=self.query_pre_attn_scalar,
+                attn_logit_softcapping=self.attn_logit_softcap,
+                final_logit_softcapping=self.final_logit_softcap,
+                sliding_window=self.sliding_window,
+                layer_types=["sliding_attention" if s else "full_attention" for s in self.sliding_layers or (False,) * self.num_layers],
+                attention_bias=self.qkv_bias,
+            )
         return AutoConfig.for_model(self.family, **fields)
+
+
+def _gemma2_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    layer_types = list(hf.layer_types)
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"gemma2: layer types {unknown} are not supported (only sliding_attention, full_attention)")
+    sliding = tuple(kind == "sliding_attention" for kind in layer_types)
+    return dict(
+        sandwich_norms=True,
+        query_pre_attn_scalar=int(hf.query_pre_attn_scalar),
+        attn_logit_softcap=None if hf.attn_logit_softcapping is None else float(hf.attn_logit_softcapping),
+        final_logit_softcap=None if hf.final_logit_softcapping is None else float(hf.final_logit_softcapping),
+        sliding_window=int(hf.sliding_window) if hf.sliding_window and any(sliding) else None,
+        sliding_layers=sliding if hf.sliding_window and any(sliding) else (),
+    )
 
 
 def _as_pretrained_config(hf: PretrainedConfig | Mapping[str, Any]) -> PretrainedConfig:

@@ -1,4 +1,4 @@
-"""One decoder for the Llama, Gemma and Qwen2/Qwen3 families (switches in `DecoderConfig`).
+"""One decoder for the Llama, Gemma, Gemma-2 and Qwen2/Qwen3 families (switches in `DecoderConfig`).
 
 Layer weights are stacked along a leading layer axis and the layers run under one `lax.scan`, so
 the layer body compiles once whatever the depth. The same code path serves the plain forward and
@@ -68,7 +68,12 @@ def _activation(name: str, x: Array) -> Array:
     return jax.nn.gelu(x, approximate=name == "gelu_tanh")
 
 
-def _attention(q: Array, k: Array, v: Array, allowed: Bool[Array, "b t S"]) -> Array:
+def _softcap(x: Array, cap: float | None) -> Array:
+    """Gemma-2's tanh soft-capping c · tanh(x / c); identity without a cap."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _attention(q: Array, k: Array, v: Array, allowed: Bool[Array, "b t S"], config: DecoderConfig) -> Array:
     """Grouped-query attention; softmax in float32. Rows with no allowed key (left padding) get a
     uniform, finite distribution — their outputs are never used. Heads are moved in front of the
     token axes first, so both products are plain batched matmuls (XLA's CPU backward is several
@@ -78,7 +83,8 @@ def _attention(q: Array, k: Array, v: Array, allowed: Bool[Array, "b t S"]) -> A
     q = q.reshape(b, t, kv_heads, heads // kv_heads, hd).transpose(0, 2, 3, 1, 4)  # b k g t d
     keys = k.transpose(0, 2, 3, 1)[:, :, None]  # b k 1 d S
     values = v.transpose(0, 2, 1, 3)[:, :, None]  # b k 1 S d
-    scores = jnp.matmul(q, keys, preferred_element_type=_wide(q.dtype)) * hd**-0.5
+    scores = jnp.matmul(q, keys, preferred_element_type=_wide(q.dtype)) * (config.query_pre_attn_scalar or hd) ** -0.5
+    scores = _softcap(scores, config.attn_logit_softcap)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.matmul(probs, values).transpose(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
@@ -87,6 +93,8 @@ def _attention(q: Array, k: Array, v: Array, allowed: Bool[Array, "b t S"]) -> A
 def _layer_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Per-layer parameter shapes (without the leading layer axis), in [in, out] layout."""
     shapes = {"attn_norm": (config.hidden_size,), "mlp_norm": (config.hidden_size,)}
+    if config.sandwich_norms:
+        shapes.update(attn_post_norm=(config.hidden_size,), mlp_post_norm=(config.hidden_size,))
     shapes.update(target_shapes(config))
     if config.qk_norm:
         shapes.update(q_norm=(config.head_dim,), k_norm=(config.head_dim,))
@@ -153,7 +161,8 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: Float[Array, "b s h"]) -> Float[Array, "b s vocab"]:
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=_wide(hidden.dtype))
+        logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=_wide(hidden.dtype))
+        return _softcap(logits, self.config.final_logit_softcap)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache for `batch` sequences of up to `max_len` tokens (prompt included)."""
@@ -207,6 +216,8 @@ class Decoder(nnx.Module):
             x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
         cos, sin = _rope(positions, config, dtype)
         allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :].astype(bool)
+        windowed = allowed & (key_slots[None, None, :] > query_slots[None, :, None] - (config.sliding_window or 0))
+        sliding_layers = jnp.asarray(config.sliding_layers or (False,) * config.num_layers)
         lora_fn = lora_fn or default_lora_fn
         scale = lora.scale if lora is not None else 1.0
         b, t = input_ids.shape
@@ -214,7 +225,7 @@ class Decoder(nnx.Module):
 
         def body(carry, inputs):
             x, kv = carry
-            params, adapter, layer = inputs
+            params, adapter, layer, sliding = inputs
 
             def project(h, name):
                 y = h @ params[name]
@@ -223,6 +234,9 @@ class Decoder(nnx.Module):
                 if adapter is not None and name in adapter:
                     y = y + lora_fn(h, adapter[name], scale, layer, name).astype(y.dtype)
                 return y
+
+            def post_norm(y, name):  # Gemma-2's norms on the attention and MLP outputs
+                return _rms_norm(y, params[name], config) if config.sandwich_norms else y
 
             h = _rms_norm(x, params["attn_norm"], config)
             q = project(h, "q").reshape(b, t, heads, hd)
@@ -237,9 +251,11 @@ class Decoder(nnx.Module):
                 cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, index, 0, 0))
                 k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
                 kv = (cache_k, cache_v, index)
-            x = x + project(_attention(q, k, v, allowed), "o")
+            mask = jnp.where(sliding, windowed, allowed) if config.sliding_layers else allowed
+            attended = _attention(q, k, v, mask, config)
+            x = x + post_norm(project(attended, "o"), "attn_post_norm")
             h = _rms_norm(x, params["mlp_norm"], config)
-            x = x + project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down")
+            x = x + post_norm(project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down"), "mlp_post_norm")
             return (x, kv), None
 
         if self.remat:
@@ -247,6 +263,6 @@ class Decoder(nnx.Module):
         params = {name: p[...] for name, p in self.layers.items()}
         adapter = lora.params if lora is not None else None
         layers = jnp.arange(config.num_layers, dtype=jnp.int32)
-        (x, kv), _ = jax.lax.scan(body, (x, cache), (params, adapter, layers))
+        (x, kv), _ = jax.lax.scan(body, (x, cache), (params, adapter, layers, sliding_layers))
         hidden = _rms_norm(x, self.final_norm[...], config)
         return hidden, (None if kv is None else kv[:2])

@@ -21,6 +21,13 @@ FAMILIES = {
         dict(num_attention_heads=4, num_key_value_heads=1, attention_bias=True, mlp_bias=True, tie_word_embeddings=True),
     ),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(num_attention_heads=4, num_key_value_heads=1, head_dim=16)),
+    # window 3 < the 7-token test rows; caps low enough to bend these logits; query scale ≠ head_dim
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        dict(num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=20, sliding_window=3,
+             attn_logit_softcapping=0.5, final_logit_softcapping=2.0),
+    ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
 }

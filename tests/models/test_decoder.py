@@ -31,7 +31,7 @@ def test_logits_match_transformers_with_left_padding(family, checkpoints, models
     assert np.all(np.isfinite(out))  # padded rows stay finite
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "qwen3"])
 def test_left_padded_rows_equal_the_unpadded_sequence(family, models, batch):
     ids, mask = batch
     padded = np.asarray(forward(models[family], ids, mask))[1, 3:]
@@ -46,6 +46,11 @@ def test_family_switches_come_from_the_hf_config(models):
     assert qwen3.qk_norm and qwen3.head_dim == 12 and not qwen3.norm_offset
     assert qwen2.qkv_bias and not qwen2.o_bias
     assert llama.rope_theta == 500.0 and llama.activation == "silu"
+    gemma2 = models["gemma2"].config
+    assert gemma2.sandwich_norms and gemma2.norm_offset and gemma2.query_pre_attn_scalar == 20
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (0.5, 2.0)
+    assert gemma2.sliding_window == 3 and gemma2.sliding_layers == (True, False)  # HF's default: every other layer
+    assert not gemma.sandwich_norms and gemma.final_logit_softcap is None and not gemma.sliding_layers
     assert models["llama_mqa_bias"].config.mlp_bias and models["llama_mqa_bias"].config.o_bias
 
 
@@ -86,8 +91,9 @@ def test_remat_gives_the_same_logits_and_gradients(checkpoints, models, batch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))  # recompute reorders f32 sums
 
 
-def test_kv_cache_prefill_and_decode_equal_a_full_forward(models, batch):
-    model = models["qwen3"]
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])  # gemma2: the sliding window moves with the decoded slots
+def test_kv_cache_prefill_and_decode_equal_a_full_forward(family, models, batch):
+    model = models[family]
     ids, mask = batch
     extra = np.random.default_rng(1).integers(0, 97, size=(2, 3)).astype(np.int32)
     full_ids = np.concatenate([ids, extra], axis=1)
@@ -108,7 +114,7 @@ def test_kv_cache_prefill_and_decode_equal_a_full_forward(models, batch):
 @pytest.mark.parametrize(
     "overrides, match",
     [
-        (dict(model_type="mistral"), "unsupported model_type 'mistral'.*gemma, llama, qwen2, qwen3"),
+        (dict(model_type="mistral"), "unsupported model_type 'mistral'.*gemma, gemma2, llama, qwen2, qwen3"),
         (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), "RoPE scaling type 'llama3'"),
         (dict(hidden_act="relu"), "activation 'relu'"),
@@ -120,6 +126,15 @@ def test_unsupported_configs(tmp_path, checkpoints, overrides, match):
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
     with pytest.raises(ValueError, match=match):
+        load_pretrained(tmp_path)
+
+
+def test_unsupported_gemma2_layer_type(tmp_path, checkpoints):
+    folder = checkpoints["gemma2"][0]
+    config = {**json.loads((folder / "config.json").read_text()), "layer_types": ["chunked_attention", "full_attention"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"gemma2: layer types \['chunked_attention'\] are not supported"):
         load_pretrained(tmp_path)
 
 

@@ -18,13 +18,17 @@ def model(checkpoints):
     return load_pretrained(checkpoints["qwen3"][0])
 
 
-@pytest.fixture(scope="module")
-def trained_lora(model):
+def trained(model) -> LoRA:
     """An adapter with non-zero B, as after some DPO steps."""
     lora = init_lora(model, rank=4, alpha=8.0, key=jax.random.key(0))
     keys = iter(jax.random.split(jax.random.key(1), 20))
     params = {t: {"a": p["a"], "b": 0.1 * jax.random.normal(next(keys), p["b"].shape)} for t, p in lora.params.items()}
     return LoRA(params=params, rank=4, alpha=8.0)
+
+
+@pytest.fixture(scope="module")
+def trained_lora(model):
+    return trained(model)
 
 
 forward = jax.jit(lambda model, ids, mask, lora: model(ids, attention_mask=mask, lora=lora))
@@ -79,7 +83,10 @@ def test_custom_lora_fn_sees_each_layers_slice(model, batch, trained_lora):
     assert by_target["down"][0] == (2, 7, 48)
 
 
-def test_merged_export_loads_into_transformers_with_the_same_logits(tmp_path, model, trained_lora, batch):
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_merged_export_loads_into_transformers_with_the_same_logits(tmp_path, family, checkpoints, batch):
+    model = load_pretrained(checkpoints[family][0])
+    trained_lora = trained(model)
     ids, mask = batch
     expected = np.asarray(forward(model, ids, mask, trained_lora))
     save_pretrained(model, tmp_path / "merged", lora=trained_lora)

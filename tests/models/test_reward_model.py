@@ -14,7 +14,7 @@ from tests.models.conftest import VOCAB, build
 PAD = 0
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "qwen3"])
 def test_scores_match_transformers(tmp_path, family):
     torch_model = build(family, head="SequenceClassification", num_labels=1, pad_token_id=PAD)
     torch_model.save_pretrained(tmp_path)
