@@ -141,6 +141,8 @@ class DecoderConfig:
 
 
 def _gemma2_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError("gemma2: bidirectional attention is not supported (a causal decoder only)")
     layer_types = list(hf.layer_types)
     unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
     if unknown:

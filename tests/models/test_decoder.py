@@ -112,29 +112,22 @@ def test_kv_cache_prefill_and_decode_equal_a_full_forward(family, models, batch)
 
 
 @pytest.mark.parametrize(
-    "overrides, match",
+    "family, overrides, match",
     [
-        (dict(model_type="mistral"), "unsupported model_type 'mistral'.*gemma, gemma2, llama, qwen2, qwen3"),
-        (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
-                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), "RoPE scaling type 'llama3'"),
-        (dict(hidden_act="relu"), "activation 'relu'"),
+        ("llama", dict(model_type="mistral"), "unsupported model_type 'mistral'.*gemma, gemma2, llama, qwen2, qwen3"),
+        ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}), "RoPE scaling type 'llama3'"),
+        ("llama", dict(hidden_act="relu"), "activation 'relu'"),
+        ("gemma2", dict(layer_types=["chunked_attention", "full_attention"]), r"gemma2: layer types \['chunked_attention'\] are not supported"),
+        ("gemma2", dict(use_bidirectional_attention=True), "gemma2: bidirectional attention is not supported"),
     ],
 )
-def test_unsupported_configs(tmp_path, checkpoints, overrides, match):
-    folder = checkpoints["llama"][0]
+def test_unsupported_configs(tmp_path, checkpoints, family, overrides, match):
+    folder = checkpoints[family][0]
     config = {**json.loads((folder / "config.json").read_text()), **overrides}
     (tmp_path / "config.json").write_text(json.dumps(config))
     (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
     with pytest.raises(ValueError, match=match):
-        load_pretrained(tmp_path)
-
-
-def test_unsupported_gemma2_layer_type(tmp_path, checkpoints):
-    folder = checkpoints["gemma2"][0]
-    config = {**json.loads((folder / "config.json").read_text()), "layer_types": ["chunked_attention", "full_attention"]}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "model.safetensors").symlink_to(folder / "model.safetensors")
-    with pytest.raises(ValueError, match=r"gemma2: layer types \['chunked_attention'\] are not supported"):
         load_pretrained(tmp_path)
 
 
