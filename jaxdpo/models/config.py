@@ -3,9 +3,10 @@
 The families differ only in switches: how RMSNorm applies its weight (Gemma: `1 + w`), whether
 embeddings are scaled by √hidden (Gemma), the MLP activation (SwiGLU / GeGLU with tanh GELU),
 per-head q/k RMSNorm (Qwen3), projection biases (Qwen2: q/k/v only; Llama: optional), tied
-embeddings, and Gemma-2's extras: norms after attention and MLP too ("sandwich"), tanh soft-capping
-of attention scores and final logits, the query scale 1/√query_pre_attn_scalar, and a sliding
-attention window on the layers its `layer_types` name.
+embeddings, Gemma-2's extras (norms after attention and MLP too, "sandwich"; tanh soft-capping of
+attention scores and final logits; the query scale 1/√query_pre_attn_scalar), and a sliding
+attention window on the layers the config's `layer_types` name (Gemma-2; Qwen2/Qwen3 with
+`use_sliding_window`).
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class DecoderConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"{family}: RoPE scaling type {rope_type!r} is not supported (only 'default')")
-        if getattr(hf, "use_sliding_window", False) or (family == "gemma" and getattr(hf, "sliding_window", None)):
-            raise ValueError(f"{family}: sliding-window attention is not supported for this family (only gemma2)")
+        if family == "gemma" and getattr(hf, "sliding_window", None):
+            raise ValueError(f"{family}: sliding-window attention is not supported for this family")
         act_name = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", "silu")
         if act_name not in _ACTIVATIONS:
             raise ValueError(f"{family}: activation {act_name!r} is not supported ({', '.join(_ACTIVATIONS)})")
@@ -99,6 +100,7 @@ class DecoderConfig:
             o_bias=False if family == "qwen2" else bias,
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             tie_embeddings=bool(hf.tie_word_embeddings),
+            **_sliding_fields(hf),
             **(_gemma2_fields(hf) if family == "gemma2" else {}),
             pad_token_id=hf.pad_token_id,
             bos_token_id=hf.bos_token_id,
@@ -127,34 +129,43 @@ class DecoderConfig:
             fields.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
         if self.family == "qwen3":
             fields.update(attention_bias=self.qkv_bias)
+        if self.family in ("gemma2", "qwen2", "qwen3"):
+            fields.update(
+                sliding_window=self.sliding_window,
+                layer_types=["sliding_attention" if s else "full_attention" for s in self.sliding_layers or (False,) * self.num_layers],
+            )
+        if self.family in ("qwen2", "qwen3"):
+            fields.update(use_sliding_window=any(self.sliding_layers))
         if self.family == "gemma2":
             fields.update(
                 hidden_activation=fields.pop("hidden_act"),
                 query_pre_attn_scalar=self.query_pre_attn_scalar,
                 attn_logit_softcapping=self.attn_logit_softcap,
                 final_logit_softcapping=self.final_logit_softcap,
-                sliding_window=self.sliding_window,
-                layer_types=["sliding_attention" if s else "full_attention" for s in self.sliding_layers or (False,) * self.num_layers],
                 attention_bias=self.qkv_bias,
             )
         return AutoConfig.for_model(self.family, **fields)
 
 
+def _sliding_fields(hf: PretrainedConfig) -> dict[str, Any]:
+    """`sliding_window` and `sliding_layers` from HF's per-layer `layer_types` (none without them)."""
+    layer_types = list(getattr(hf, "layer_types", None) or [])
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ValueError(f"{hf.model_type}: layer types {unknown} are not supported (only sliding_attention, full_attention)")
+    sliding = tuple(kind == "sliding_attention" for kind in layer_types)
+    window = getattr(hf, "sliding_window", None)
+    return dict(sliding_window=int(window), sliding_layers=sliding) if window and any(sliding) else {}
+
+
 def _gemma2_fields(hf: PretrainedConfig) -> dict[str, Any]:
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError("gemma2: bidirectional attention is not supported (a causal decoder only)")
-    layer_types = list(hf.layer_types)
-    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
-    if unknown:
-        raise ValueError(f"gemma2: layer types {unknown} are not supported (only sliding_attention, full_attention)")
-    sliding = tuple(kind == "sliding_attention" for kind in layer_types)
     return dict(
         sandwich_norms=True,
         query_pre_attn_scalar=int(hf.query_pre_attn_scalar),
         attn_logit_softcap=None if hf.attn_logit_softcapping is None else float(hf.attn_logit_softcapping),
         final_logit_softcap=None if hf.final_logit_softcapping is None else float(hf.final_logit_softcapping),
-        sliding_window=int(hf.sliding_window) if hf.sliding_window and any(sliding) else None,
-        sliding_layers=sliding if hf.sliding_window and any(sliding) else (),
     )
 
 

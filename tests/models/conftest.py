@@ -30,6 +30,12 @@ FAMILIES = {
     ),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, head_dim=12)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    # Qwen's sliding window: layers ≥ max_window_layers, window 3 < the 7-token test rows
+    "qwen2_window": (
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=3, max_window_layers=1),
+    ),
 }
 
 

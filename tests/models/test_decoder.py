@@ -51,6 +51,9 @@ def test_family_switches_come_from_the_hf_config(models):
     assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (0.5, 2.0)
     assert gemma2.sliding_window == 3 and gemma2.sliding_layers == (True, False)  # HF's default: every other layer
     assert not gemma.sandwich_norms and gemma.final_logit_softcap is None and not gemma.sliding_layers
+    window = models["qwen2_window"].config
+    assert window.sliding_window == 3 and window.sliding_layers == (False, True)  # layers ≥ max_window_layers
+    assert qwen2.sliding_window is None and not qwen2.sliding_layers
     assert models["llama_mqa_bias"].config.mlp_bias and models["llama_mqa_bias"].config.o_bias
 
 
@@ -91,7 +94,7 @@ def test_remat_gives_the_same_logits_and_gradients(checkpoints, models, batch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))  # recompute reorders f32 sums
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma2"])  # gemma2: the sliding window moves with the decoded slots
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "qwen2_window"])  # sliding windows move with the decoded slots
 def test_kv_cache_prefill_and_decode_equal_a_full_forward(family, models, batch):
     model = models[family]
     ids, mask = batch
