@@ -64,6 +64,11 @@ class DecoderConfig:
         if any(self.sliding_layers) and not self.sliding_window:
             raise ValueError("sliding_layers are set but sliding_window is not")
 
+    @property
+    def layer_is_sliding(self) -> tuple[bool, ...]:
+        """Per layer: whether it attends through the sliding window."""
+        return self.sliding_layers or (False,) * self.num_layers
+
     @classmethod
     def from_hf(cls, hf: PretrainedConfig | Mapping[str, Any]) -> DecoderConfig:
         """From a transformers config object or a `config.json` dict (defaults resolved by
@@ -132,7 +137,7 @@ class DecoderConfig:
         if self.family in ("gemma2", "qwen2", "qwen3"):
             fields.update(
                 sliding_window=self.sliding_window,
-                layer_types=["sliding_attention" if s else "full_attention" for s in self.sliding_layers or (False,) * self.num_layers],
+                layer_types=["sliding_attention" if s else "full_attention" for s in self.layer_is_sliding],
             )
         if self.family in ("qwen2", "qwen3"):
             fields.update(use_sliding_window=any(self.sliding_layers))

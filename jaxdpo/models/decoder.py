@@ -217,7 +217,7 @@ class Decoder(nnx.Module):
         cos, sin = _rope(positions, config, dtype)
         allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :].astype(bool)
         windowed = allowed & (key_slots[None, None, :] > query_slots[None, :, None] - (config.sliding_window or 0))
-        sliding_layers = jnp.asarray(config.sliding_layers or (False,) * config.num_layers)
+        sliding_layers = jnp.asarray(config.layer_is_sliding)
         lora_fn = lora_fn or default_lora_fn
         scale = lora.scale if lora is not None else 1.0
         b, t = input_ids.shape
