@@ -16,7 +16,8 @@ from flax import nnx
 from _common import add_model_args, benchmark_model
 
 import jaxdpo
-from jaxdpo.dpo import DpoTrainer, Sequences, _train_step, reference_logprobs
+from jaxdpo.dpo import DpoTrainer, _train_step, reference_logprobs
+from jaxdpo.sequences import Sequences
 
 
 def main() -> None:

@@ -38,7 +38,7 @@ from _common import add_model_args, benchmark_model, best_time
 from jaxdpo.features import _features
 from jaxdpo.models import Decoder, LoRA, init_lora
 from jaxdpo.projection import _dense_project, as_key
-from jaxdpo.rewards import _sequence_logprobs, per_example_grads
+from jaxdpo.rewards import per_example_grads, sequence_logprobs
 
 BETA = 0.1
 
@@ -65,7 +65,7 @@ def jax_methods(model, lora, batch, args):
 
     def scaled_logprob(lora, example):
         ids, response, attention = (x[None] for x in example)
-        return BETA * _sequence_logprobs(model, lora, ids, response, attention)[0]
+        return BETA * sequence_logprobs(model, lora, ids, response, attention_mask=attention)[0]
 
     plain = jax.jit(lambda lora, batch: per_example_grads(scaled_logprob, lora, batch, args.chunk))
     feature_args = lambda method: (model, lora, batch, jnp.float32(BETA), key)  # noqa: E731

@@ -4,7 +4,8 @@ from jaxdpo import projection
 from jaxdpo.dpo import DpoTrainer, dpo_loss
 from jaxdpo.features import gradient_features
 from jaxdpo.models import Decoder, DecoderConfig, LoRA, init_lora, load_pretrained, load_reward_model, save_pretrained
-from jaxdpo.sampling import Generation, generate
+from jaxdpo.sampling import generate
+from jaxdpo.sequences import Sequences
 from jaxdpo.rewards import implicit_reward, reward_gradients, sequence_logprobs
 from jaxdpo.selection import (
     SELECTORS,
@@ -23,10 +24,10 @@ __all__ = [
     "Decoder",
     "DpoTrainer",
     "DecoderConfig",
-    "Generation",
     "LoRA",
     "SelectionPool",
     "SelectionResult",
+    "Sequences",
     "Selector",
     "dpo_loss",
     "generate",

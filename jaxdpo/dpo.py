@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,8 @@ from jaxtyping import Array, Float, Int
 
 from jaxdpo import _checks
 from jaxdpo.models import LoRA
-from jaxdpo.rewards import _sequence_logprobs, check_sequences
+from jaxdpo.rewards import sequence_logprobs
+from jaxdpo.sequences import Sequences, pad_rows
 
 
 def dpo_loss(
@@ -46,14 +46,6 @@ def dpo_loss(
     return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(margin) - label_smoothing * jax.nn.log_sigmoid(-margin)
 
 
-class Sequences(NamedTuple):
-    """Prompt + response rows `[r, s]` (left-padded prompt, response tokens marked)."""
-
-    input_ids: Int[Array, "r s"]
-    response_mask: Int[Array, "r s"]
-    attention_mask: Int[Array, "r s"]
-
-
 @struct.dataclass
 class TrainState:
     """The adapter being trained, its optimizer state and the number of optimizer steps taken."""
@@ -66,7 +58,7 @@ class TrainState:
 @partial(jax.jit, static_argnames=("chunk_size",))
 def _logprobs(model, lora, sequences: Sequences, *, chunk_size: int) -> Float[Array, " r"]:
     def chunk(rows):
-        return _sequence_logprobs(model, lora, *rows)
+        return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
 
     rows = jax.tree.map(lambda x: x.reshape(-1, chunk_size, *x.shape[1:]), sequences)
     return jax.lax.map(chunk, rows).reshape(-1)
@@ -75,16 +67,11 @@ def _logprobs(model, lora, sequences: Sequences, *, chunk_size: int) -> Float[Ar
 def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_size: int = 16) -> np.ndarray:
     """`sequence_logprobs` of every row, `chunk_size` rows per forward pass (rows padded to a
     multiple of it, so one compiled function serves every pool size of a run)."""
-    check_sequences(*sequences)
-    n = sequences.input_ids.shape[0]
+    sequences.check()
+    n = sequences.num_rows
     padded = math.ceil(n / chunk_size) * chunk_size
-    sequences = Sequences(*(_pad_rows(np.asarray(x), padded) for x in sequences))
+    sequences = Sequences(*(pad_rows(np.asarray(x), padded) for x in sequences))
     return np.asarray(_logprobs(model, lora, sequences, chunk_size=chunk_size))[:n]
-
-
-def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
-    """Repeat the last row up to `rows` rows (valid data, so no NaN from an empty row)."""
-    return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)]) if rows > len(x) else x
 
 
 def reference_logprobs(model, sequences: Sequences, *, chunk_size: int = 16) -> np.ndarray:
@@ -169,7 +156,7 @@ class DpoTrainer:
 
         Returns the new state and the mean loss of every optimizer step; `callback(step, loss)`
         is called after each (progress bars)."""
-        check_sequences(*sequences)
+        sequences.check()
         pairs = np.asarray(pairs)
         _checks.check_ndim("pairs", pairs, 2, "[n, 2] (chosen, rejected)")
         _checks.require(pairs.shape[1] == 2 and len(pairs) >= 1, f"pairs must be [n >= 1, 2], got {pairs.shape}")
@@ -220,7 +207,7 @@ def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, train
 
     def micro_loss(lora, micro):
         rows, ref, w = micro
-        policy = _sequence_logprobs(model, lora, *rows)
+        policy = sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
         losses = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta=trainer.beta, label_smoothing=trainer.label_smoothing)
         if trainer.nll_weight:  # RPO: + λ · per-token NLL of the chosen response
             losses = losses - trainer.nll_weight * policy[:k] / jnp.sum(rows.response_mask[:k], axis=1)

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from jaxdpo.models import Decoder, DecoderConfig
-from jaxdpo.rewards import _sequence_logprobs
+from jaxdpo.rewards import sequence_logprobs
 
 TASK_SEED = 20250525
 TOPICS = 4
@@ -138,7 +138,7 @@ def train_sft(*, seed: int = TASK_SEED, steps: int = 300, batch_size: int = 64, 
     @jax.jit
     def step(params, opt_state, ids, response, attention):
         def loss(params):
-            logprobs = _sequence_logprobs(nnx.merge(graphdef, params), None, ids, response, attention)
+            logprobs = sequence_logprobs(nnx.merge(graphdef, params), None, ids, response, attention_mask=attention)
             return -logprobs.sum() / response.sum()
 
         value, grads = jax.value_and_grad(loss)(params)

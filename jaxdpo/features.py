@@ -28,7 +28,8 @@ from jaxtyping import Array, Float
 from jaxdpo import _checks
 from jaxdpo.models import LoRA
 from jaxdpo.projection import FactoredPlan, _dense_project, as_key, plan_factored
-from jaxdpo.rewards import _sequence_logprobs, check_sequences, per_example_grads
+from jaxdpo.rewards import per_example_grads, sequence_logprobs
+from jaxdpo.sequences import check_sequences, pad_rows
 
 METHODS = ("dense", "factored")
 
@@ -84,11 +85,11 @@ def _zero_probes(lora: LoRA, plan: FactoredPlan) -> dict[str, dict[str, Array]]:
 
 
 def _in_groups(fn, batch, size: int) -> Array:
-    """`fn` over consecutive groups of `size` examples (the last padded by repeating its final
-    example), concatenated, `[n, ...]`."""
+    """`fn` over consecutive groups of `size` examples (the last padded by `pad_rows`),
+    concatenated, `[n, ...]` (inside `jit`)."""
     n = batch[0].shape[0]
     groups = -(-n // size)
-    padded = [jnp.concatenate([x, jnp.repeat(x[-1:], groups * size - n, axis=0)]) for x in batch]
+    padded = [pad_rows(x, groups * size) for x in batch]
     out = jax.lax.map(fn, tuple(x.reshape(groups, size, *x.shape[1:]) for x in padded))
     return out.reshape(groups * size, *out.shape[2:])[:n]
 
@@ -97,7 +98,7 @@ def _in_groups(fn, batch, size: int) -> Array:
 def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch):
     def logprob(lora, example, lora_fn=None):
         ids, response, attention = (x[None] for x in example)
-        return beta * _sequence_logprobs(model, lora, ids, response, attention, lora_fn)[0]
+        return beta * sequence_logprobs(model, lora, ids, response, attention_mask=attention, lora_fn=lora_fn)[0]
 
     if method == "dense":
 

@@ -43,7 +43,8 @@ import orbax.checkpoint as ocp
 from jaxdpo import embedded
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.data import load_prompts, tokenize_prompts
-from jaxdpo.dpo import DpoTrainer, Sequences, _pad_rows, batched_logprobs, reference_logprobs
+from jaxdpo.dpo import DpoTrainer, batched_logprobs, reference_logprobs
+from jaxdpo.sequences import Sequences, pad_rows
 from jaxdpo.features import gradient_features
 from jaxdpo.models import Decoder, LoRA, init_lora, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.oracles import (
@@ -54,7 +55,7 @@ from jaxdpo.oracles import (
     torch_reward_model_oracle,
     write_jsonl_atomic,
 )
-from jaxdpo.sampling import Generation, generate
+from jaxdpo.sampling import generate
 from jaxdpo.selection import SelectionPool, make_selector
 
 LABELS, METRICS, CONFIG = "labels.jsonl", "metrics.jsonl", "config.json"
@@ -166,7 +167,7 @@ def _in_buckets(fn, sequences: Sequences, bucket: int) -> np.ndarray:
     compiled shape, whatever the number of rows)."""
     n = sequences.input_ids.shape[0]
     total = math.ceil(n / bucket) * bucket
-    padded = Sequences(*(_pad_rows(np.asarray(x), total) for x in sequences))
+    padded = Sequences(*(pad_rows(np.asarray(x), total) for x in sequences))
     out = [np.asarray(fn(Sequences(*(x[i : i + bucket] for x in padded)))) for i in range(0, total, bucket)]
     return np.concatenate(out)[:n]
 
@@ -196,8 +197,8 @@ def _apo_features(setup: Setup, sequences: Sequences, bucket: int) -> np.ndarray
     return _in_buckets(lambda rows: _last_hidden(setup.model, rows.input_ids, rows.attention_mask), sequences, bucket)
 
 
-def _sequences(generation: Generation) -> Sequences:
-    return Sequences(*(np.asarray(x) for x in (generation.input_ids, generation.response_mask, generation.attention_mask)))
+def _sequences(generation: Sequences) -> Sequences:
+    return generation.to_host()
 
 
 def _response_texts(tokenizer, sequences: Sequences) -> list[str]:

@@ -1,4 +1,4 @@
-"""Seeded random projections of per-example gradients (paper §3.3; DESIGN.md "Random projection").
+"""Seeded random projections of per-example gradients (paper §3.3, "LoRA gradient with random projection").
 
 Two methods, one random source (`rademacher`: ±1 entries from the bits of `jax.random`):
 

@@ -1,4 +1,4 @@
-"""Masked sequence log-probs, the DPO implicit reward and its per-example gradients (DESIGN.md).
+"""Masked sequence log-probs, the DPO implicit reward and its per-example gradients (paper §2 and §3.3).
 
 r_θ(x, y) = β · (log π_θ(y|x) − log π_ref(y|x)), log-probs summed over the response tokens only;
 π_θ is the model with the LoRA adapter, π_ref the same model with `lora=None`. The reference term
@@ -13,27 +13,8 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from jaxdpo import _checks
-from jaxdpo.models import LoRA
-
-
-def check_sequences(input_ids, response_mask, attention_mask=None) -> None:
-    """Shapes and dtypes of a batch of (prompt + response) sequences; with concrete values, that
-    every row has a response and no response token sits at position 0 (it would have no context)."""
-    _checks.check_ndim("input_ids", input_ids, 2, "[n, seq]")
-    _checks.check_integer("input_ids", input_ids)
-    _checks.check_shape("response_mask", response_mask, np.shape(input_ids))
-    if attention_mask is not None:
-        _checks.check_shape("attention_mask", attention_mask, np.shape(input_ids))
-    _checks.require(np.shape(input_ids)[0] >= 1, "input_ids has no rows (empty batch)")
-    if _checks.is_concrete(response_mask):
-        mask = np.asarray(response_mask) != 0
-        empty = np.flatnonzero(~mask.any(axis=1))
-        _checks.require(empty.size == 0, f"response_mask has no response token in rows {empty[:10].tolist()} (empty response)")
-        first = np.flatnonzero(mask[:, 0])
-        _checks.require(first.size == 0, f"response_mask marks position 0 in rows {first[:10].tolist()}; a response token needs a prompt before it")
-        if attention_mask is not None:
-            outside = np.flatnonzero((mask & (np.asarray(attention_mask) == 0)).any(axis=1))
-            _checks.require(outside.size == 0, f"response_mask marks padding (attention_mask = 0) in rows {outside[:10].tolist()}")
+from jaxdpo.models import LoRA, LoraFn
+from jaxdpo.sequences import check_sequences
 
 
 def _token_logprobs(logits: Float[Array, "n s v"], input_ids) -> Float[Array, "n s-1"]:
@@ -44,29 +25,32 @@ def _token_logprobs(logits: Float[Array, "n s v"], input_ids) -> Float[Array, "n
     return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _sequence_logprobs(model, lora, input_ids, response_mask, attention_mask, lora_fn=None):
+def sequence_logprobs(
+    model,
+    lora: LoRA | None,
+    input_ids: Int[Array, "n s"],
+    response_mask: Int[Array, "n s"],
+    *,
+    attention_mask: Int[Array, "n s"] | None = None,
+    lora_fn: LoraFn | None = None,
+) -> Float[Array, " n"]:
+    """Σ_t response_mask[i, t] · log p(input_ids[i, t] | input_ids[i, :t]) for every row.
+
+    `response_mask` is 1 on response tokens, 0 on prompt and padding; `attention_mask` (default:
+    all ones) is 0 on padding so left-padded prompts are exact. `lora_fn` replaces the adapter's
+    delta (gradient-feature probes). Checks shapes always, values when they are concrete, so it is
+    the same function inside `jit`, `vmap` and `grad`."""
+    check_sequences(input_ids, response_mask, attention_mask)
     logits = model(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn)
     weights = jnp.asarray(response_mask, logits.dtype)[:, 1:]
     return jnp.sum(_token_logprobs(logits, input_ids) * weights, axis=1)
 
 
-def sequence_logprobs(
-    model, lora: LoRA | None, input_ids: Int[Array, "n s"], response_mask, *, attention_mask=None
-) -> Float[Array, " n"]:
-    """Σ_t response_mask[i, t] · log p(input_ids[i, t] | input_ids[i, :t]) for every row.
-
-    `response_mask` is 1 on response tokens, 0 on prompt and padding; `attention_mask` (default:
-    all ones) is 0 on padding so left-padded prompts are exact."""
-    check_sequences(input_ids, response_mask, attention_mask)
-    return _sequence_logprobs(model, lora, input_ids, response_mask, attention_mask)
-
-
 def implicit_reward(model, lora: LoRA, input_ids, response_mask, *, beta: float, attention_mask=None) -> Float[Array, " n"]:
     """r(x, y) = β (log π_lora(y|x) − log π_ref(y|x)), π_ref being the model without the adapter."""
     _checks.require(beta > 0, f"beta must be > 0, got {beta}")
-    check_sequences(input_ids, response_mask, attention_mask)
-    policy = _sequence_logprobs(model, lora, input_ids, response_mask, attention_mask)
-    reference = _sequence_logprobs(model, None, input_ids, response_mask, attention_mask)
+    policy = sequence_logprobs(model, lora, input_ids, response_mask, attention_mask=attention_mask)
+    reference = sequence_logprobs(model, None, input_ids, response_mask, attention_mask=attention_mask)
     return beta * (policy - reference)
 
 
@@ -91,6 +75,6 @@ def reward_gradients(
 
     def scaled_logprob(lora, example):
         ids, response, attention = (x[None] for x in example)
-        return beta * _sequence_logprobs(model, lora, ids, response, attention)[0]
+        return beta * sequence_logprobs(model, lora, ids, response, attention_mask=attention)[0]
 
     return per_example_grads(scaled_logprob, lora, (input_ids, response_mask, attention_mask), chunk_size)

@@ -1,10 +1,11 @@
-"""Sampled decoding (DESIGN.md "The loop"): a jitted prefill of the left-padded prompts, then one
-`lax.while_loop` of single-token steps over the decoder's KV cache, stopping when every sequence
-has emitted an end token or `max_new_tokens` are written.
+"""Sampled decoding (paper §3.1: m responses per prompt from the current policy): a jitted prefill
+of the left-padded prompts, then one `lax.while_loop` of single-token steps over the decoder's KV
+cache (its state a `DecodeState`), stopping when every sequence has emitted an end token or
+`max_new_tokens` are written.
 
-The result is laid out for `sequence_logprobs` / `gradient_features`: the prompt (left-padded)
-followed by the generated tokens, `response_mask` 1 on the generated tokens up to and including
-the end token, 0 elsewhere; tokens after the end are `pad_token_id` with attention 0.
+The result is `Sequences`, laid out for `sequence_logprobs` / `gradient_features`: the prompt
+(left-padded) followed by the generated tokens, `response_mask` 1 on the generated tokens up to
+and including the end token, 0 elsewhere; tokens after the end are `pad_token_id` with attention 0.
 """
 
 from __future__ import annotations
@@ -16,20 +17,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from jaxdpo import _checks
-from jaxdpo.models import LoRA
+from jaxdpo.models import KVCache, LoRA
+from jaxdpo.sequences import Sequences
 
 
 @struct.dataclass
-class Generation:
-    """`input_ids` / `response_mask` / `attention_mask`: `[batch·num_samples, prompt_len + max_new_tokens]`;
-    rows `i·num_samples … (i+1)·num_samples − 1` answer prompt i."""
+class DecodeState:
+    """The loop state of decoding, one field per thing a step reads or writes.
 
-    input_ids: Int[Array, "n s"]
-    response_mask: Int[Array, "n s"]
-    attention_mask: Int[Array, "n s"]
+    step: tokens written so far (the next column of `tokens`).
+    done: `[n]` whether each row has emitted an end token (later steps write padding).
+    tokens: `[n, max_new_tokens]` generated ids, `pad_id` where nothing was generated.
+    live: `[n, max_new_tokens]` whether that token was generated (becomes the response mask).
+    logits: `[n, vocab]` the next-token logits of each row.
+    cache: the decoder's KV cache (prompt and tokens so far).
+    key: the PRNG key of the next draw."""
+
+    step: Int[Array, ""]
+    done: Bool[Array, " n"]
+    tokens: Int[Array, "n new"]
+    live: Bool[Array, "n new"]
+    logits: Float[Array, "n v"]
+    cache: KVCache
+    key: Array
 
 
 def filter_logits(logits: Float[Array, "n v"], *, top_p, top_k) -> Float[Array, "n v"]:
@@ -67,32 +80,35 @@ def _generate(model, lora, prompt_ids, prompt_mask, key, temperature, top_p, top
     logits, cache = model.forward_cached(prompt_ids, cache, attention_mask=prompt_mask, lora=lora)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
-    def not_finished(state):
-        step, done = state[0], state[1]
-        return (step < max_new_tokens) & ~jnp.all(done)
+    def not_finished(state: DecodeState):
+        return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-    def decode_step(state):
-        step, done, tokens, live, last_logits, cache, key = state
-        key, draw = jax.random.split(key)
-        token = jnp.where(done, pad_id, _next_tokens(last_logits, draw, temperature, top_p, top_k, filtered))
-        tokens = tokens.at[:, step].set(token)
-        live = live.at[:, step].set(~done)
-        logits, cache = model.forward_cached(token[:, None], cache, attention_mask=(~done)[:, None], lora=lora)
-        done = done | jnp.isin(token, eos)
-        return step + 1, done, tokens, live, logits[:, -1], cache, key
+    def decode_step(state: DecodeState) -> DecodeState:
+        key, draw = jax.random.split(state.key)
+        token = jnp.where(state.done, pad_id, _next_tokens(state.logits, draw, temperature, top_p, top_k, filtered))
+        logits, cache = model.forward_cached(token[:, None], state.cache, attention_mask=(~state.done)[:, None], lora=lora)
+        return DecodeState(
+            step=state.step + 1,
+            done=state.done | jnp.isin(token, eos),
+            tokens=state.tokens.at[:, state.step].set(token),
+            live=state.live.at[:, state.step].set(~state.done),
+            logits=logits[:, -1],
+            cache=cache,
+            key=key,
+        )
 
-    state = (
-        jnp.zeros((), jnp.int32),
-        jnp.zeros((n,), bool),
-        jnp.full((n, max_new_tokens), pad_id, jnp.int32),
-        jnp.zeros((n, max_new_tokens), bool),
-        logits[:, -1],
-        cache,
-        key,
+    state = DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((n,), bool),
+        tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
+        live=jnp.zeros((n, max_new_tokens), bool),
+        logits=logits[:, -1],
+        cache=cache,
+        key=key,
     )
-    _, _, tokens, live, _, _, _ = jax.lax.while_loop(not_finished, decode_step, state)
-    live = live.astype(jnp.int32)
-    return Generation(
+    final = jax.lax.while_loop(not_finished, decode_step, state)
+    tokens, live = final.tokens, final.live.astype(jnp.int32)
+    return Sequences(
         input_ids=jnp.concatenate([prompt_ids, tokens], axis=1),
         response_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), live], axis=1),
         attention_mask=jnp.concatenate([prompt_mask, live], axis=1),
@@ -121,12 +137,15 @@ def generate(
     num_samples: int = 1,
     key: Array,
     pad_token_id: int = 0,
-) -> Generation:
+) -> Sequences:
     """Sample `num_samples` responses of up to `max_new_tokens` tokens to each left-padded prompt.
 
     temperature 0 is greedy decoding; `top_k` 0 and `top_p` 1 disable those filters; a sequence
     stops after any token of `eos_token_id` (one id or several). Compiles once per shape and
-    option set: new LoRA weights, keys, temperatures and top-p/top-k values reuse the compiled loop."""
+    option set: new LoRA weights, keys, temperatures and top-p/top-k values reuse the compiled loop.
+
+    Returns `Sequences` `[batch·num_samples, prompt_len + max_new_tokens]`; rows
+    `i·num_samples … (i+1)·num_samples − 1` answer prompt i."""
     _checks.check_ndim("prompt_ids", prompt_ids, 2, "[batch, prompt_len]")
     _checks.check_integer("prompt_ids", prompt_ids)
     _checks.check_shape("prompt_mask", prompt_mask, np.shape(prompt_ids))

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxdpo
-from jaxdpo.dpo import DpoTrainer, Sequences, _train_step, batched_logprobs, dpo_loss, reference_logprobs
+from jaxdpo.sequences import Sequences
+from jaxdpo.dpo import DpoTrainer, _train_step, batched_logprobs, dpo_loss, reference_logprobs
 from tests.tiny import sequences, tiny_model, trained_lora
 
 

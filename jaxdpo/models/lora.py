@@ -1,4 +1,4 @@
-"""LoRA adapters as a pytree separate from the base weights (DESIGN.md: π_ref = adapter off)."""
+"""LoRA adapters as a pytree separate from the base weights (π_ref is the same model with the adapter off)."""
 
 from __future__ import annotations
 

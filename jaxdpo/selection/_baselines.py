@@ -1,4 +1,4 @@
-"""Baseline selectors (DESIGN.md "Baselines"), pure functions returning a `SelectionResult`.
+"""Baseline selectors (the methods the paper compares against, §4), pure functions returning a `SelectionResult`.
 
 - `select_random`: uniform without replacement, seeded.
 - APLP (Muldrew et al., 2024): `select_certainty` (largest |implicit-reward margin| first),

@@ -1,0 +1,84 @@
+"""Token sequences as every stage passes them, and fixed-shape chunking.
+
+`Sequences` is the one layout of prompt + response rows: `generate` returns it, log-probs, implicit
+rewards, gradient features and DPO read it. Rows are `[r, s]`: a left-padded prompt, then the
+response tokens (marked by `response_mask`), then right padding (attention 0).
+
+Fixed-shape work: `pad_rows` repeats the last row (valid data, so padding never produces NaN), and
+`map_in_chunks` runs a jitted function over a host array `chunk` rows at a time, so one compiled
+shape serves every pool size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Int
+
+from jaxdpo import _checks
+
+
+class Sequences(NamedTuple):
+    """Prompt + response rows `[r, s]`: left-padded prompt, response tokens marked by
+    `response_mask`, padding marked by `attention_mask` = 0. A pytree (jit-able)."""
+
+    input_ids: Int[Array, "r s"]
+    response_mask: Int[Array, "r s"]
+    attention_mask: Int[Array, "r s"]
+
+    @property
+    def num_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def take(self, index) -> Sequences:
+        """The rows at `index` (an int array, a slice or a bool mask)."""
+        return Sequences(*(x[index] for x in self))
+
+    def to_host(self) -> Sequences:
+        return Sequences(*(np.asarray(x) for x in self))
+
+    def check(self) -> None:
+        check_sequences(*self)
+
+
+def check_sequences(input_ids, response_mask, attention_mask=None) -> None:
+    """Shapes and dtypes of a batch of (prompt + response) sequences; with concrete values, that
+    every row has a response and no response token sits at position 0 (it would have no context)."""
+    _checks.check_ndim("input_ids", input_ids, 2, "[n, seq]")
+    _checks.check_integer("input_ids", input_ids)
+    _checks.check_shape("response_mask", response_mask, np.shape(input_ids))
+    if attention_mask is not None:
+        _checks.check_shape("attention_mask", attention_mask, np.shape(input_ids))
+    _checks.require(np.shape(input_ids)[0] >= 1, "input_ids has no rows (empty batch)")
+    if _checks.is_concrete(response_mask):
+        mask = np.asarray(response_mask) != 0
+        empty = np.flatnonzero(~mask.any(axis=1))
+        _checks.require(empty.size == 0, f"response_mask has no response token in rows {empty[:10].tolist()} (empty response)")
+        first = np.flatnonzero(mask[:, 0])
+        _checks.require(first.size == 0, f"response_mask marks position 0 in rows {first[:10].tolist()}; a response token needs a prompt before it")
+        if attention_mask is not None:
+            outside = np.flatnonzero((mask & (np.asarray(attention_mask) == 0)).any(axis=1))
+            _checks.require(outside.size == 0, f"response_mask marks padding (attention_mask = 0) in rows {outside[:10].tolist()}")
+
+
+def pad_rows(x, rows: int):
+    """`x` with its last row repeated up to `rows` rows (NumPy in, NumPy out; JAX in, JAX out)."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    extra = rows - x.shape[0]
+    return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)]) if extra > 0 else x
+
+
+def map_in_chunks(fn: Callable, batch, chunk: int) -> np.ndarray:
+    """`fn(rows)` over a pytree of host arrays with a leading row axis, `chunk` rows per call (the
+    last chunk padded by `pad_rows`), concatenated and cut back to the row count."""
+    leaves = jax.tree.leaves(batch)
+    n = leaves[0].shape[0]
+    total = math.ceil(n / chunk) * chunk
+    padded = jax.tree.map(lambda x: pad_rows(np.asarray(x), total), batch)
+    out = [np.asarray(fn(jax.tree.map(lambda x: x[i : i + chunk], padded))) for i in range(0, total, chunk)]
+    return np.concatenate(out)[:n]
