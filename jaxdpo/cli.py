@@ -21,27 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from jaxdpo import loop, report
+    from jaxdpo import experiment, report
     from jaxdpo.config import ConfigError, load_config
     from jaxdpo.oracles import LabelsPending
 
     console = Console(stderr=True)
     try:
         config = load_config(args.config)
-        loop.prepare_out_dir(config, args.out, resume=args.resume)
+        experiment.prepare_out_dir(config, args.out, resume=args.resume)
     except (ConfigError, FileExistsError, ValueError) as error:
         console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
         return EXIT_CONFIG
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=False) as progress:
-            rows = loop.run(config, args.out, resume=True, progress=progress)
+            rows = experiment.run(config, args.out, resume=True, progress=progress)
     except LabelsPending as pending:
         console.print(f"waiting for labels: {pending}", style="yellow", markup=False, highlight=False, soft_wrap=True)
         return EXIT_LABELS_PENDING
     Console().print(report.summary_table(rows))
     plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
-    Console().print(f"metrics: {args.out / loop.METRICS}\nlabels:  {args.out / loop.LABELS}\ncurves:  {plot}")
+    Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {plot}")
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,6 +23,46 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 import yaml
+
+if TYPE_CHECKING:
+    from jaxdpo.dpo import DpoTrainer
+
+
+class Range(NamedTuple):
+    """A numeric field's allowed interval, attached with `Annotated[int | float, Range(...)]`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def check(self, key: str, value) -> None:
+        if value is None:
+            return
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        if too_low and self.high is None:
+            _fail(key, f"must be {'>' if self.low_open else '>='} {self.low:g}, got {value}")
+        if too_low or too_high:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            _fail(key, f"must be in {left}{self.low:g}, {self.high:g}{right}, got {value}")
+
+
+PositiveInt = Annotated[int, Range(0, low_open=True)]
+NonNegativeInt = Annotated[int, Range(0)]
+PositiveFloat = Annotated[float, Range(0, low_open=True)]
+NonNegativeFloat = Annotated[float, Range(0)]
+
+DATA_SOURCES = ("embedded", "tldr", "webgpt", "hh_rlhf", "jsonl")
+LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the dotted key."""
+
+
+def _fail(key: str, message: str) -> typing.NoReturn:
+    raise ConfigError(f"{key}: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +72,22 @@ class RunConfig:
     name: str = "experiment"
     methods: tuple[str, ...] = ("activedpo", "random", "aplp")
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    rounds: int = 5
+    rounds: PositiveInt = 5
+
+    def check(self, key: str) -> None:
+        from jaxdpo.selection import SELECTORS
+
+        if not self.methods:
+            _fail(f"{key}.methods", "must name at least one method")
+        for i, method in enumerate(self.methods):
+            if method not in SELECTORS:
+                _fail(f"{key}.methods[{i}]", f"unknown method {method!r}; known methods: {', '.join(SELECTORS)}")
+        if len(set(self.methods)) != len(self.methods):
+            _fail(f"{key}.methods", f"lists a method twice: {list(self.methods)}")
+        if not self.seeds:
+            _fail(f"{key}.seeds", "must list at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            _fail(f"{key}.seeds", f"lists a seed twice: {list(self.seeds)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +102,23 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Prompt source (see `jaxdpo.data`). `prompts_per_round` are sampled each round (paper: 1000)."""
+    """Prompt source (see `jaxdpo.data`): "embedded" (the built-in task; needs the embedded model),
+    "tldr", "webgpt", "hh_rlhf" (from `path`, or the hub) or "jsonl" (needs `path`).
+    `prompts_per_round` are sampled each round (paper: 1000)."""
 
-    source: str = "embedded"
+    source: Literal["embedded", "tldr", "webgpt", "hh_rlhf", "jsonl"] = "embedded"
     path: str | None = None
     split: str = "train"
     eval_split: str | None = None
-    prompts_per_round: int = 64
-    max_prompt_tokens: int = 64
-    max_prompts: int | None = None
+    prompts_per_round: PositiveInt = 64
+    max_prompt_tokens: PositiveInt = 64
+    max_prompts: PositiveInt | None = None
+
+    def check(self, key: str) -> None:
+        if self.source == "jsonl" and not self.path:
+            _fail(f"{key}.path", "data.source = 'jsonl' needs the path of a JSONL file (one {\"prompt\": ...} per line)")
+        if self.max_prompts is not None and self.max_prompts < self.prompts_per_round:
+            _fail(f"{key}.max_prompts", f"{self.max_prompts} is below data.prompts_per_round={self.prompts_per_round}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +127,12 @@ class GenerationConfig:
     `entropy_samples`: the n extra temperature-1 samples per prompt behind APLP's predictive
     entropy (their setting: 8); only methods that use the entropy draw them."""
 
-    responses_per_prompt: int = 3
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    entropy_samples: int = 8
+    responses_per_prompt: Annotated[int, Range(2)] = 3
+    max_new_tokens: PositiveInt = 16
+    temperature: NonNegativeFloat = 1.0
+    top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
+    top_k: NonNegativeInt = 0
+    entropy_samples: PositiveInt = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,12 +141,12 @@ class FeatureConfig:
     method (see `jaxdpo.features`); `chunk_size` responses per vmapped backward pass and, for
     "dense", `projection_batch` responses per projection pass (memory: that many LoRA gradients)."""
 
-    dim: int = 8192
+    dim: PositiveInt = 8192
     normalize: bool = True
     method: Literal["dense", "factored"] = "factored"
     seed: int = 0
-    chunk_size: int = 16
-    projection_batch: int = 64
+    chunk_size: PositiveInt = 16
+    projection_batch: PositiveInt = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +154,32 @@ class SelectionConfig:
     """B picks per round (paper: 50); `options` go to the selectors by method name, e.g.
     `[selection.options.activedpo] reg = 1.0`, `[selection.options.aplp] ogf = 16`."""
 
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def check(self, key: str) -> None:
+        from jaxdpo.selection import SELECTORS, make_selector
+
+        for method, options in self.options.items():
+            if method not in SELECTORS:
+                _fail(f"{key}.options.{method}", f"unknown method; known methods: {', '.join(SELECTORS)}")
+            try:
+                make_selector(method, **options)
+            except ValueError as error:
+                _fail(f"{key}.options.{method}", str(error))
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """LoRA adapter (paper: r = 128, α = 512) on the listed projections."""
 
-    rank: int = 8
-    alpha: float = 32.0
-    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 32.0
+    targets: tuple[LoraTarget, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+
+    def check(self, key: str) -> None:
+        if not self.targets or len(set(self.targets)) != len(self.targets):
+            _fail(f"{key}.targets", f"must list distinct projections, got {list(self.targets)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,19 +192,30 @@ class DpoConfig:
     The paper leaves two choices open: `train_on` "new" (Algorithm 1 line 11: this round's batch) or
     "all" (every label so far; the default, steadier with few labels per round); `reset_lora` True
     retrains from the SFT model each round, False (default) continues from θ_{t−1}. Each round
-    starts a fresh optimizer state and learning-rate schedule."""
+    starts a fresh optimizer state and learning-rate `schedule` (after `warmup_steps`)."""
 
-    beta: float = 0.1
-    epochs: int = 4
-    learning_rate: float = 2e-3
-    batch_size: int = 8
-    grad_accum: int = 1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    nll_weight: float = 0.2
+    beta: PositiveFloat = 0.1
+    epochs: PositiveInt = 4
+    learning_rate: PositiveFloat = 2e-3
+    batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    warmup_steps: NonNegativeInt = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    weight_decay: NonNegativeFloat = 0.0
+    label_smoothing: Annotated[float, Range(0, 0.5, high_open=True)] = 0.0
+    nll_weight: NonNegativeFloat = 0.2
     train_on: Literal["new", "all"] = "all"
     reset_lora: bool = False
+
+    def trainer(self) -> DpoTrainer:
+        """The `DpoTrainer` these settings describe (every trainer field named here)."""
+        from jaxdpo.dpo import DpoTrainer
+
+        return DpoTrainer(
+            beta=self.beta, learning_rate=self.learning_rate, epochs=self.epochs, batch_size=self.batch_size,
+            grad_accum=self.grad_accum, warmup_steps=self.warmup_steps, weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing, schedule=self.schedule, nll_weight=self.nll_weight,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +228,19 @@ class OracleConfig:
     path: str | None = None
     mode: Literal["bradley_terry", "deterministic"] = "deterministic"
 
+    def check(self, key: str) -> None:
+        if self.kind in ("reward_model", "torch_reward_model") and not self.path:
+            _fail(f"{key}.path", f"oracle.kind = {self.kind!r} needs the reward model's path")
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Mean oracle reward of responses to held-out prompts (paper: 100), and the win-rate against
     the initial model's responses to the same prompts."""
 
-    prompts: int = 256
-    samples_per_prompt: int = 1
-    temperature: float = 1.0
+    prompts: PositiveInt = 256
+    samples_per_prompt: PositiveInt = 1
+    temperature: NonNegativeFloat = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,22 +256,54 @@ class ExperimentConfig:
     oracle: OracleConfig = dataclasses.field(default_factory=OracleConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
+    @property
+    def embedded(self) -> bool:
+        """The built-in task: embedded model, prompts and (usually) the synthetic oracle."""
+        return self.model.path == "embedded"
+
+    @property
+    def candidates_per_round(self) -> int:
+        m = self.generation.responses_per_prompt
+        return self.data.prompts_per_round * m * (m - 1) // 2
+
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-
-class ConfigError(ValueError):
-    """A config problem; the message starts with the dotted key."""
-
-
-def _fail(key: str, message: str) -> typing.NoReturn:
-    raise ConfigError(f"{key}: {message}")
+    def check(self) -> None:
+        """Each section's own checks, then the checks across sections."""
+        for field in dataclasses.fields(self):
+            section = getattr(self, field.name)
+            if hasattr(section, "check"):
+                section.check(field.name)
+        if self.selection.batch_size > self.candidates_per_round:
+            m = self.generation.responses_per_prompt
+            _fail(
+                "selection.batch_size",
+                f"{self.selection.batch_size} is larger than the pool of {self.candidates_per_round} candidate pairs per round "
+                f"(data.prompts_per_round={self.data.prompts_per_round} × C({m}, 2))",
+            )
+        if self.embedded != (self.data.source == "embedded"):
+            _fail(
+                "data.source",
+                f"{self.data.source!r} with model.path = {self.model.path!r}: the embedded model only speaks the "
+                "embedded task, and the embedded prompts need it (use both, or neither)",
+            )
+        if self.oracle.kind == "synthetic" and not self.embedded:
+            _fail("oracle.kind", "the synthetic oracle scores the embedded task only; use a reward model or human labels")
+        for key, path in [("model.path", self.model.path), ("oracle.path", self.oracle.path), ("data.path", self.data.path)]:
+            if path and _is_local(path) and not Path(path).expanduser().exists():
+                _fail(key, f"{path} does not exist")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check `value` against a field annotation (as a string resolved by get_type_hints)."""
+    """Check `value` against a field annotation (as resolved by get_type_hints with extras)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Annotated:
+        value = _coerce(key, value, args[0])
+        for rule in args[1:]:
+            rule.check(key, value)
+        return value
     if origin is Literal:
         if value not in args:
             _fail(key, f"must be one of {list(args)}, got {value!r}")
@@ -222,7 +347,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 def _build(cls, raw: Any, prefix: str):
     if not isinstance(raw, dict):
         _fail(prefix or "config", f"must be a table, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     values = {}
     for key, value in raw.items():
@@ -235,91 +360,20 @@ def _build(cls, raw: Any, prefix: str):
     return cls(**values)
 
 
-def _positive(key: str, value, strict: bool = True) -> None:
-    if value is not None and (value <= 0 if strict else value < 0):
-        _fail(key, f"must be {'>' if strict else '>='} 0, got {value}")
-
-
 def _is_local(path: str) -> bool:
     """Clearly a filesystem path, not a hub name ("name" or "org/name"): only those can be checked offline."""
     return path.startswith(("/", ".", "~")) or path.count("/") >= 2
 
 
 def validate(config: ExperimentConfig) -> ExperimentConfig:
-    """Range and consistency checks that do not need the model or the data."""
-    from jaxdpo.selection import SELECTORS, make_selector
-
-    if not config.run.methods:
-        _fail("run.methods", "must name at least one method")
-    for i, method in enumerate(config.run.methods):
-        if method not in SELECTORS:
-            _fail(f"run.methods[{i}]", f"unknown method {method!r}; known methods: {', '.join(SELECTORS)}")
-    if len(set(config.run.methods)) != len(config.run.methods):
-        _fail("run.methods", f"lists a method twice: {list(config.run.methods)}")
-    if not config.run.seeds:
-        _fail("run.seeds", "must list at least one seed")
-    for method, options in config.selection.options.items():
-        if method not in SELECTORS:
-            _fail(f"selection.options.{method}", f"unknown method; known methods: {', '.join(SELECTORS)}")
-        try:
-            make_selector(method, **options)
-        except ValueError as error:
-            _fail(f"selection.options.{method}", str(error))
-    for key, value in [
-        ("run.rounds", config.run.rounds),
-        ("data.prompts_per_round", config.data.prompts_per_round),
-        ("data.max_prompt_tokens", config.data.max_prompt_tokens),
-        ("data.max_prompts", config.data.max_prompts),
-        ("generation.max_new_tokens", config.generation.max_new_tokens),
-        ("generation.top_p", config.generation.top_p),
-        ("generation.entropy_samples", config.generation.entropy_samples),
-        ("features.dim", config.features.dim),
-        ("features.chunk_size", config.features.chunk_size),
-        ("features.projection_batch", config.features.projection_batch),
-        ("selection.batch_size", config.selection.batch_size),
-        ("lora.rank", config.lora.rank),
-        ("lora.alpha", config.lora.alpha),
-        ("dpo.beta", config.dpo.beta),
-        ("dpo.epochs", config.dpo.epochs),
-        ("dpo.learning_rate", config.dpo.learning_rate),
-        ("dpo.batch_size", config.dpo.batch_size),
-        ("dpo.grad_accum", config.dpo.grad_accum),
-        ("eval.prompts", config.eval.prompts),
-        ("eval.samples_per_prompt", config.eval.samples_per_prompt),
-    ]:
-        _positive(key, value)
-    for key, value in [
-        ("generation.temperature", config.generation.temperature),
-        ("generation.top_k", config.generation.top_k),
-        ("eval.temperature", config.eval.temperature),
-        ("dpo.warmup_steps", config.dpo.warmup_steps),
-        ("dpo.weight_decay", config.dpo.weight_decay),
-        ("dpo.nll_weight", config.dpo.nll_weight),
-    ]:
-        _positive(key, value, strict=False)
-    if config.generation.top_p > 1:
-        _fail("generation.top_p", f"must be in (0, 1], got {config.generation.top_p}")
-    if not 0 <= config.dpo.label_smoothing < 0.5:
-        _fail("dpo.label_smoothing", f"must be in [0, 0.5), got {config.dpo.label_smoothing}")
-    if config.generation.responses_per_prompt < 2:
-        _fail("generation.responses_per_prompt", f"must be >= 2 to form pairs, got {config.generation.responses_per_prompt}")
-    m = config.generation.responses_per_prompt
-    pool = config.data.prompts_per_round * m * (m - 1) // 2
-    if config.selection.batch_size > pool:
-        _fail(
-            "selection.batch_size",
-            f"{config.selection.batch_size} is larger than the pool of {pool} candidate pairs per round "
-            f"(data.prompts_per_round={config.data.prompts_per_round} × C({m}, 2))",
-        )
-    if config.data.max_prompts is not None and config.data.max_prompts < config.data.prompts_per_round:
-        _fail("data.max_prompts", f"{config.data.max_prompts} is below data.prompts_per_round={config.data.prompts_per_round}")
-    for key, path in [("model.path", config.model.path), ("oracle.path", config.oracle.path), ("data.path", config.data.path)]:
-        if path and _is_local(path) and not Path(path).expanduser().exists():
-            _fail(key, f"{path} does not exist")
-    if config.oracle.kind in ("reward_model", "torch_reward_model") and not config.oracle.path:
-        _fail("oracle.path", f"oracle.kind = {config.oracle.kind!r} needs the reward model's path")
-    if config.model.path != "embedded" and config.oracle.kind == "synthetic" and config.data.source != "embedded":
-        _fail("oracle.kind", "the synthetic oracle scores the embedded task only; use a reward model or human labels")
+    """Every check that does not need the model or the data: each field's range and choices (also
+    for configs built in Python, not parsed), each section's cross-field checks, then across sections."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = typing.get_type_hints(type(values), include_extras=True)
+        for field in dataclasses.fields(values):
+            _coerce(f"{section.name}.{field.name}", getattr(values, field.name), hints[field.name])
+    config.check()
     return config
 
 
@@ -329,7 +383,8 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None) -> ExperimentConfig:
-    """Read a TOML (.toml) or YAML (.yaml/.yml) config; None gives the embedded default."""
+    """Read a TOML (.toml) or YAML (.yaml/.yml) config; None gives the embedded default. Relative
+    local paths in it are taken relative to the file's folder."""
     if path is None:
         return validate(ExperimentConfig())
     path = Path(path)
@@ -345,4 +400,22 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
             raise ConfigError(f"{path}: config files must end in .toml, .yaml or .yml")
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {error}") from error
-    return config_from_dict(raw)
+    return config_from_dict(_paths_relative_to(raw, path.resolve().parent))
+
+
+_PATH_KEYS = (("model", "path"), ("oracle", "path"), ("data", "path"))
+
+
+def _paths_relative_to(raw: Any, folder: Path) -> Any:
+    """A config file's relative paths name files next to it, wherever the command runs: a relative
+    path that looks local, or exists next to the file, is made absolute against `folder`."""
+    if not isinstance(raw, dict):
+        return raw
+    raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
+    for section, key in _PATH_KEYS:
+        value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or value == "embedded" or Path(value).expanduser().is_absolute():
+            continue
+        if _is_local(value) or (folder / value).exists():
+            raw[section][key] = str((folder / value).resolve())
+    return raw

@@ -115,11 +115,6 @@ class DpoTrainer:
             f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}",
         )
 
-    @classmethod
-    def from_config(cls, config) -> DpoTrainer:
-        """The trainer a `jaxdpo.config.DpoConfig` describes (constant schedule after warm-up)."""
-        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls) if hasattr(config, field.name)})
-
     @property
     def optimizer(self) -> optax.GradientTransformation:
         return optax.inject_hyperparams(optax.adamw)(learning_rate=self.learning_rate, weight_decay=self.weight_decay)

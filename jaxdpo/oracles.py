@@ -1,7 +1,9 @@
 """Preference oracles: given prompts and two responses each, say which response is preferred.
 
 Every oracle implements `Oracle.label(prompts, responses_a, responses_b, *, seed, request_id)` →
-`Preferences` (`prefer_a` bool `[n]`, and the scores when the oracle has them). Score-based
+`Preferences` (`prefer_a` bool `[n]`, and the scores when the oracle has them), and
+`Oracle.scores(prompts, responses)` → one reward per response, or None for oracles that only
+compare (people): evaluation needs scores. Score-based
 oracles label deterministically (the higher score wins, a tie goes to a) or by Bradley–Terry
 sampling, a ~ Bernoulli(σ(r_a − r_b)) (paper §4).
 """
@@ -33,6 +35,8 @@ class Oracle(Protocol):
     def label(
         self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str], *, seed: int, request_id: str
     ) -> Preferences: ...
+
+    def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray | None: ...
 
 
 def preferences_from_scores(scores_a, scores_b, *, mode: Mode, seed: int) -> Preferences:
@@ -136,6 +140,10 @@ class HumanOracle:
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+
+    def scores(self, prompts, responses) -> None:
+        """People compare pairs; they do not score single responses."""
+        return None
 
     def paths(self, request_id: str) -> tuple[Path, Path]:
         return self.directory / f"{request_id}.requests.jsonl", self.directory / f"{request_id}.labels.jsonl"

@@ -47,6 +47,15 @@ def test_default_is_valid_and_round_trips_through_toml_and_yaml(tmp_path):
         ({"oracle": {"kind": "gpt4"}}, r"oracle\.kind: must be one of"),
         ({"lora": {"rank": True}}, r"lora\.rank: must be an integer"),
         ({"model": {"remat": "yes"}}, r"model\.remat: must be true or false"),
+        ({"data": {"source": "reddit"}}, r"data\.source: must be one of \['embedded', 'tldr'"),
+        ({"data": {"source": "tldr"}}, r"data\.source: 'tldr' with model\.path = 'embedded'"),
+        ({"model": {"path": "org/model"}, "oracle": {"kind": "human"}}, r"data\.source: 'embedded' with model\.path = 'org/model'"),
+        ({"model": {"path": "org/model"}, "data": {"source": "tldr"}}, r"oracle\.kind: the synthetic oracle scores the embedded task only"),
+        ({"model": {"path": "org/m"}, "data": {"source": "jsonl"}, "oracle": {"kind": "human"}}, r"data\.path: data\.source = 'jsonl' needs"),
+        ({"lora": {"targets": ["q", "v", "mlp"]}}, r"lora\.targets\[2\]: must be one of \['q', 'k'"),
+        ({"lora": {"targets": ["q", "q"]}}, r"lora\.targets: must list distinct"),
+        ({"dpo": {"schedule": "step"}}, r"dpo\.schedule: must be one of \['constant', 'linear', 'cosine'\]"),
+        ({"run": {"seeds": [1, 1]}}, r"run\.seeds: lists a seed twice"),
     ],
 )
 def test_bad_configs_name_the_key(raw, match):
@@ -65,3 +74,38 @@ def test_file_errors(tmp_path):
     other.write_text("{}")
     with pytest.raises(ConfigError, match="must end in .toml"):
         load_config(other)
+
+
+def test_ranges_are_checked_for_configs_built_in_python():
+    from dataclasses import replace
+
+    from jaxdpo.config import validate
+
+    default = ExperimentConfig()
+    with pytest.raises(ConfigError, match=r"generation\.top_p: must be in \(0, 1\], got 0\.0"):
+        validate(replace(default, generation=replace(default.generation, top_p=0.0)))
+    with pytest.raises(ConfigError, match=r"eval\.prompts: must be > 0"):
+        validate(replace(default, eval=replace(default.eval, prompts=0)))
+
+
+def test_dpo_section_maps_every_field_to_the_trainer():
+    import dataclasses
+
+    from jaxdpo.dpo import DpoTrainer
+
+    config = config_from_dict({"dpo": {"schedule": "cosine", "warmup_steps": 3, "grad_accum": 2, "label_smoothing": 0.1}})
+    trainer = config.dpo.trainer()
+    for field in dataclasses.fields(DpoTrainer):
+        assert getattr(trainer, field.name) == getattr(config.dpo, field.name), field.name
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    (folder / "model").mkdir()
+    path = folder / "c.toml"
+    path.write_text('[model]\npath = "./model"\n[data]\nsource = "jsonl"\npath = "prompts.jsonl"\n[oracle]\nkind = "human"\n')
+    monkeypatch.chdir(tmp_path)
+    config = load_config(path)
+    assert config.model.path == str(folder / "model") and config.data.path == str(folder / "prompts.jsonl")

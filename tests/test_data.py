@@ -9,11 +9,13 @@ from transformers import PreTrainedTokenizerFast
 from jaxdpo.data import load_hh_rlhf, load_prompts, load_tldr, load_webgpt, split_dialogue, tldr_prompt, tokenize_prompts
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-pytestmark = pytest.mark.skipif(not HH.exists(), reason="the shared HH-RLHF file is not present")
 
 
 @pytest.fixture(scope="module")
 def hh():
+    """The real HH-RLHF sample; only the tests that read it skip without it."""
+    if not HH.exists():
+        pytest.skip(f"the shared HH-RLHF file is not present ({HH})")
     return load_hh_rlhf(HH)
 
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from jaxdpo import embedded, loop
+from jaxdpo import embedded
+from jaxdpo import experiment as loop
 from jaxdpo.config import config_from_dict
 
 

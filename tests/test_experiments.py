@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from jaxdpo.config import ExperimentConfig, load_config
-from jaxdpo.dpo import DpoTrainer
 from jaxdpo.selection import make_selector
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.toml"))
@@ -23,7 +22,7 @@ def test_config_parses_and_builds(path):
     config = load_config(path)
     for method in config.run.methods:
         make_selector(method, **config.selection.options.get(method, {}))
-    trainer = DpoTrainer.from_config(config.dpo)
+    trainer = config.dpo.trainer()
     assert (trainer.learning_rate, trainer.epochs, trainer.beta) == (config.dpo.learning_rate, config.dpo.epochs, config.dpo.beta)
     if path.stem != "embedded":
         assert (config.selection.batch_size, config.lora.rank, config.lora.alpha, config.data.prompts_per_round) == (50, 128, 512.0, 1000)

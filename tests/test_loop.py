@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxdpo import loop
+from jaxdpo import experiment as loop
 from jaxdpo.cli import EXIT_CONFIG, EXIT_LABELS_PENDING, main
 from jaxdpo.config import config_from_dict
 
@@ -68,6 +68,14 @@ def assert_same_metrics(got, expected):
             assert a[key] == (pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value), key
 
 
+def assert_finite_metrics(rows):
+    for row in rows:
+        for key in ("eval_reward", "eval_reward_stderr", "win_rate", "train_loss"):
+            if key in row or key != "train_loss":
+                assert np.isfinite(row[key]), (key, row)
+        assert 0 <= row["win_rate"] <= 1
+
+
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, sft_dir):
     out = new_run(tmp_path_factory.mktemp("ref"), sft_dir, "run")
@@ -80,18 +88,27 @@ def test_end_to_end(reference_run):
     assert {(r["method"], r["round"]) for r in rows} == {(m, t) for m in ("activedpo", "random", "aplp") for t in range(3)}
     for row in rows:
         assert row["labels"] == 4 * row["round"]
-        assert np.isfinite(row["eval_reward"]) and 0 <= row["win_rate"] <= 1
-        for key in ("eval_reward_stderr",):
-            assert key in row
+    assert_finite_metrics(rows)
     assert all("generation_s" in r and "training_s" in r for r in rows if r["round"] > 0)
     assert any("features_s" in r for r in rows if r["method"] == "activedpo" and r["round"] > 0)
     labels = loop.read_labels(out / loop.LABELS)
     assert len(labels) == 3 * 2 * 4
-    assert all(r["preferred"] in ("a", "b") and r["response_a"] != "" for r in labels)
+    assert all(r.preferred in ("a", "b") and r.response_a != "" for r in labels)
     on_disk = [json.loads(line) for line in (out / loop.METRICS).read_text().splitlines()]
     assert without_timings(on_disk) == without_timings(rows)
     # round 0 is the same initial model for every method
     assert len({r["eval_reward"] for r in rows if r["round"] == 0}) == 1
+
+
+def test_apo_and_near_tie_end_to_end(tmp_path, sft_dir):
+    """The two methods the reference run leaves out: APO generates with the initial model and reads
+    frozen last-token features; near-tie reads margins, gradient features and the prior."""
+    config = config_from_dict({**TINY, "run": {"methods": ["apo", "near_tie"], "seeds": [0], "rounds": 2}})
+    rows = loop.run(config, new_run(tmp_path, sft_dir, "more"))
+    assert [(r["method"], r["round"], r["labels"]) for r in rows] == [(m, t, 4 * t) for m in ("apo", "near_tie") for t in range(3)]
+    assert_finite_metrics(rows)
+    assert all("features_s" in r for r in rows if r["round"] > 0)
+    assert all("rewards_s" in r for r in rows if r["method"] == "near_tie" and r["round"] > 0)
 
 
 def test_rerun_without_resume_is_refused(reference_run):
@@ -111,7 +128,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, sft_dir, 
     # kill once the second track has labeled its first round (labels on disk, its checkpoint not yet)
     while time.time() < deadline and process.poll() is None:
         rows = loop.read_labels(out / loop.LABELS)
-        if any(r["method"] == "random" for r in rows):
+        if any(r.method == "random" for r in rows):
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be killed"
@@ -121,7 +138,7 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, sft_dir, 
     assert subprocess.run([*command, "--resume"], env=env, capture_output=True).returncode == 0
     labels_after = loop.read_labels(out / loop.LABELS)
     assert labels_after[: len(labels_before)] == labels_before  # nothing lost or rewritten
-    keys = [(r["method"], r["seed"], r["round"], r["pick"]) for r in labels_after]
+    keys = [(r.method, r.seed, r.round, r.pick) for r in labels_after]
     assert len(keys) == len(set(keys)) == 24  # nothing collected twice
     reference = loop.read_labels(reference_run[0] / loop.LABELS)
     assert sorted(labels_after, key=str) == sorted(reference, key=str)
@@ -141,8 +158,8 @@ def test_human_oracle_round_trip(tmp_path, sft_dir):
     labels.write_text("".join(json.dumps({"id": r["id"], "preferred": "ab"[i % 2]}) + "\n" for i, r in enumerate(rows)))
     assert main(["run", str(path), "--out", str(out), "--resume"]) == 0
     collected = loop.read_labels(out / loop.LABELS)
-    assert [r["preferred"] for r in collected] == ["a", "b", "a", "b"]
-    assert [r["response_a"] for r in collected] == [r["response_a"] for r in rows]
+    assert [r.preferred for r in collected] == ["a", "b", "a", "b"]
+    assert [r.response_a for r in collected] == [r["response_a"] for r in rows]
     assert (out / "curves.png").stat().st_size > 0
 
 

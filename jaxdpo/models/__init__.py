@@ -4,7 +4,7 @@ from jaxdpo.models.checkpoint import hf_state_dict, load_pretrained, load_reward
 from jaxdpo.models.config import SUPPORTED_FAMILIES, DecoderConfig
 from jaxdpo.models.decoder import Decoder, KVCache
 from jaxdpo.models.lora import LORA_TARGETS, LoRA, LoraFn, default_lora_fn, init_lora, target_shapes
-from jaxdpo.models.reward_model import RewardModel
+from jaxdpo.models.reward_model import RewardModel, last_token_states
 
 __all__ = [
     "LORA_TARGETS",
@@ -18,6 +18,7 @@ __all__ = [
     "default_lora_fn",
     "hf_state_dict",
     "init_lora",
+    "last_token_states",
     "load_pretrained",
     "load_reward_model",
     "save_pretrained",

@@ -6,7 +6,7 @@ import json
 
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
 from jaxdpo.models.decoder import Decoder
 
@@ -27,10 +27,14 @@ class RewardModel(nnx.Module):
 
     def __call__(self, input_ids, *, attention_mask=None, lora=None) -> Float[Array, " b"]:
         hidden = self.backbone.hidden_states(input_ids, attention_mask=attention_mask, lora=lora)
-        if attention_mask is None:
-            last = jnp.full((input_ids.shape[0],), input_ids.shape[1] - 1)
-        else:
-            positions = jnp.arange(input_ids.shape[1])
-            last = jnp.argmax(positions * (jnp.asarray(attention_mask) > 0), axis=1)
-        pooled = hidden[jnp.arange(input_ids.shape[0]), last]
+        pooled = last_token_states(hidden, attention_mask)
         return jnp.matmul(pooled, self.score[...].astype(pooled.dtype), preferred_element_type=jnp.float32)[:, 0]
+
+
+def last_token_states(hidden: Float[Array, "b s h"], attention_mask: Int[Array, "b s"] | None) -> Float[Array, "b h"]:
+    """Each row's hidden state at its last real token (the rightmost position with attention_mask
+    = 1; the last position without a mask): a sequence's summary for score heads and APO features."""
+    if attention_mask is None:
+        return hidden[:, -1]
+    last = jnp.argmax(jnp.arange(hidden.shape[1]) * (jnp.asarray(attention_mask) > 0), axis=1)
+    return hidden[jnp.arange(hidden.shape[0]), last]

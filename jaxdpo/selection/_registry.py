@@ -2,7 +2,9 @@
 
 A `SelectionPool` carries everything any selector may read; each selector declares the fields it
 `requires`, so a pipeline computes only those (gradient features are expensive, margins need
-implicit rewards, entropies need sampled log-probs).
+implicit rewards, entropies need sampled log-probs). Adding a method: its selection function and
+one `Rule` here; a pool field no method read before also needs its producer in
+`jaxdpo.experiment.pool.PRODUCERS`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from jaxtyping import Array, Bool, Float, Int
 
@@ -23,7 +25,7 @@ class SelectionPool(NamedTuple):
 
     features: per-response gradient features g `[r, d]` (with `pairs`) or φ `[n, d]` (without).
     pairs: `[n, 2]` response indices of each candidate (φ_i = g[a_i] − g[b_i]).
-    prior: φ of the triplets labeled so far `[p, d]`, recomputed under the current model.
+    prior: φ of the triplets labeled so far `[p, d]` (p may be 0), recomputed under the current model.
     margins: implicit-reward margins r(x, y_a) − r(x, y_b) `[n]`.
     prompt_entropy: predictive entropy of each prompt `[prompts]`; pair_prompt_ids `[n]` maps
       candidates to prompts.
@@ -49,6 +51,7 @@ class Selector:
 
     name: str
     requires: frozenset[str]
+    policy: Literal["current", "initial"]
     options: dict[str, Any]
     _select: Callable[..., SelectionResult]
 
@@ -101,15 +104,25 @@ def _near_tie(pool, batch_size, key, *, nu=1.0, reg=1.0):
     )
 
 
-_RULES: dict[str, tuple[Callable[..., SelectionResult], frozenset[str]]] = {
-    "activedpo": (_activedpo, frozenset({"features"})),
-    "random": (_random, frozenset()),
-    "certainty": (_certainty, frozenset({"margins"})),
-    "uncertainty": (_uncertainty, frozenset({"margins"})),
-    "entropy": (_entropy, frozenset({"prompt_entropy", "pair_prompt_ids"})),
-    "hybrid": (_hybrid, frozenset({"prompt_entropy", "pair_prompt_ids", "margins"})),
-    "apo": (_apo, frozenset({"apo_features"})),
-    "near_tie": (_near_tie, frozenset({"margins", "features"})),
+class Rule(NamedTuple):
+    """A registered method: its selection function, the pool fields it reads, and which policy
+    generates the round's responses ("current": π_{θ_{t−1}}, as Algorithm 1; "initial": the
+    initial model, for methods that never regenerate, as APO)."""
+
+    select: Callable[..., SelectionResult]
+    requires: frozenset[str]
+    policy: Literal["current", "initial"] = "current"
+
+
+_RULES: dict[str, Rule] = {
+    "activedpo": Rule(_activedpo, frozenset({"features", "prior"})),
+    "random": Rule(_random, frozenset()),
+    "certainty": Rule(_certainty, frozenset({"margins"})),
+    "uncertainty": Rule(_uncertainty, frozenset({"margins"})),
+    "entropy": Rule(_entropy, frozenset({"prompt_entropy", "pair_prompt_ids"})),
+    "hybrid": Rule(_hybrid, frozenset({"prompt_entropy", "pair_prompt_ids", "margins"})),
+    "apo": Rule(_apo, frozenset({"apo_features", "apo_prior"}), policy="initial"),
+    "near_tie": Rule(_near_tie, frozenset({"margins", "features", "prior"})),
 }
 _ALIASES = {"aplp": "hybrid"}
 
@@ -123,9 +136,9 @@ def make_selector(name: str, **options: Any) -> Selector:
     canonical = _ALIASES.get(name, name)
     if canonical not in _RULES:
         raise ValueError(f"unknown selection method {name!r}; known methods: {', '.join(SELECTORS)}")
-    rule, requires = _RULES[canonical]
-    accepted = [p.name for p in inspect.signature(rule).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    rule = _RULES[canonical]
+    accepted = [p.name for p in inspect.signature(rule.select).parameters.values() if p.kind is p.KEYWORD_ONLY]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"selection method {name!r} takes options {accepted}, got unknown {unknown}")
-    return Selector(canonical, requires, dict(options), rule)
+    return Selector(canonical, rule.requires, rule.policy, dict(options), rule.select)

@@ -1,13 +1,12 @@
 """Tiny random checkpoints of every supported family, built with transformers' PyTorch classes and
-saved as real HF folders once per session."""
+saved as real HF folders once per session. Without torch, every test that needs one is skipped."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-import transformers  # noqa: E402
+import transformers
 
 VOCAB = 97
 COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, attn_implementation="eager")
@@ -41,6 +40,7 @@ FAMILIES = {
 
 def perturbed(model, seed: int):
     """Random weights well away from init (norm weights and biases too), so parity is not trivial."""
+    torch = pytest.importorskip("torch")
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -50,6 +50,7 @@ def perturbed(model, seed: int):
 
 def build(family: str, head: str = "CausalLM", **overrides):
     """A perturbed tiny model of `family`; `head` "CausalLM" or "SequenceClassification"."""
+    torch = pytest.importorskip("torch")
     config_cls, model_cls, extra = FAMILIES[family]
     config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     cls = getattr(transformers, model_cls.replace("CausalLM", head))
@@ -80,6 +81,7 @@ def batch():
 
 def torch_logits(model, ids, mask):
     """transformers' logits with the position ids jaxdpo uses for left padding (cumsum of the mask)."""
+    torch = pytest.importorskip("torch")
     positions = np.maximum(mask.cumsum(-1) - 1, 0)
     with torch.no_grad():
         out = model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), position_ids=torch.tensor(positions))

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import transformers
+
+torch = pytest.importorskip("torch")
+import transformers  # noqa: E402
 
 from jaxdpo.models import LORA_TARGETS, LoRA, default_lora_fn, init_lora, load_pretrained, save_pretrained
 from tests.models.conftest import torch_logits

@@ -6,7 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch")
 
 from jaxdpo.models import load_reward_model
 from tests.models.conftest import VOCAB, build

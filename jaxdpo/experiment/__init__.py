@@ -1,0 +1,13 @@
+"""Experiments: Algorithm 1 over every (method, seed) of a config, with durable labels and resume.
+
+- `setup`: what the tracks share (model, tokenizer, prompts, oracle, trainer), from the config.
+- `pool`: one round's candidate triplets and the fields its selector requires.
+- `evaluation`: held-out reward and win-rate.
+- `storage`: labels, metrics, checkpoints and the run folder.
+- `loop`: the rounds themselves.
+"""
+
+from jaxdpo.experiment.loop import run, run_track
+from jaxdpo.experiment.storage import CONFIG, LABELS, METRICS, LabelRecord, Track, prepare_out_dir, read_labels
+
+__all__ = ["CONFIG", "LABELS", "METRICS", "LabelRecord", "Track", "prepare_out_dir", "read_labels", "run", "run_track"]

@@ -1,0 +1,221 @@
+"""ActiveDPO, Algorithm 1, for any selector of the registry, with durable labels and resume.
+
+A run compares `config.run.methods` over `config.run.seeds`; each (method, seed) is a `Track` of
+`config.run.rounds` rounds. Round t of a track (`run_round`):
+
+  1. sample `prompts_per_round` prompts and generate m responses each with π_{θ_{t−1}} (or the
+     initial model, for methods whose rule says so), form the C(m, 2) triplets;
+  2. compute the pool fields the selector requires (`pool.PRODUCERS`) under θ_{t−1};
+  3. select B triplets; ask the oracle; append the labels to `labels.jsonl` (fsync) before
+     training reads them;
+  4. DPO-train the LoRA (`dpo.train_on`: this round's labels, or all so far; `dpo.reset_lora`:
+     restart from the SFT model or continue), evaluate, save a checkpoint, rewrite `metrics.jsonl`.
+
+Every random draw is derived from (seed, purpose, round) — the same prompts and evaluation keys
+for every method — so a run is deterministic, and a resumed track continues from its last
+checkpoint: the interrupted round is recomputed identically, and labels already in
+`labels.jsonl` are reused instead of asked again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from jaxdpo.config import ExperimentConfig
+from jaxdpo.dpo import TrainState, reference_logprobs
+from jaxdpo.experiment import storage
+from jaxdpo.experiment.evaluation import evaluate
+from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
+from jaxdpo.experiment.setup import Setup, build_setup, derive_key
+from jaxdpo.experiment.storage import LabelRecord, Track, TrackCheckpoints
+from jaxdpo.models import init_lora
+from jaxdpo.selection import Selector, make_selector
+from jaxdpo.sequences import Sequences
+
+
+class Stages:
+    """Seconds per stage of a round, and progress reporting (`progress`: a rich Progress or None)."""
+
+    def __init__(self, progress=None):
+        self.progress, self.seconds = progress, {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str, total: int | None = None):
+        task = self.progress.add_task(f"  {name}", total=total) if self.progress is not None else None
+        start = time.perf_counter()
+        try:
+            yield (lambda advance=1: self.progress.advance(task, advance)) if task is not None else (lambda advance=1: None)
+        finally:
+            self.seconds[f"{name}_s"] = round(self.seconds.get(f"{name}_s", 0.0) + time.perf_counter() - start, 3)
+            if task is not None:
+                self.progress.remove_task(task)
+
+
+@dataclasses.dataclass
+class TrackRun:
+    """A track in progress: its selector, the state θ and metrics history so far, its labels."""
+
+    setup: Setup
+    out_dir: Path
+    track: Track
+    selector: Selector
+    fresh: TrainState
+    state: TrainState
+    history: list[dict]
+    labels: list[LabelRecord]
+    baseline_scores: np.ndarray | None
+
+
+def run(config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress=None) -> list[dict]:
+    """Run (or resume) every track of `config`; returns all metrics rows (also in `metrics.jsonl`)."""
+    out_dir = Path(out_dir)
+    storage.prepare_out_dir(config, out_dir, resume=resume)
+    setup = build_setup(config, out_dir)
+    labels = storage.read_labels(out_dir / storage.LABELS)
+    histories: dict[str, list[dict]] = {}
+    tracks = [Track(method, seed) for method in config.run.methods for seed in config.run.seeds]
+    overall = progress.add_task("rounds", total=len(tracks) * (config.run.rounds + 1)) if progress is not None else None
+
+    def on_round(track: Track, history: list[dict]) -> None:
+        histories[track.name] = list(history)
+        storage.write_metrics(out_dir, [row for rows in histories.values() for row in rows])
+        if progress is not None:
+            progress.update(overall, completed=sum(len(h) for h in histories.values()))
+
+    for track in tracks:
+        if progress is not None:
+            progress.update(overall, description=track.name)
+        run_track(setup, track, out_dir, labels=labels, progress=progress, on_round=on_round)
+    return [row for rows in histories.values() for row in rows]
+
+
+def run_track(setup: Setup, track: Track, out_dir: Path, *, labels: list[LabelRecord], progress=None, on_round=None) -> list[dict]:
+    """All rounds of one track, from its last checkpoint if there is one. Returns its metrics rows."""
+    checkpoints = TrackCheckpoints(out_dir, track)
+    current = start_track(setup, track, out_dir, checkpoints, labels, progress)
+    if on_round:
+        on_round(track, current.history)
+    for round_ in range(len(current.history), setup.config.run.rounds + 1):
+        run_round(current, round_, Stages(progress))
+        checkpoints.save(round_, current.state, current.history)
+        if on_round:
+            on_round(track, current.history)
+    return current.history
+
+
+def start_track(
+    setup: Setup, track: Track, out_dir: Path, checkpoints: TrackCheckpoints, labels: list[LabelRecord], progress
+) -> TrackRun:
+    """Round 0 (the initial model, evaluated once: the win-rate baseline), or the last checkpoint."""
+    config = setup.config
+    lora = init_lora(setup.model, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets, key=derive_key(track.seed, "lora"))
+    fresh = setup.trainer.init(lora)
+    stages = Stages(progress)
+    with stages.stage("eval"):
+        initial = evaluate(setup, None, track.seed, 0, None)
+    if checkpoints.latest_round() is None:
+        state, history = fresh, [_metrics_row(track, 0, 0, initial, stages)]
+        checkpoints.save(0, state, history)
+    else:
+        state, history = checkpoints.restore(fresh)
+    selector = make_selector(track.method, **config.selection.options.get(track.method, {}))
+    mine = [record for record in labels if record.track == track]
+    return TrackRun(setup, out_dir, track, selector, fresh, state, history, mine, initial["scores"])
+
+
+def run_round(current: TrackRun, round_: int, stages: Stages) -> None:
+    """Round `round_` of Algorithm 1: generate, build the pool, select, label, train, evaluate."""
+    setup, track, config = current.setup, current.track, current.setup.config
+    m = config.generation.responses_per_prompt
+    previous = [record for record in current.labels if record.round < round_]
+    chosen = np.random.default_rng([track.seed, round_]).choice(len(setup.train.texts), config.data.prompts_per_round, replace=False)
+    prompts = setup.train.take(chosen)
+    with stages.stage("generation"):
+        g = config.generation
+        responses = setup.generate(
+            prompts, lora=None if current.selector.policy == "initial" else current.state.lora,
+            key=derive_key(track.seed, "generate", round_), num_samples=m, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+        )
+    pairs = triplets(config.data.prompts_per_round, m)
+    labeled, labeled_pairs = storage.training_data(previous) if previous else (None, np.zeros((0, 2), np.int32))
+    inputs = RoundInputs(setup, current.state.lora, prompts, responses, pairs, labeled, labeled_pairs, derive_key(track.seed, "entropy", round_))
+    pool = build_pool(current.selector, inputs, stages)
+    with stages.stage("selection"):
+        picks = np.asarray(current.selector(pool, config.selection.batch_size, key=derive_key(track.seed, "select", round_)).indices)
+    records = _label(current, round_, picks, prompts.texts, responses, pairs, stages)
+    train_on = records if config.dpo.train_on == "new" else previous + records
+    losses = _train(current, train_on, round_, stages)
+    with stages.stage("eval"):
+        result = evaluate(setup, current.state.lora, track.seed, round_, current.baseline_scores)
+    current.history.append(_metrics_row(track, round_, len(previous) + len(records), result, stages, train_loss=float(losses[-1])))
+
+
+def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, responses: Sequences, pairs: np.ndarray, stages: Stages) -> list[LabelRecord]:
+    """The picked triplets' labels: reused from `labels.jsonl` if this round was labeled before an
+    interruption (checked to be the same triplets), else asked of the oracle and appended (fsync)."""
+    setup, track = current.setup, current.track
+    m = setup.config.generation.responses_per_prompt
+    texts = setup.response_texts(responses)
+    prompt_len = int(responses.input_ids.shape[1] - setup.max_new_tokens)
+    unlabeled = []
+    for pick, candidate in enumerate(picks):
+        a, b = (int(i) for i in pairs[candidate])
+        unlabeled.append(dict(
+            method=track.method, seed=track.seed, round=round_, pick=pick, candidate=int(candidate), prompt=prompt_texts[a // m],
+            response_a=texts[a], response_b=texts[b], prompt_len=prompt_len,
+            input_ids_a=tuple(responses.input_ids[a].tolist()), attention_mask_a=tuple(responses.attention_mask[a].tolist()),
+            input_ids_b=tuple(responses.input_ids[b].tolist()), attention_mask_b=tuple(responses.attention_mask[b].tolist()),
+        ))
+    reuse = [record for record in current.labels if record.round == round_]
+    if reuse:
+        if [(r.candidate, r.response_a, r.response_b) for r in reuse] != [(r["candidate"], r["response_a"], r["response_b"]) for r in unlabeled]:
+            raise RuntimeError(
+                f"{storage.LABELS} holds labels of {track.name} round {round_} for other triplets than the resumed run selects; "
+                "the run is not deterministic on this machine (different hardware or library versions?)"
+            )
+        return reuse
+    with stages.stage("oracle"):
+        prefs = setup.oracle.label(
+            [r["prompt"] for r in unlabeled], [r["response_a"] for r in unlabeled], [r["response_b"] for r in unlabeled],
+            seed=zlib.crc32(f"{track.name}/{round_}".encode()), request_id=f"{track.name}-round{round_:03d}",
+        )
+    records = [
+        LabelRecord(
+            **row, preferred="a" if prefs.prefer_a[i] else "b",
+            score_a=None if prefs.scores_a is None else float(prefs.scores_a[i]),
+            score_b=None if prefs.scores_b is None else float(prefs.scores_b[i]),
+        )
+        for i, row in enumerate(unlabeled)
+    ]
+    storage.append_labels(current.out_dir / storage.LABELS, records)
+    current.labels.extend(records)
+    return records
+
+
+def _train(current: TrackRun, records: list[LabelRecord], round_: int, stages: Stages) -> np.ndarray:
+    """DPO (Eq. 2) on `records`, from θ_{t−1} (or the initial adapter with `dpo.reset_lora`), with a
+    fresh optimizer state; updates `current.state` and returns the loss of every step."""
+    setup, config = current.setup, current.setup.config
+    data, pairs = storage.training_data(records)
+    start = current.fresh if config.dpo.reset_lora else dataclasses.replace(current.state, opt_state=current.fresh.opt_state, step=0)
+    steps = setup.trainer.epochs * setup.trainer.steps_per_epoch(len(pairs))
+    with stages.stage("training", total=steps) as advance:
+        reference = reference_logprobs(setup.model, data)
+        current.state, losses = setup.trainer.train(
+            setup.model, start, data, pairs, reference, seed=zlib.crc32(f"{current.track.name}/train/{round_}".encode()),
+            callback=lambda step, loss: advance(),
+        )
+    return losses
+
+
+def _metrics_row(track: Track, round_: int, labels: int, result: dict, stages: Stages, **extra) -> dict:
+    row = dict(method=track.method, seed=track.seed, round=round_, labels=labels)
+    row.update({key: value for key, value in result.items() if key != "scores"}, **extra, **stages.seconds)
+    return row

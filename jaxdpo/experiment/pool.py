@@ -1,0 +1,127 @@
+"""One round's candidate pool (Algorithm 1, lines 3–5): the C(m, 2) triplets of each prompt's m
+responses, and the fields a selector reads about them.
+
+`PRODUCERS` maps each pool field a selector may require (`Selector.requires`) to the stage it is
+timed under and the function that computes it from the round's `RoundInputs`, so a round
+computes exactly what its selector reads. A new selection method is a `Rule` in
+`jaxdpo.selection._registry`; only a pool field no method read before needs a producer here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdpo.dpo import batched_logprobs, reference_logprobs
+from jaxdpo.experiment.setup import Prompts, Setup
+from jaxdpo.features import gradient_features
+from jaxdpo.models import LoRA, last_token_states
+from jaxdpo.selection import SelectionPool, Selector, predictive_entropy
+from jaxdpo.sequences import Sequences, map_in_chunks
+
+
+def triplets(num_prompts: int, m: int) -> np.ndarray:
+    """`[num_prompts · C(m, 2), 2]` response-row pairs: prompt i's responses are rows i·m … i·m + m − 1."""
+    within = np.asarray(list(itertools.combinations(range(m), 2)), np.int32)
+    return (np.arange(num_prompts, dtype=np.int32)[:, None, None] * m + within[None]).reshape(-1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundInputs:
+    """What the producers read: the policy θ_{t−1} (`lora`), the round's prompts and responses,
+    its candidate `pairs` (rows of `responses`), the triplets labeled so far (`labeled` rows and
+    their (chosen, rejected) `labeled_pairs`), and the key of the entropy samples."""
+
+    setup: Setup
+    lora: LoRA
+    prompts: Prompts
+    responses: Sequences
+    pairs: np.ndarray
+    labeled: Sequences | None
+    labeled_pairs: np.ndarray
+    entropy_key: jax.Array
+
+    @property
+    def chunk(self) -> int:
+        """Rows per compiled call: the round's response count, so labeled rows reuse its program."""
+        return self.responses.num_rows
+
+    def of_responses(self, features: Callable[[RoundInputs, Sequences], np.ndarray]) -> np.ndarray:
+        return map_in_chunks(lambda rows: features(self, rows), self.responses, self.chunk)
+
+    def of_labeled(self, features: Callable[[RoundInputs, Sequences], np.ndarray], width: int) -> np.ndarray:
+        """φ = f(chosen) − f(rejected) of every labeled triplet `[p, width]` (p = 0 before the first label)."""
+        if self.labeled is None:
+            return np.zeros((0, width), np.float32)
+        f = map_in_chunks(lambda rows: features(self, rows), self.labeled, self.chunk)
+        return f[self.labeled_pairs[:, 0]] - f[self.labeled_pairs[:, 1]]
+
+
+def _gradient_features(inputs: RoundInputs, rows: Sequences) -> jax.Array:
+    """g = P∇r under θ_{t−1} (paper §3.3)."""
+    f, setup = inputs.setup.config.features, inputs.setup
+    return gradient_features(
+        setup.model, inputs.lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask,
+        beta=setup.config.dpo.beta, dim=f.dim, seed=f.seed, normalize=f.normalize, method=f.method,
+        chunk_size=f.chunk_size, projection_batch=f.projection_batch,
+    )
+
+
+@jax.jit
+def _final_token_states(model, input_ids, attention_mask):
+    return last_token_states(model.hidden_states(input_ids, attention_mask=attention_mask), attention_mask).astype(jnp.float32)
+
+
+def _frozen_features(inputs: RoundInputs, rows: Sequences) -> jax.Array:
+    """APO's features: the initial model's last-token hidden state of each response."""
+    return _final_token_states(inputs.setup.model, rows.input_ids, rows.attention_mask)
+
+
+def _margins(inputs: RoundInputs) -> np.ndarray:
+    """Implicit-reward margins r(x, y_a) − r(x, y_b) under θ_{t−1} (APLP's certainty)."""
+    setup = inputs.setup
+    policy = batched_logprobs(setup.model, inputs.lora, inputs.responses)
+    reward = setup.config.dpo.beta * (policy - reference_logprobs(setup.model, inputs.responses))
+    return reward[inputs.pairs[:, 0]] - reward[inputs.pairs[:, 1]]
+
+
+def _prompt_entropy(inputs: RoundInputs) -> jax.Array:
+    """APLP's predictive entropy of each prompt, from `generation.entropy_samples` samples drawn
+    at temperature 1 (Muldrew et al., §4.1)."""
+    setup, n = inputs.setup, inputs.setup.config.generation.entropy_samples
+    samples = setup.generate(inputs.prompts, lora=inputs.lora, key=inputs.entropy_key, num_samples=n, temperature=1.0)
+    return predictive_entropy(batched_logprobs(setup.model, inputs.lora, samples), n)
+
+
+def _hidden_size(inputs: RoundInputs) -> int:
+    return inputs.setup.model.config.hidden_size
+
+
+PRODUCERS: dict[str, tuple[str, Callable[[RoundInputs], np.ndarray]]] = {
+    "features": ("features", lambda r: r.of_responses(_gradient_features)),
+    "prior": ("features", lambda r: r.of_labeled(_gradient_features, r.setup.config.features.dim)),
+    "margins": ("rewards", _margins),
+    "prompt_entropy": ("entropy", _prompt_entropy),
+    "apo_features": ("features", lambda r: r.of_responses(_frozen_features)),
+    "apo_prior": ("features", lambda r: r.of_labeled(_frozen_features, _hidden_size(r))),
+}
+BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids"})
+
+
+def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool:
+    """The SelectionPool with the base fields and exactly the fields `selector` requires, each
+    computed under its stage (`stages.stage(name)` times it)."""
+    m = inputs.setup.config.generation.responses_per_prompt
+    fields = dict(
+        num_candidates=len(inputs.pairs), pairs=jnp.asarray(inputs.pairs), pair_prompt_ids=jnp.asarray(inputs.pairs[:, 0] // m)
+    )
+    for name in sorted(selector.requires - BASE_FIELDS):
+        stage, produce = PRODUCERS[name]
+        with stages.stage(stage):
+            fields[name] = jnp.asarray(produce(inputs))
+    return SelectionPool(**fields)

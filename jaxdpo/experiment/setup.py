@@ -1,0 +1,138 @@
+"""What every track of a run shares: the initial model and tokenizer, the prompt pools, the oracle
+and the DPO trainer, resolved from the config in one place (`build_setup`), and the run's keys.
+
+The embedded task and a real one differ only here (`_embedded_task` vs `_checkpoint_task`): where
+the model, tokenizer and prompts come from, and how long a response may be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdpo import embedded
+from jaxdpo.config import ExperimentConfig
+from jaxdpo.data import load_prompts, tokenize_prompts
+from jaxdpo.dpo import DpoTrainer
+from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
+from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
+from jaxdpo.sampling import generate
+from jaxdpo.sequences import Sequences
+
+
+def derive_key(seed: int, *path: int | str) -> jax.Array:
+    """The key of one random draw, from the track's seed and a path such as ("generate", round):
+    every draw of a run is a function of (seed, purpose, round), so runs are deterministic and the
+    prompts and evaluation samples are the same for every method."""
+    key = jax.random.key(seed)
+    for part in path:
+        key = jax.random.fold_in(key, zlib.crc32(part.encode()) if isinstance(part, str) else part)
+    return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """Prompt texts and their left-padded tokens `[n, max_prompt_tokens]`."""
+
+    texts: tuple[str, ...]
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+    def take(self, index: np.ndarray) -> Prompts:
+        return Prompts(tuple(self.texts[i] for i in index), self.input_ids[index], self.attention_mask[index])
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every track shares."""
+
+    config: ExperimentConfig
+    model: Decoder
+    tokenizer: Any
+    train: Prompts
+    eval: Prompts
+    oracle: Oracle
+    trainer: DpoTrainer
+    max_new_tokens: int
+
+    def generate(
+        self, prompts: Prompts, *, lora: LoRA | None, key: jax.Array, num_samples: int, temperature: float,
+        top_p: float = 1.0, top_k: int = 0,
+    ) -> Sequences:
+        """`num_samples` sampled responses per prompt (host arrays; prompt i's are rows i·num_samples …)."""
+        return generate(
+            self.model, prompts.input_ids, prompts.attention_mask, lora=lora, max_new_tokens=self.max_new_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples, key=key,
+            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+        ).to_host()
+
+    def response_texts(self, sequences: Sequences) -> list[str]:
+        return [self.tokenizer.decode(ids[mask == 1]) for ids, mask in zip(sequences.input_ids, sequences.response_mask)]
+
+
+def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
+    model, tokenizer, train, evaluation, max_new_tokens = (_embedded_task if config.embedded else _checkpoint_task)(config, out_dir)
+    if len(train.texts) < config.data.prompts_per_round:
+        raise ValueError(f"data: only {len(train.texts)} usable prompts, below data.prompts_per_round={config.data.prompts_per_round}")
+    return Setup(config, model, tokenizer, train, evaluation, _oracle(config, out_dir), config.dpo.trainer(), max_new_tokens)
+
+
+def _dtype(config: ExperimentConfig):
+    return jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32
+
+
+def _prompts(tokenizer, texts, max_tokens: int) -> Prompts:
+    tokens = tokenize_prompts(tokenizer, texts, max_tokens=max_tokens, truncate=True)
+    return Prompts(tuple(texts[i] for i in tokens.kept), tokens.input_ids, tokens.attention_mask)
+
+
+def _embedded_task(config: ExperimentConfig, out_dir: Path):
+    """The built-in task: its SFT model (trained once, saved as an HF checkpoint in
+    `out_dir/sft-model` and loaded from there on resume), word tokenizer, prompts and lengths."""
+    folder = out_dir / "sft-model"
+    if not (folder / "config.json").exists():
+        save_pretrained(embedded.train_sft(), folder)
+    model = load_pretrained(folder, dtype=_dtype(config), remat=config.model.remat)
+    tokenizer = embedded.build_tokenizer()
+    pool = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED), config.data.max_prompts or 4096)
+    held_out = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED + 1), config.eval.prompts)
+    train, evaluation = (_prompts(tokenizer, texts, embedded.PROMPT_TOKENS) for texts in (pool, held_out))
+    return model, tokenizer, train, evaluation, embedded.MAX_NEW_TOKENS
+
+
+def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
+    """An HF checkpoint and its tokenizer, prompts from `config.data`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_pretrained(config.model.path, dtype=_dtype(config), remat=config.model.remat)
+    data = config.data
+    texts = load_prompts(data.source, data.path, data.split)
+    if data.eval_split is not None:
+        held_out = load_prompts(data.source, data.path, data.eval_split)[: config.eval.prompts]
+    else:
+        texts, held_out = texts[: -config.eval.prompts], texts[-config.eval.prompts :]
+    texts = texts[: data.max_prompts] if data.max_prompts else texts
+    train, evaluation = (_prompts(tokenizer, t, data.max_prompt_tokens) for t in (texts, held_out))
+    return model, tokenizer, train, evaluation, config.generation.max_new_tokens
+
+
+def _oracle(config: ExperimentConfig, out_dir: Path) -> Oracle:
+    kind, mode = config.oracle.kind, config.oracle.mode
+    if kind == "synthetic":
+        return synthetic_oracle(embedded.reward, mode=mode)
+    if kind == "reward_model":
+        from transformers import AutoTokenizer
+
+        return reward_model_oracle(load_reward_model(config.oracle.path), AutoTokenizer.from_pretrained(config.oracle.path), mode=mode)
+    if kind == "torch_reward_model":
+        return torch_reward_model_oracle(config.oracle.path, mode=mode)
+    return HumanOracle(out_dir / "human")
