@@ -1,12 +1,21 @@
-"""`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG)."""
+"""`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG).
+
+Exit codes: 0 done; `EXIT_USER_ERROR` (2) a problem with the config, data, files or run folder,
+told in one line; `EXIT_LABELS_PENDING` (3) the run waits for human labels (resume when they are
+in); `EXIT_INTERRUPTED` (130) stopped by Ctrl-C (everything collected is kept; resume); 1 a bug.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-EXIT_CONFIG, EXIT_LABELS_PENDING = 2, 3
+from jaxdpo.errors import EXIT_USER_ERROR, UserError
+
+EXIT_CONFIG = EXIT_USER_ERROR  # config errors are user errors
+EXIT_LABELS_PENDING, EXIT_INTERRUPTED = 3, 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,30 +28,56 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from rich.console import Console
+
+    console = Console(stderr=True)
+    handler = _log_to(console)
+    try:
+        return _run(args, console)
+    except UserError as error:
+        _say(console, f"error: {error}", "red")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _say(console, f"interrupted: every label collected so far is saved; continue with --resume --out {args.out}", "yellow")
+        return EXIT_INTERRUPTED
+    finally:
+        logging.getLogger("jaxdpo").removeHandler(handler)
+
+
+def _run(args, console) -> int:
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from jaxdpo import experiment, report
-    from jaxdpo.config import ConfigError, load_config
+    from jaxdpo.config import load_config
     from jaxdpo.oracles import LabelsPending
 
-    console = Console(stderr=True)
-    try:
-        config = load_config(args.config)
-        experiment.prepare_out_dir(config, args.out, resume=args.resume)
-    except (ConfigError, FileExistsError, ValueError) as error:
-        console.print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
-        return EXIT_CONFIG
+    config = load_config(args.config)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=False) as progress:
-            rows = experiment.run(config, args.out, resume=True, progress=progress)
+            rows = experiment.run(config, args.out, resume=args.resume, progress=progress)
     except LabelsPending as pending:
-        console.print(f"waiting for labels: {pending}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        _say(console, f"waiting for labels: {pending}", "yellow")
         return EXIT_LABELS_PENDING
     Console().print(report.summary_table(rows))
     plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
     Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {plot}")
     return 0
+
+
+def _say(console, message: str, style: str) -> None:
+    console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _log_to(console) -> logging.Handler:
+    """jaxdpo's warnings (a repaired label log, a checkpoint fallback) go to the console."""
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_time=False, show_path=False)
+    logger = logging.getLogger("jaxdpo")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ else:  # pragma: no cover
 
 import yaml
 
+from jaxdpo.errors import UserError
+
 if TYPE_CHECKING:
     from jaxdpo.dpo import DpoTrainer
 
@@ -57,7 +59,7 @@ DATA_SOURCES = ("embedded", "tldr", "webgpt", "hh_rlhf", "jsonl")
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config problem; the message starts with the dotted key."""
 
 

@@ -86,9 +86,11 @@ class DpoTrainer:
     `schedule`: "constant", "linear" (decay to 0 over the round's steps) or "cosine", after
     `warmup_steps` of linear warm-up. `batch_size` pairs per micro-batch, `grad_accum` micro-batches
     per optimizer step. `nll_weight` λ > 0 adds λ times the chosen response's per-token negative
-    log-likelihood to each pair's loss (RPO, Pang et al. 2024, as TRL's `rpo_alpha`): it keeps
-    probability mass on responses like the chosen ones, where plain DPO (λ = 0, the paper's) can
-    push it onto tokens no labeled response contains."""
+    log-likelihood to each pair's loss (RPO, Pang et al. 2024): it keeps probability mass on
+    responses like the chosen ones, where plain DPO (λ = 0, the paper's) can push it onto tokens no
+    labeled response contains. The NLL is averaged over each pair's own chosen tokens, then over
+    pairs; TRL's `rpo_alpha` instead averages over all chosen tokens of the batch, which weights
+    long responses more — the two agree when the chosen responses have equal lengths."""
 
     beta: float = 0.1
     learning_rate: float = 1e-4

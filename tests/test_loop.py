@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 
 from jaxdpo import experiment as loop
-from jaxdpo.cli import EXIT_CONFIG, EXIT_LABELS_PENDING, main
+from jaxdpo.cli import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LABELS_PENDING, main
 from jaxdpo.config import config_from_dict
+from jaxdpo.errors import EXIT_USER_ERROR, UserError
+from jaxdpo.experiment.storage import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -46,7 +48,9 @@ def sft_dir(tmp_path_factory):
     from jaxdpo import embedded
     from jaxdpo.models import save_pretrained
 
-    return save_pretrained(embedded.train_sft(steps=150), tmp_path_factory.mktemp("sft") / "sft-model")
+    folder = save_pretrained(embedded.train_sft(steps=150), tmp_path_factory.mktemp("sft") / "sft-model")
+    embedded.build_tokenizer().save_pretrained(folder)
+    return folder
 
 
 def new_run(tmp_path: Path, sft_dir: Path, name: str) -> Path:
@@ -113,8 +117,113 @@ def test_apo_and_near_tie_end_to_end(tmp_path, sft_dir):
 
 def test_rerun_without_resume_is_refused(reference_run):
     out, _ = reference_run
-    with pytest.raises(FileExistsError, match="--resume"):
+    with pytest.raises(UserError, match="already holds a run; pass --resume"):
         loop.run(config_from_dict(TINY), out)
+
+
+def test_texts_have_no_special_tokens(reference_run):
+    out, _ = reference_run
+    for record in loop.read_labels(out / loop.LABELS):
+        for text in (record.response_a, record.response_b):
+            assert not {"<eos>", "<pad>", "<bos>"} & set(text.split()), text
+
+
+def lines_of(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def test_damaged_folder_resumes_to_the_uninterrupted_result(tmp_path, reference_run, caplog):
+    """An unlucky folder, each track hit differently, resumed once (issue: nothing lost, nothing paid twice):
+    - activedpo: its latest checkpoint is damaged (falls back to round 1) and two of its round-1
+      labels are gone from labels.jsonl (its round-1 checkpoint trained on them: written back);
+    - random: killed while appending its round-2 labels (the log ends mid-line, no round-2 checkpoint);
+    - aplp: finished, but labels.jsonl lost its round-2 labels (written back from the final checkpoint)."""
+    reference, expected = reference_run
+    out = tmp_path / "damaged"
+    shutil.copytree(reference, out)
+    shutil.rmtree(out / "checkpoints" / "activedpo-seed0" / "2" / "state")
+    shutil.rmtree(out / "checkpoints" / "random-seed0" / "2")
+    records, lines = loop.read_labels(out / loop.LABELS), lines_of(out / loop.LABELS)
+    drop = {i for i, r in enumerate(records) if (r.method, r.round) == ("activedpo", 1) and r.pick < 2}
+    drop |= {i for i, r in enumerate(records) if (r.method, r.round) == ("aplp", 2)}
+    random_round2 = [i for i, r in enumerate(records) if (r.method, r.round) == ("random", 2)]
+    kept = [line for i, line in enumerate(lines) if i not in drop and i not in random_round2]
+    torn = [lines[i] for i in random_round2[:2]] + [lines[random_round2[2]][:40]]
+    (out / loop.LABELS).write_text("".join(kept + torn))
+    with caplog.at_level("WARNING", logger="jaxdpo"):
+        rows = loop.run(config_from_dict(TINY), out, resume=True)
+    assert_same_metrics(rows, expected)
+    after = loop.read_labels(out / loop.LABELS)
+    assert sorted(after, key=str) == sorted(loop.read_labels(reference / loop.LABELS), key=str)  # every label, once
+    messages = caplog.text
+    assert "cut short" in messages and "activedpo-seed0/2 cannot be restored" in messages
+    assert "2 labels of activedpo-seed0 were missing" in messages and "4 labels of aplp-seed0 were missing" in messages
+    assert list((out / "checkpoints" / "damaged").iterdir())  # the damaged step is set aside, not deleted
+    assert loop.run(config_from_dict(TINY), out, resume=True) == rows  # and the folder is whole again
+
+
+def test_damage_inside_labels_log_names_the_line(tmp_path, reference_run):
+    reference, _ = reference_run
+    out = tmp_path / "edited"
+    shutil.copytree(reference, out)
+    lines = lines_of(out / loop.LABELS)
+    lines[5] = lines[5].replace('"pick": ', '"pick": 9', 1)  # still valid JSON, no longer what was written
+    (out / loop.LABELS).write_text("".join(lines))
+    with pytest.raises(UserError, match=r"line 6 is damaged \(the checksum does not match"):
+        loop.run(config_from_dict(TINY), out, resume=True)
+
+
+def test_a_second_process_on_the_folder_is_refused(tmp_path, reference_run):
+    reference, _ = reference_run
+    out = tmp_path / "locked"
+    shutil.copytree(reference, out)
+    with RunLock(out):
+        with pytest.raises(UserError, match=r"in use by another jaxdpo process \(pid \d+\)"):
+            loop.run(config_from_dict(TINY), out, resume=True)
+    (out / ".lock").write_text("999999")  # a stale lock of a dead process
+    assert len(loop.run(config_from_dict(TINY), out, resume=True)) == 9
+
+
+def test_resume_of_a_folder_without_a_run_fails_and_creates_nothing(tmp_path, capsys):
+    path = write_toml(tmp_path / "tiny.toml", TINY)
+    assert main(["run", str(path), "--out", str(tmp_path / "typo"), "--resume"]) == EXIT_USER_ERROR
+    assert "holds no run to resume" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+
+
+def test_errors_after_start_are_one_line_and_leave_nothing_that_blocks_a_rerun(tmp_path, sft_dir, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"topic{i % 4} w{i % 16:02d} w{i // 16:02d} w01 :"}) + "\n" for i in range(20)))
+    base = {**TINY, "model": {"path": str(sft_dir)}, "data": {"source": "jsonl", "path": str(prompts), "prompts_per_round": 8},
+            "oracle": {"kind": "human"}, "eval": {"prompts": 30}}
+    path = write_toml(tmp_path / "few.toml", base)
+    for _ in range(2):  # the same command fails the same way twice: no config.json was left behind
+        assert main(["run", str(path), "--out", str(tmp_path / "few")]) == EXIT_USER_ERROR
+        err = capsys.readouterr().err
+        assert "eval.prompts: 30 prompts are held out from data.split 'train', which has only 20" in err
+        assert "Traceback" not in err and sum(line.startswith("error:") for line in err.splitlines()) == 1
+    no_tokenizer = tmp_path / "bare-model"
+    shutil.copytree(sft_dir, no_tokenizer, ignore=shutil.ignore_patterns("tokenizer*"))
+    write_toml(path, {**base, "model": {"path": str(no_tokenizer)}, "eval": {"prompts": 4}})
+    assert main(["run", str(path), "--out", str(tmp_path / "bare")]) == EXIT_USER_ERROR
+    assert "holds no tokenizer" in capsys.readouterr().err
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("socket.getaddrinfo", unreachable)
+    write_toml(path, {**base, "model": {"path": "someone/some-model"}, "eval": {"prompts": 4}})
+    assert main(["run", str(path), "--out", str(tmp_path / "hub")]) == EXIT_USER_ERROR
+    assert "model.path: 'someone/some-model' is not a local folder" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run", interrupted)
+    assert main(["run", "--out", str(tmp_path / "x")]) == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--resume" in err
 
 
 def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, sft_dir, reference_run):
@@ -146,21 +255,25 @@ def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, sft_dir, 
     assert_same_metrics(resumed, expected)  # the test process compiles with XLA optimizations off: float noise
 
 
-def test_human_oracle_round_trip(tmp_path, sft_dir):
-    config = {**TINY, "run": {"methods": ["activedpo"], "seeds": [0], "rounds": 1}, "oracle": {"kind": "human"}}
+def test_human_oracle_asks_every_track_at_once_and_resumes(tmp_path, sft_dir):
+    config = {**TINY, "run": {"methods": ["activedpo", "random"], "seeds": [0], "rounds": 1}, "oracle": {"kind": "human"}}
     out = new_run(tmp_path, sft_dir, "human")
     path = write_toml(tmp_path / "human.toml", config)
     assert main(["run", str(path), "--out", str(out)]) == EXIT_LABELS_PENDING
-    requests = out / "human" / "activedpo-seed0-round001.requests.jsonl"
+    [requests] = sorted((out / "human").glob("*.requests.jsonl"))  # one file for both tracks
     rows = [json.loads(line) for line in requests.read_text().splitlines()]
-    assert len(rows) == 4
-    labels = out / "human" / "activedpo-seed0-round001.labels.jsonl"
-    labels.write_text("".join(json.dumps({"id": r["id"], "preferred": "ab"[i % 2]}) + "\n" for i, r in enumerate(rows)))
+    assert sorted({r["track"] for r in rows}) == ["activedpo-seed0", "random-seed0"] and len(rows) == 8
+    metrics = (out / loop.METRICS).read_text()
+    assert "NaN" not in metrics and all(json.loads(line)["eval_reward"] is None for line in metrics.splitlines())
+    answers = requests.with_name(requests.name.replace(".requests", ".labels"))
+    choices = ["a", "b", "tie", "skip"]
+    answers.write_text("".join(json.dumps({"id": r["id"], "preferred": choices[i % 4]}) + "\n" for i, r in enumerate(rows)))
     assert main(["run", str(path), "--out", str(out), "--resume"]) == 0
     collected = loop.read_labels(out / loop.LABELS)
-    assert [r.preferred for r in collected] == ["a", "b", "a", "b"]
+    assert [r.preferred for r in collected] == ["a", "b", None, None] * 2  # ties and skips are kept, without a preference
     assert [r.response_a for r in collected] == [r["response_a"] for r in rows]
-    assert (out / "curves.png").stat().st_size > 0
+    final = [json.loads(line) for line in (out / loop.METRICS).read_text().splitlines()]
+    assert [r["labels"] for r in final if r["round"] == 1] == [2, 2]
 
 
 @pytest.mark.parametrize(

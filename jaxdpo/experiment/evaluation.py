@@ -16,14 +16,14 @@ def evaluate(setup: Setup, lora: LoRA | None, seed: int, round_: int, baseline: 
     held-out responses, and the win-rate against `baseline` (the initial model's scores; ties
     count half; against itself when None). None where undefined: all of them when the oracle
     cannot score responses, the standard error with a single response."""
+    if not setup.oracle.can_score:
+        return dict(eval_reward=None, eval_reward_stderr=None, win_rate=None, scores=None)
     e = setup.config.eval
     responses = setup.generate(
         setup.eval, lora=lora, key=derive_key(seed, "eval", round_), num_samples=e.samples_per_prompt, temperature=e.temperature
     )
     prompts = [p for p in setup.eval.texts for _ in range(e.samples_per_prompt)]
     scores = setup.oracle.scores(prompts, setup.response_texts(responses))
-    if scores is None:
-        return dict(eval_reward=None, eval_reward_stderr=None, win_rate=None, scores=None)
     baseline = scores if baseline is None else baseline
     win = float(np.mean((scores > baseline) + 0.5 * (scores == baseline)))
     stderr = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else None

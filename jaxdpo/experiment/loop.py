@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import time
 import zlib
@@ -34,10 +35,14 @@ from jaxdpo.experiment import storage
 from jaxdpo.experiment.evaluation import evaluate
 from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
 from jaxdpo.experiment.setup import Setup, build_setup, derive_key
-from jaxdpo.experiment.storage import LabelRecord, Track, TrackCheckpoints
+from jaxdpo.errors import UserError
+from jaxdpo.experiment.storage import Checkpoint, LabelLog, LabelRecord, RunLock, Track, TrackCheckpoints
 from jaxdpo.models import init_lora
+from jaxdpo.oracles import LabelsPending, PairRequest, Preferences
 from jaxdpo.selection import Selector, make_selector
 from jaxdpo.sequences import Sequences
+
+_log = logging.getLogger("jaxdpo")
 
 
 class Stages:
@@ -60,10 +65,11 @@ class Stages:
 
 @dataclasses.dataclass
 class TrackRun:
-    """A track in progress: its selector, the state θ and metrics history so far, its labels."""
+    """A track in progress: its selector, the state θ and metrics history so far, every label it
+    has (a round's labels are reused when the round is recomputed), the win-rate baseline."""
 
     setup: Setup
-    out_dir: Path
+    log: LabelLog
     track: Track
     selector: Selector
     fresh: TrainState
@@ -72,13 +78,33 @@ class TrackRun:
     labels: list[LabelRecord]
     baseline_scores: np.ndarray | None
 
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.state, self.history, [r for r in self.labels if r.round < len(self.history)], self.baseline_scores)
+
 
 def run(config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress=None) -> list[dict]:
-    """Run (or resume) every track of `config`; returns all metrics rows (also in `metrics.jsonl`)."""
+    """Run (or resume) every track of `config`; returns all metrics rows (also in `metrics.jsonl`).
+
+    Holds the folder's lock throughout. With an asynchronous oracle (people), each track goes as
+    far as its labels allow; then every request still open is handed over at once and
+    `LabelsPending` is raised with what to do."""
     out_dir = Path(out_dir)
-    storage.prepare_out_dir(config, out_dir, resume=resume)
-    setup = build_setup(config, out_dir)
-    labels = storage.read_labels(out_dir / storage.LABELS)
+    if resume and not (out_dir / storage.CONFIG).exists():
+        raise UserError(f"{out_dir} holds no run to resume (no {storage.CONFIG}); check --out, or leave out --resume to start a new run")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir):
+        write_config = storage.prepare_out_dir(config, out_dir, resume=resume)
+        setup = build_setup(config, out_dir)
+        if write_config:
+            storage.save_config(config, out_dir)
+        log = LabelLog(out_dir / storage.LABELS)
+        if log.repair():
+            _log.warning("%s ended in a line cut short by an interruption; removed it (its label is asked again)", log.path)
+        return _run_tracks(setup, log, out_dir, progress)
+
+
+def _run_tracks(setup: Setup, log: LabelLog, out_dir: Path, progress) -> list[dict]:
+    config, labels = setup.config, log.read()
     histories: dict[str, list[dict]] = {}
     tracks = [Track(method, seed) for method in config.run.methods for seed in config.run.seeds]
     overall = progress.add_task("rounds", total=len(tracks) * (config.run.rounds + 1)) if progress is not None else None
@@ -89,52 +115,78 @@ def run(config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = 
         if progress is not None:
             progress.update(overall, completed=sum(len(h) for h in histories.values()))
 
+    waiting = False
     for track in tracks:
         if progress is not None:
             progress.update(overall, description=track.name)
-        run_track(setup, track, out_dir, labels=labels, progress=progress, on_round=on_round)
+        try:
+            run_track(setup, track, log, labels=labels, progress=progress, on_round=on_round)
+        except LabelsPending:
+            waiting = True
+    if waiting:
+        raise LabelsPending(setup.oracle.submit_pending())
     return [row for rows in histories.values() for row in rows]
 
 
-def run_track(setup: Setup, track: Track, out_dir: Path, *, labels: list[LabelRecord], progress=None, on_round=None) -> list[dict]:
+def run_track(setup: Setup, track: Track, log: LabelLog, *, labels: list[LabelRecord], progress=None, on_round=None) -> list[dict]:
     """All rounds of one track, from its last checkpoint if there is one. Returns its metrics rows."""
-    checkpoints = TrackCheckpoints(out_dir, track)
-    current = start_track(setup, track, out_dir, checkpoints, labels, progress)
+    checkpoints = TrackCheckpoints(log.path.parent, track)
+    current = start_track(setup, track, log, checkpoints, labels, progress)
     if on_round:
         on_round(track, current.history)
     for round_ in range(len(current.history), setup.config.run.rounds + 1):
         run_round(current, round_, Stages(progress))
-        checkpoints.save(round_, current.state, current.history)
+        checkpoints.save(round_, current.checkpoint())
         if on_round:
             on_round(track, current.history)
     return current.history
 
 
 def start_track(
-    setup: Setup, track: Track, out_dir: Path, checkpoints: TrackCheckpoints, labels: list[LabelRecord], progress
+    setup: Setup, track: Track, log: LabelLog, checkpoints: TrackCheckpoints, labels: list[LabelRecord], progress
 ) -> TrackRun:
-    """Round 0 (the initial model, evaluated once: the win-rate baseline), or the last checkpoint."""
+    """A fresh track (round 0: the initial model, evaluated once; its scores are the win-rate
+    baseline) or the track at its last checkpoint, with its labels cross-checked (`_reconcile`)."""
     config = setup.config
     lora = init_lora(setup.model, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets, key=derive_key(track.seed, "lora"))
     fresh = setup.trainer.init(lora)
+    selector = make_selector(track.method, **config.selection.options.get(track.method, {}))
+    mine = [record for record in labels if record.track == track]
+    if checkpoints.latest_round() is not None:
+        saved = checkpoints.restore(fresh)
+        mine = _reconcile(track, log, saved, mine)
+        return TrackRun(setup, log, track, selector, fresh, saved.state, saved.history, mine, saved.baseline_scores)
     stages = Stages(progress)
     with stages.stage("eval"):
         initial = evaluate(setup, None, track.seed, 0, None)
-    if checkpoints.latest_round() is None:
-        state, history = fresh, [_metrics_row(track, 0, 0, initial, stages)]
-        checkpoints.save(0, state, history)
-    else:
-        state, history = checkpoints.restore(fresh)
-    selector = make_selector(track.method, **config.selection.options.get(track.method, {}))
-    mine = [record for record in labels if record.track == track]
-    return TrackRun(setup, out_dir, track, selector, fresh, state, history, mine, initial["scores"])
+    current = TrackRun(setup, log, track, selector, fresh, fresh, [_metrics_row(track, 0, 0, initial, stages)], mine, initial["scores"])
+    checkpoints.save(0, current.checkpoint())
+    return current
+
+
+def _reconcile(track: Track, log: LabelLog, saved: Checkpoint, logged: list[LabelRecord]) -> list[LabelRecord]:
+    """The track's labels: those its checkpoint trained on (written back to the log where the log
+    lost them; a log that disagrees with them is refused), then the log's labels of later rounds."""
+    done = len(saved.history)
+    by_pick = {(r.round, r.pick): r for r in logged}
+    differ = [r for r in saved.labels if (r.round, r.pick) in by_pick and by_pick[(r.round, r.pick)] != r]
+    if differ:
+        raise UserError(
+            f"{log.path} holds labels of {track.name} (round {differ[0].round}, pick {differ[0].pick} and {len(differ) - 1} more) "
+            "that differ from the ones its checkpoint trained on; was the file edited? Restore it from a backup"
+        )
+    lost = [r for r in saved.labels if (r.round, r.pick) not in by_pick]
+    if lost:
+        log.append(lost)
+        _log.warning("%s: %d labels of %s were missing; wrote them back from its round-%d checkpoint", log.path, len(lost), track.name, done - 1)
+    return saved.labels + [r for r in logged if r.round >= done]
 
 
 def run_round(current: TrackRun, round_: int, stages: Stages) -> None:
     """Round `round_` of Algorithm 1: generate, build the pool, select, label, train, evaluate."""
     setup, track, config = current.setup, current.track, current.setup.config
     m = config.generation.responses_per_prompt
-    previous = [record for record in current.labels if record.round < round_]
+    previous = [record for record in current.labels if record.round < round_ and record.preferred is not None]
     chosen = np.random.default_rng([track.seed, round_]).choice(len(setup.train.texts), config.data.prompts_per_round, replace=False)
     prompts = setup.train.take(chosen)
     with stages.stage("generation"):
@@ -149,17 +201,18 @@ def run_round(current: TrackRun, round_: int, stages: Stages) -> None:
     pool = build_pool(current.selector, inputs, stages)
     with stages.stage("selection"):
         picks = np.asarray(current.selector(pool, config.selection.batch_size, key=derive_key(track.seed, "select", round_)).indices)
-    records = _label(current, round_, picks, prompts.texts, responses, pairs, stages)
-    train_on = records if config.dpo.train_on == "new" else previous + records
-    losses = _train(current, train_on, round_, stages)
+    labeled_now = [r for r in _label(current, round_, picks, prompts.texts, responses, pairs, stages) if r.preferred is not None]
+    losses = _train(current, labeled_now if config.dpo.train_on == "new" else previous + labeled_now, round_, stages)
     with stages.stage("eval"):
         result = evaluate(setup, current.state.lora, track.seed, round_, current.baseline_scores)
-    current.history.append(_metrics_row(track, round_, len(previous) + len(records), result, stages, train_loss=float(losses[-1])))
+    loss = None if losses is None else float(losses[-1])
+    current.history.append(_metrics_row(track, round_, len(previous) + len(labeled_now), result, stages, train_loss=loss))
 
 
 def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, responses: Sequences, pairs: np.ndarray, stages: Stages) -> list[LabelRecord]:
-    """The picked triplets' labels: reused from `labels.jsonl` if this round was labeled before an
-    interruption (checked to be the same triplets), else asked of the oracle and appended (fsync)."""
+    """The picked triplets' labels, in pick order: those of this round already in the log (an
+    interrupted round, recomputed identically; checked to be the same triplets) are reused, the
+    others are asked of the oracle and appended to the log (fsync) before anything trains on them."""
     setup, track = current.setup, current.track
     m = setup.config.generation.responses_per_prompt
     texts = setup.response_texts(responses)
@@ -173,35 +226,44 @@ def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, resp
             input_ids_a=tuple(responses.input_ids[a].tolist()), attention_mask_a=tuple(responses.attention_mask[a].tolist()),
             input_ids_b=tuple(responses.input_ids[b].tolist()), attention_mask_b=tuple(responses.attention_mask[b].tolist()),
         ))
-    reuse = [record for record in current.labels if record.round == round_]
-    if reuse:
-        if [(r.candidate, r.response_a, r.response_b) for r in reuse] != [(r["candidate"], r["response_a"], r["response_b"]) for r in unlabeled]:
+    logged = {r.pick: r for r in current.labels if r.round == round_}
+    for pick, row in enumerate(unlabeled):
+        if pick in logged and (logged[pick].candidate, logged[pick].response_a, logged[pick].response_b) != (row["candidate"], row["response_a"], row["response_b"]):
             raise RuntimeError(
-                f"{storage.LABELS} holds labels of {track.name} round {round_} for other triplets than the resumed run selects; "
-                "the run is not deterministic on this machine (different hardware or library versions?)"
+                f"{storage.LABELS} holds a label of {track.name} round {round_} pick {pick} for another triplet than the resumed "
+                "run selects; the run is not deterministic on this machine (different hardware or library versions?)"
             )
-        return reuse
-    with stages.stage("oracle"):
-        prefs = setup.oracle.label(
-            [r["prompt"] for r in unlabeled], [r["response_a"] for r in unlabeled], [r["response_b"] for r in unlabeled],
-            seed=zlib.crc32(f"{track.name}/{round_}".encode()), request_id=f"{track.name}-round{round_:03d}",
-        )
-    records = [
-        LabelRecord(
-            **row, preferred="a" if prefs.prefer_a[i] else "b",
-            score_a=None if prefs.scores_a is None else float(prefs.scores_a[i]),
-            score_b=None if prefs.scores_b is None else float(prefs.scores_b[i]),
-        )
-        for i, row in enumerate(unlabeled)
-    ]
-    storage.append_labels(current.out_dir / storage.LABELS, records)
-    current.labels.extend(records)
-    return records
+    ask = [row for pick, row in enumerate(unlabeled) if pick not in logged]
+    if ask:
+        with stages.stage("oracle"):
+            requests = [
+                PairRequest(f"{track.name}-round{round_:03d}-pick{row['pick']:03d}", track.name, round_, row["prompt"], row["response_a"], row["response_b"])
+                for row in ask
+            ]
+            prefs = setup.oracle.label(requests, seed=zlib.crc32(f"{track.name}/{round_}".encode()))
+        answered = [LabelRecord(**row, preferred=_preferred(prefs, i), score_a=_score(prefs.scores_a, i), score_b=_score(prefs.scores_b, i)) for i, row in enumerate(ask)]
+        current.log.append(answered)
+        current.labels.extend(answered)
+        logged.update({r.pick: r for r in answered})
+    return [logged[pick] for pick in range(len(unlabeled))]
 
 
-def _train(current: TrackRun, records: list[LabelRecord], round_: int, stages: Stages) -> np.ndarray:
+def _preferred(prefs: Preferences, i: int) -> str | None:
+    if prefs.valid is not None and not prefs.valid[i]:
+        return None
+    return "a" if prefs.prefer_a[i] else "b"
+
+
+def _score(scores: np.ndarray | None, i: int) -> float | None:
+    return None if scores is None else float(scores[i])
+
+
+def _train(current: TrackRun, records: list[LabelRecord], round_: int, stages: Stages) -> np.ndarray | None:
     """DPO (Eq. 2) on `records`, from θ_{t−1} (or the initial adapter with `dpo.reset_lora`), with a
-    fresh optimizer state; updates `current.state` and returns the loss of every step."""
+    fresh optimizer state; updates `current.state` and returns the loss of every step (None, and
+    θ unchanged, when no record has a preference: every pair of the round was a tie or skipped)."""
+    if not records:
+        return None
     setup, config = current.setup, current.setup.config
     data, pairs = storage.training_data(records)
     start = current.fresh if config.dpo.reset_lora else dataclasses.replace(current.state, opt_state=current.fresh.opt_state, step=0)

@@ -8,9 +8,11 @@ the model, tokenizer and prompts come from, and how long a response may be.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import zlib
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from jaxdpo import embedded
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.data import load_prompts, tokenize_prompts
 from jaxdpo.dpo import DpoTrainer
+from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
 from jaxdpo.sampling import generate
@@ -73,7 +76,11 @@ class Setup:
         ).to_host()
 
     def response_texts(self, sequences: Sequences) -> list[str]:
-        return [self.tokenizer.decode(ids[mask == 1]) for ids, mask in zip(sequences.input_ids, sequences.response_mask)]
+        """The responses as annotators and reward models read them: special tokens (end of
+        sequence, padding, beginning of sequence) left out."""
+        return [
+            self.tokenizer.decode(ids[mask == 1], skip_special_tokens=True) for ids, mask in zip(sequences.input_ids, sequences.response_mask)
+        ]
 
 
 def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
@@ -93,13 +100,15 @@ def _prompts(tokenizer, texts, max_tokens: int) -> Prompts:
 
 
 def _embedded_task(config: ExperimentConfig, out_dir: Path):
-    """The built-in task: its SFT model (trained once, saved as an HF checkpoint in
-    `out_dir/sft-model` and loaded from there on resume), word tokenizer, prompts and lengths."""
+    """The built-in task: its SFT model (trained once, saved with its word tokenizer as an HF
+    checkpoint in `out_dir/sft-model` and loaded from there on resume), prompts and lengths."""
     folder = out_dir / "sft-model"
+    tokenizer = embedded.build_tokenizer()
     if not (folder / "config.json").exists():
         save_pretrained(embedded.train_sft(), folder)
+    if not (folder / "tokenizer.json").exists():
+        tokenizer.save_pretrained(folder)  # the folder is then a complete checkpoint: model.path can name it
     model = load_pretrained(folder, dtype=_dtype(config), remat=config.model.remat)
-    tokenizer = embedded.build_tokenizer()
     pool = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED), config.data.max_prompts or 4096)
     held_out = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED + 1), config.eval.prompts)
     train, evaluation = (_prompts(tokenizer, texts, embedded.PROMPT_TOKENS) for texts in (pool, held_out))
@@ -107,32 +116,82 @@ def _embedded_task(config: ExperimentConfig, out_dir: Path):
 
 
 def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
-    """An HF checkpoint and its tokenizer, prompts from `config.data`."""
+    """An HF checkpoint and its tokenizer, prompts from `config.data` (the held-out prompts from
+    `data.eval_split`, or the last `eval.prompts` of the split)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path)
+    path, data = config.model.path, config.data
+    _require_reachable("model.path", path)
+    if Path(path).is_dir() and not any((Path(path) / name).exists() for name in _TOKENIZER_FILES):
+        raise UserError(f"model.path: {path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the model's tokenizer next to its weights")
+    tokenizer = _loaded("model.path", "the tokenizer", lambda: AutoTokenizer.from_pretrained(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_pretrained(config.model.path, dtype=_dtype(config), remat=config.model.remat)
-    data = config.data
-    texts = load_prompts(data.source, data.path, data.split)
+    model = _loaded("model.path", "the model", lambda: load_pretrained(path, dtype=_dtype(config), remat=config.model.remat))
+    if data.path is None:
+        _require_reachable("data.source", _DATASETS[data.source], repo_type="dataset")
+    texts = _loaded("data.path", f"the {data.source} prompts", lambda: load_prompts(data.source, data.path, data.split))
     if data.eval_split is not None:
-        held_out = load_prompts(data.source, data.path, data.eval_split)[: config.eval.prompts]
+        held_out = _loaded("data.eval_split", "the held-out prompts", lambda: load_prompts(data.source, data.path, data.eval_split))
+        if len(held_out) < config.eval.prompts:
+            raise UserError(f"eval.prompts: {config.eval.prompts} held-out prompts asked, data.eval_split {data.eval_split!r} has {len(held_out)}")
+        held_out = held_out[: config.eval.prompts]
     else:
+        if len(texts) <= config.eval.prompts:
+            raise UserError(
+                f"eval.prompts: {config.eval.prompts} prompts are held out from data.split {data.split!r}, which has only "
+                f"{len(texts)}, leaving none to train on; lower eval.prompts or set data.eval_split"
+            )
         texts, held_out = texts[: -config.eval.prompts], texts[-config.eval.prompts :]
     texts = texts[: data.max_prompts] if data.max_prompts else texts
     train, evaluation = (_prompts(tokenizer, t, data.max_prompt_tokens) for t in (texts, held_out))
     return model, tokenizer, train, evaluation, config.generation.max_new_tokens
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_DATASETS = {"tldr": "openai/summarize_from_feedback", "webgpt": "openai/webgpt_comparisons", "hh_rlhf": "Anthropic/hh-rlhf"}
+
+
+def _loaded(key: str, what: str, load):
+    """`load()`, with a failure to read the user's files turned into a one-line UserError."""
+    try:
+        return load()
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"{key}: cannot load {what}: {first}") from error
+
+
+def _require_reachable(key: str, name: str, repo_type: str = "model") -> None:
+    """A name that is not a local folder must be in the Hugging Face cache or on a reachable hub;
+    fail at once instead of after a minute of retries."""
+    if Path(name).expanduser().exists():
+        return
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json" if repo_type == "model" else "README.md", repo_type=repo_type), str):
+        return
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as error:
+        raise UserError(
+            f"{key}: {name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) cannot be reached "
+            f"({error}); download it where the hub is reachable and point {key} at the local copy"
+        ) from error
+
+
 def _oracle(config: ExperimentConfig, out_dir: Path) -> Oracle:
     kind, mode = config.oracle.kind, config.oracle.mode
     if kind == "synthetic":
         return synthetic_oracle(embedded.reward, mode=mode)
+    if kind in ("reward_model", "torch_reward_model"):
+        _require_reachable("oracle.path", config.oracle.path)
     if kind == "reward_model":
         from transformers import AutoTokenizer
 
-        return reward_model_oracle(load_reward_model(config.oracle.path), AutoTokenizer.from_pretrained(config.oracle.path), mode=mode)
+        path = config.oracle.path
+        return _loaded("oracle.path", "the reward model", lambda: reward_model_oracle(load_reward_model(path), AutoTokenizer.from_pretrained(path), mode=mode))
     if kind == "torch_reward_model":
-        return torch_reward_model_oracle(config.oracle.path, mode=mode)
+        return _loaded("oracle.path", "the reward model", lambda: torch_reward_model_oracle(config.oracle.path, mode=mode))
     return HumanOracle(out_dir / "human")

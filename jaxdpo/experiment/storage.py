@@ -1,31 +1,40 @@
 """What a run keeps in its folder, each format next to its reader and writer.
 
-- `config.json`: the config the run was started with (`prepare_out_dir`).
-- `labels.jsonl`: one `LabelRecord` per line, appended and fsynced before training reads it.
+- `config.json`: the config the run was started with (`check_out_dir`, `save_config`).
+- `.lock`: held by the process running in the folder (`RunLock`).
+- `labels.jsonl`: one checksummed `LabelRecord` per line, appended and fsynced before training
+  reads it (`LabelLog`).
 - `metrics.jsonl`: one row per method, seed and round, rewritten atomically after every round.
-- `checkpoints/<track>/<round>/`: orbax checkpoints of the adapter, its optimizer state and the
-  track's metrics history (`TrackCheckpoints`).
+- `checkpoints/<track>/<round>/`: orbax checkpoints (`TrackCheckpoints`, `Checkpoint`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import logging
+import math
 import os
+import shutil
+import time
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import TrainState
+from jaxdpo.errors import UserError
 from jaxdpo.models import LoRA
 from jaxdpo.oracles import write_jsonl_atomic
 from jaxdpo.sequences import Sequences
 
 LABELS, METRICS, CONFIG = "labels.jsonl", "metrics.jsonl", "config.json"
+_log = logging.getLogger("jaxdpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +56,9 @@ class Track:
 class LabelRecord:
     """One labeled triplet (x, y_a, y_b): where it came from (track, round, pick order, candidate
     index in the round's pool), the texts the oracle saw, the token rows DPO trains on (prompt
-    left-padded to `prompt_len`, then the response), and the preference (with the oracle's scores
-    when it has them)."""
+    left-padded to `prompt_len`, then the response), and the preference (None: the oracle gave
+    none — a tie or a skip; the pair was paid for but is not trained on), with the oracle's scores
+    when it has them."""
 
     method: str
     seed: int
@@ -63,7 +73,7 @@ class LabelRecord:
     attention_mask_a: tuple[int, ...]
     input_ids_b: tuple[int, ...]
     attention_mask_b: tuple[int, ...]
-    preferred: Literal["a", "b"]
+    preferred: Literal["a", "b"] | None
     score_a: float | None = None
     score_b: float | None = None
 
@@ -105,8 +115,8 @@ def _parse_field(name: str, value):
             raise ValueError(f"field {name!r} must be an integer, got {value!r}")
         return value
     if name == "preferred":
-        if value not in ("a", "b"):
-            raise ValueError(f"field 'preferred' must be \"a\" or \"b\", got {value!r}")
+        if value not in ("a", "b", None):
+            raise ValueError(f"field 'preferred' must be \"a\", \"b\" or null, got {value!r}")
         return value
     if name.startswith("score_"):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
@@ -117,38 +127,94 @@ def _parse_field(name: str, value):
     return value
 
 
-def append_labels(path: Path, records: Iterable[LabelRecord]) -> None:
-    """Append and fsync: the records are on disk when this returns."""
-    with Path(path).open("a") as f:
-        for record in records:
-            f.write(json.dumps(record.to_json()) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class LabelLog:
+    """`labels.jsonl` as an append-only log: one `LabelRecord` per line with the CRC-32 of its
+    content (key "crc32"), appended and fsynced before training reads it.
+
+    A kill mid-write leaves a torn last line: `repair()` truncates the file to its last whole, valid
+    line before anything is appended. Damage anywhere else (a bad checksum, a line that is not a
+    record) is a paid-for label that cannot be trusted: reading raises `UserError` naming the line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def read(self) -> list[LabelRecord]:
+        records, _ = self._scan()
+        return records
+
+    def repair(self) -> int:
+        """Truncate a torn tail; returns the number of bytes cut (0 when the file is whole)."""
+        _, whole = self._scan()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if whole < size:
+            with self.path.open("r+b") as f:
+                f.truncate(whole)
+                f.flush()
+                os.fsync(f.fileno())
+        return size - whole
+
+    def append(self, records: Iterable[LabelRecord]) -> None:
+        """Append and fsync: the records are on disk when this returns."""
+        with self.path.open("a") as f:
+            for record in records:
+                f.write(_signed_line(record.to_json()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _scan(self) -> tuple[list[LabelRecord], int]:
+        """(records, byte length of the whole lines); a line without its newline ends the scan, a
+        whole line that is not a valid record raises."""
+        if not self.path.exists():
+            return [], 0
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        records, offset = [], 0
+        for number, line in enumerate(lines, start=1):
+            last = number == len(lines)
+            if last and not line:
+                break
+            if last:
+                break  # no newline: a write cut short (a torn tail, cut by repair())
+            try:
+                records.append(LabelRecord.from_json(_verified(line)))
+            except ValueError as error:
+                raise UserError(
+                    f"{self.path}: line {number} is damaged ({error}); it holds a label already paid for. Restore the file "
+                    "from a backup, or delete that line and run with --resume: labels that a checkpoint trained on are "
+                    "written back from it, the others are asked again"
+                ) from error
+            offset += len(line) + 1
+        return records, offset
+
+
+def _signed_line(row: dict) -> str:
+    return json.dumps({**row, "crc32": zlib.crc32(json.dumps(row, sort_keys=True).encode())})
+
+
+def _verified(line: bytes) -> dict:
+    """The record object of a signed line; ValueError when it is not JSON or its checksum is wrong."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"not valid JSON: {error}") from error
+    if not isinstance(row, dict) or "crc32" not in row:
+        raise ValueError("no crc32 checksum")
+    crc = row.pop("crc32")
+    if crc != zlib.crc32(json.dumps(row, sort_keys=True).encode()):
+        raise ValueError("the checksum does not match the content")
+    return row
 
 
 def read_labels(path: Path) -> list[LabelRecord]:
-    """The records of `labels.jsonl`; a torn last line (a kill mid-write) is ignored, other bad
-    lines raise ValueError with the line number."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            records.append(LabelRecord.from_json(json.loads(line)))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error.msg})") from error
-        except ValueError as error:
-            raise ValueError(f"{path}: line {number}: {error}") from error
-    return records
+    """The records of a `labels.jsonl` (see `LabelLog`)."""
+    return LabelLog(path).read()
 
 
 def training_data(records: list[LabelRecord]) -> tuple[Sequences, np.ndarray]:
     """(sequences [2L, s], pairs [L, 2] of (chosen, rejected) rows): rows 2i and 2i + 1 are record
-    i's responses a and b."""
+    i's responses a and b. Every record must have a preference."""
+    if any(record.preferred is None for record in records):
+        raise ValueError("training_data needs records with a preference; leave out ties and skips")
     ids, attention, response = [], [], []
     for record in records:
         for tokens, mask in ((record.input_ids_a, record.attention_mask_a), (record.input_ids_b, record.attention_mask_b)):
@@ -166,40 +232,76 @@ def training_data(records: list[LabelRecord]) -> tuple[Sequences, np.ndarray]:
 
 
 def write_metrics(out_dir: Path, rows: list[dict]) -> None:
-    write_jsonl_atomic(Path(out_dir) / METRICS, rows)
+    """Rewrite `metrics.jsonl` atomically; a value that is not a finite number is written as null
+    (strict JSON: no NaN tokens)."""
+    finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()} for row in rows]
+    write_jsonl_atomic(Path(out_dir) / METRICS, finite)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
 
 
+class Checkpoint(NamedTuple):
+    """What a track's checkpoint after round t holds: the adapter with its optimizer state, the
+    metrics history up to t, every label the track has trained on (a second copy of its part of
+    `labels.jsonl`, so a damaged log never makes it train on fewer labels than it paid for), and
+    the initial model's held-out scores (the win-rate baseline)."""
+
+    state: TrainState
+    history: list[dict]
+    labels: list[LabelRecord]
+    baseline_scores: np.ndarray | None
+
+
 class TrackCheckpoints:
-    """The orbax checkpoints of one track: after round t, step t holds the adapter, its optimizer
-    state and step count, and the track's metrics history up to t (the last two are kept)."""
+    """The orbax checkpoints of one track, step t = round t; the last two are kept. A step that
+    cannot be restored is moved to `checkpoints/damaged/` and the one before it is used."""
 
     def __init__(self, out_dir: Path, track: Track):
+        self.folder = (Path(out_dir) / "checkpoints" / track.name).absolute()
         self.manager = ocp.CheckpointManager(
-            (Path(out_dir) / "checkpoints" / track.name).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
+            self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
         )
 
     def latest_round(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, round_: int, state: TrainState, history: list[dict]) -> None:
-        self.manager.save(
-            round_, args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(state)), meta=ocp.args.JsonSave({"history": history}))
-        )
+    def save(self, round_: int, checkpoint: Checkpoint) -> None:
+        meta = {
+            "history": checkpoint.history,
+            "labels": [record.to_json() for record in checkpoint.labels],
+            "baseline_scores": None if checkpoint.baseline_scores is None else np.asarray(checkpoint.baseline_scores).tolist(),
+        }
+        self.manager.save(round_, args=ocp.args.Composite(state=ocp.args.StandardSave(_as_tree(checkpoint.state)), meta=ocp.args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
-    def restore(self, like: TrainState) -> tuple[TrainState, list[dict]]:
-        """(state, history) of the latest round; `like` gives the structure (a fresh state)."""
+    def restore(self, like: TrainState) -> Checkpoint:
+        """The latest checkpoint that restores (`like`: a fresh state, for the structure)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._restore(step, like)
+            except Exception as error:  # noqa: BLE001 - orbax raises many kinds; the step is set aside, not lost
+                aside = self._set_aside(step)
+                _log.warning("checkpoint %s/%d cannot be restored (%s: %s); moved it to %s and fell back to the step before it",
+                             self.folder.name, step, type(error).__name__, error, aside)
+        raise UserError(f"{self.folder}: no checkpoint of this track can be restored (see the messages above); move the folder aside to restart the track")
+
+    def _restore(self, step: int, like: TrainState) -> Checkpoint:
         restored = self.manager.restore(
-            self.latest_round(),
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_tree(like)), meta=ocp.args.JsonRestore()),
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_as_tree(like)), meta=ocp.args.JsonRestore())
         )
-        tree = restored["state"]
+        tree, meta = restored["state"], restored["meta"]
         lora = LoRA(params=tree["lora"], rank=like.lora.rank, alpha=like.lora.alpha)
-        return TrainState(lora=lora, opt_state=tree["opt_state"], step=int(tree["step"])), restored["meta"]["history"]
+        state = TrainState(lora=lora, opt_state=tree["opt_state"], step=int(tree["step"]))
+        baseline = None if meta["baseline_scores"] is None else np.asarray(meta["baseline_scores"], np.float64)
+        return Checkpoint(state, meta["history"], [LabelRecord.from_json(row) for row in meta["labels"]], baseline)
+
+    def _set_aside(self, step: int) -> Path:
+        aside = self.folder.parent / "damaged" / f"{self.folder.name}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.folder / str(step)), aside)
+        self.manager.reload()
+        return aside
 
 
 def _as_tree(state: TrainState) -> dict:
@@ -209,19 +311,64 @@ def _as_tree(state: TrainState) -> dict:
 # -- the run folder -------------------------------------------------------------------------------
 
 
-def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> None:
-    """Create `out_dir` for a new run, or check that a resumed run has the same config."""
+class RunLock:
+    """An exclusive lock on a run folder (`DIR/.lock`, holding the owner's pid) for as long as a
+    process runs in it: a second run on the same folder stops at once instead of corrupting it or
+    paying for labels twice. The operating system releases the lock when its process dies, so a
+    stale lock of a killed run never blocks the next one."""
+
+    def __init__(self, out_dir: Path):
+        self.path = Path(out_dir) / ".lock"
+        self.file = None
+
+    def __enter__(self) -> RunLock:
+        self.file = self.path.open("a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            owner = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise UserError(f"{self.path.parent} is in use by another jaxdpo process (pid {owner}); wait for it to end or stop it") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+_GROWABLE = {("run", "rounds"), ("run", "seeds")}
+
+
+def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> bool:
+    """Whether `config` must be (re)written to `out_dir`: a new run, or a resumed one that grows.
+
+    A resumed run must have the config it was started with, except that `run.rounds` may grow and
+    `run.seeds` may gain seeds (a finished run is extended). Raises UserError otherwise."""
     saved = Path(out_dir) / CONFIG
-    if saved.exists():
-        if not resume:
-            raise FileExistsError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
-        before = json.loads(saved.read_text())
-        changed = sorted(
-            f"{section}.{key}" for section, values in config.to_dict().items() for key, value in values.items()
-            if before.get(section, {}).get(key) != value
-        )
-        if changed:
-            raise ValueError(f"{out_dir} was run with another config; these keys differ: {', '.join(changed)}")
-        return
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(config.to_dict(), indent=2))
+    if not saved.exists():
+        if resume:
+            raise UserError(f"{out_dir} holds no run to resume (no {CONFIG}); check --out, or leave out --resume to start a new run")
+        return True
+    if not resume:
+        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    before, now = json.loads(saved.read_text()), config.to_dict()
+    changed = {
+        (section, key) for section, values in now.items() for key, value in values.items() if before.get(section, {}).get(key) != value
+    }
+    refused = sorted(f"{section}.{key}" for section, key in changed - _GROWABLE)
+    if refused:
+        raise UserError(f"{out_dir} was run with another config; these keys differ: {', '.join(refused)} (only run.rounds and run.seeds may grow)")
+    if before["run"]["rounds"] > now["run"]["rounds"] or not set(before["run"]["seeds"]) <= set(now["run"]["seeds"]):
+        raise UserError(f"{out_dir}: a resumed run may add rounds and seeds, not remove them (it has rounds = {before['run']['rounds']}, seeds = {before['run']['seeds']})")
+    return bool(changed)
+
+
+def save_config(config: ExperimentConfig, out_dir: Path) -> None:
+    tmp = Path(out_dir) / (CONFIG + ".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2))
+    tmp.replace(Path(out_dir) / CONFIG)
