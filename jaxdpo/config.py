@@ -1,7 +1,7 @@
 """Experiment configuration: typed sections, strict TOML/YAML parsing, errors that name the key.
 
 A config file mirrors `ExperimentConfig`: one table per section (`[run]`, `[model]`, `[data]`,
-`[generation]`, `[features]`, `[selection]`, `[lora]`, `[dpo]`, `[oracle]`, `[eval]`). Every key
+`[generation]`, `[features]`, `[selection]`, `[lora]`, `[dpo]`, `[oracle]`, `[eval]`, `[mesh]`). Every key
 is optional; a missing key takes the default documented on its field. An unknown key, a value of
 the wrong type or out of range fails at load time with the dotted key in the message.
 """
@@ -127,10 +127,14 @@ class DataConfig:
 class GenerationConfig:
     """Sampled decoding of m responses per prompt (paper: m = 3 → 3 triplets per prompt).
     `entropy_samples`: the n extra temperature-1 samples per prompt behind APLP's predictive
-    entropy (their setting: 8); only methods that use the entropy draw them."""
+    entropy (their setting: 8); only methods that use the entropy draw them. Memory: each call
+    decodes at most `chunk_rows` rows (prompts × samples; the KV cache is per row: about 300 MB
+    per row for Llama-2-7B at 565 tokens, so 128 rows fit next to the weights on an 80 GB GPU);
+    the same chunks serve the responses, the entropy samples and evaluation."""
 
     responses_per_prompt: Annotated[int, Range(2)] = 3
     max_new_tokens: PositiveInt = 16
+    chunk_rows: PositiveInt = 128
     temperature: NonNegativeFloat = 1.0
     top_p: Annotated[float, Range(0, 1, low_open=True)] = 1.0
     top_k: NonNegativeInt = 0
@@ -140,8 +144,9 @@ class GenerationConfig:
 @dataclasses.dataclass(frozen=True)
 class FeatureConfig:
     """Gradient features g = P·∇r (paper §3.3): projection dim d (paper: 8192), normalization,
-    method (see `jaxdpo.features`); `chunk_size` responses per vmapped backward pass and, for
-    "dense", `projection_batch` responses per projection pass (memory: that many LoRA gradients)."""
+    method (see `jaxdpo.features`); `chunk_size` responses per call, in one vmapped backward pass
+    (memory: that many backward passes at once) and, for "dense", `projection_batch` responses per
+    projection pass (memory: that many LoRA gradients)."""
 
     dim: PositiveInt = 8192
     normalize: bool = True
@@ -194,7 +199,9 @@ class DpoConfig:
     The paper leaves two choices open: `train_on` "new" (Algorithm 1 line 11: this round's batch) or
     "all" (every label so far; the default, steadier with few labels per round); `reset_lora` True
     retrains from the SFT model each round, False (default) continues from θ_{t−1}. Each round
-    starts a fresh optimizer state and learning-rate `schedule` (after `warmup_steps`)."""
+    starts a fresh optimizer state and learning-rate `schedule` (after `warmup_steps`).
+    `logprob_chunk`: rows per call when log-probs are computed outside training (reference
+    log-probs, implicit-reward margins, entropy samples)."""
 
     beta: PositiveFloat = 0.1
     epochs: PositiveInt = 4
@@ -208,6 +215,7 @@ class DpoConfig:
     nll_weight: NonNegativeFloat = 0.2
     train_on: Literal["new", "all"] = "all"
     reset_lora: bool = False
+    logprob_chunk: PositiveInt = 16
 
     def trainer(self) -> DpoTrainer:
         """The `DpoTrainer` these settings describe (every trainer field named here)."""
@@ -224,11 +232,16 @@ class DpoConfig:
 class OracleConfig:
     """Who labels. kind "synthetic" (the embedded task's programmatic reward), "reward_model" (an HF
     *ForSequenceClassification checkpoint run in JAX), "torch_reward_model" (any transformers
-    PyTorch reward model; needs torch) or "human" (JSONL files for annotators)."""
+    PyTorch reward model; needs torch) or "human" (JSONL files for annotators). Reward models score
+    `batch_size` texts of at most `max_length` tokens per call; a torch model runs on `device`
+    ("auto": the GPU when torch sees one; share it with JAX through `mesh.memory_fraction`)."""
 
     kind: Literal["synthetic", "reward_model", "torch_reward_model", "human"] = "synthetic"
     path: str | None = None
     mode: Literal["bradley_terry", "deterministic"] = "deterministic"
+    batch_size: PositiveInt = 16
+    max_length: PositiveInt = 512
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def check(self, key: str) -> None:
         if self.kind in ("reward_model", "torch_reward_model") and not self.path:
@@ -246,6 +259,18 @@ class EvalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The devices (see `jaxdpo.sharding`): `data` × `model` of them, batches split over `data`,
+    parameters over `model` (FSDP-style). `data` unset: every local device left over on `data`.
+    `memory_fraction`: the share of each accelerator JAX may take (it preallocates 75% by default);
+    set it below 1 − what a PyTorch reward model on the same GPU needs."""
+
+    data: PositiveInt | None = None
+    model: PositiveInt = 1
+    memory_fraction: Annotated[float, Range(0, 1, low_open=True)] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -257,6 +282,7 @@ class ExperimentConfig:
     dpo: DpoConfig = dataclasses.field(default_factory=DpoConfig)
     oracle: OracleConfig = dataclasses.field(default_factory=OracleConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     @property
     def embedded(self) -> bool:
