@@ -21,12 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
+from jax.sharding import Mesh
 from jaxtyping import Array, Float, Int
 
 from jaxdpo import _checks
 from jaxdpo.models import LoRA
 from jaxdpo.rewards import sequence_logprobs
-from jaxdpo.sequences import Sequences, pad_rows
+from jaxdpo.sequences import Sequences, map_in_chunks
+from jaxdpo.sharding import put_rows
 
 
 def dpo_loss(
@@ -55,28 +57,22 @@ class TrainState:
     step: int = 0
 
 
-@partial(jax.jit, static_argnames=("chunk_size",))
-def _logprobs(model, lora, sequences: Sequences, *, chunk_size: int) -> Float[Array, " r"]:
-    def chunk(rows):
-        return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
-
-    rows = jax.tree.map(lambda x: x.reshape(-1, chunk_size, *x.shape[1:]), sequences)
-    return jax.lax.map(chunk, rows).reshape(-1)
+@jax.jit
+def _logprobs(model, lora, rows: Sequences) -> Float[Array, " r"]:
+    return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
 
 
-def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_size: int = 16) -> np.ndarray:
-    """`sequence_logprobs` of every row, `chunk_size` rows per forward pass (rows padded to a
-    multiple of it, so one compiled function serves every pool size of a run)."""
+def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_size: int = 16, mesh: Mesh | None = None) -> np.ndarray:
+    """`sequence_logprobs` of every row, one call per `chunk_size` rows (the last chunk padded), so
+    memory is bounded by a chunk and one compiled program serves every pool size; with a `mesh`,
+    each chunk's rows are split over its "data" axis (`chunk_size` must divide by it)."""
     sequences.check()
-    n = sequences.num_rows
-    padded = math.ceil(n / chunk_size) * chunk_size
-    sequences = Sequences(*(pad_rows(np.asarray(x), padded) for x in sequences))
-    return np.asarray(_logprobs(model, lora, sequences, chunk_size=chunk_size))[:n]
+    return map_in_chunks(lambda rows: _logprobs(model, lora, put_rows(rows, mesh)), sequences.to_host(), chunk_size)
 
 
-def reference_logprobs(model, sequences: Sequences, *, chunk_size: int = 16) -> np.ndarray:
+def reference_logprobs(model, sequences: Sequences, *, chunk_size: int = 16, mesh: Mesh | None = None) -> np.ndarray:
     """log π_ref of every row: the model without an adapter. Compute once per round and cache."""
-    return batched_logprobs(model, None, sequences, chunk_size=chunk_size)
+    return batched_logprobs(model, None, sequences, chunk_size=chunk_size, mesh=mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,11 +144,13 @@ class DpoTrainer:
         *,
         seed: int,
         callback=None,
+        mesh: Mesh | None = None,
     ) -> tuple[TrainState, np.ndarray]:
         """`epochs` passes over the (chosen, rejected) `pairs`, shuffled per epoch from `seed`.
 
         Returns the new state and the mean loss of every optimizer step; `callback(step, loss)`
-        is called after each (progress bars)."""
+        is called after each (progress bars). With a `mesh`, each micro-batch's 2·batch_size rows
+        are split over its "data" axis (and the adapter may be split over "model")."""
         sequences.check()
         pairs = np.asarray(pairs)
         _checks.check_ndim("pairs", pairs, 2, "[n, 2] (chosen, rejected)")
@@ -178,7 +176,7 @@ class DpoTrainer:
                 picked = picked.reshape(self.grad_accum, 2 * self.batch_size)
                 opt_state = _set_learning_rate(state.opt_state, self.learning_rate_at(state.step, total))
                 lora, opt_state, loss = _train_step(
-                    model, state.lora, opt_state, Sequences(*(x[picked] for x in host)), ref[picked],
+                    model, state.lora, opt_state, put_rows(Sequences(*(x[picked] for x in host)), mesh, axis=1), put_rows(ref[picked], mesh, axis=1),
                     weights.reshape(self.grad_accum, self.batch_size), trainer=self,
                 )
                 state = TrainState(lora=lora, opt_state=opt_state, step=state.step + 1)

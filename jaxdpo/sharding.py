@@ -84,21 +84,28 @@ def _place(path, x, mesh: Mesh):
     return jax.device_put(x, NamedSharding(mesh, param_spec(x.shape, mesh.shape[MODEL], stacked=stacked)))
 
 
-def rows_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA, *([None] * (ndim - 1))))
+def data_multiple(rows: int, mesh: Mesh | None) -> int:
+    """`rows` rounded up to a multiple of the mesh's data axis (every device gets as many rows)."""
+    data = 1 if mesh is None else mesh.shape[DATA]
+    return -(-rows // data) * data
 
 
-def put_rows(tree, mesh: Mesh | None):
-    """Host arrays with a leading row axis, split over "data" (the row count must divide)."""
+def rows_sharding(mesh: Mesh, ndim: int, axis: int = 0) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(*(DATA if a == axis else None for a in range(ndim))))
+
+
+def put_rows(tree, mesh: Mesh | None, axis: int = 0):
+    """Host arrays split over "data" along `axis` (their rows; the size must divide); unchanged
+    without a mesh."""
     if mesh is None:
         return tree
     size = mesh.shape[DATA]
 
     def place(x):
         x = np.asarray(x)
-        if x.shape[0] % size:
-            raise ValueError(f"{x.shape[0]} rows do not split over the mesh's {size} data devices")
-        return jax.device_put(x, rows_sharding(mesh, x.ndim))
+        if x.shape[axis] % size:
+            raise ValueError(f"{x.shape[axis]} rows do not split over the mesh's {size} data devices")
+        return jax.device_put(x, rows_sharding(mesh, x.ndim, axis))
 
     return jax.tree.map(place, tree)
 

@@ -41,6 +41,7 @@ from jaxdpo.models import init_lora
 from jaxdpo.oracles import LabelsPending, PairRequest, Preferences
 from jaxdpo.selection import Selector, make_selector
 from jaxdpo.sequences import Sequences
+from jaxdpo.sharding import shard_params
 
 _log = logging.getLogger("jaxdpo")
 
@@ -149,7 +150,7 @@ def start_track(
     baseline) or the track at its last checkpoint, with its labels cross-checked (`_reconcile`)."""
     config = setup.config
     lora = init_lora(setup.model, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets, key=derive_key(track.seed, "lora"))
-    fresh = setup.trainer.init(lora)
+    fresh = setup.trainer.init(lora if setup.mesh is None else shard_params(lora, setup.mesh))
     selector = make_selector(track.method, **config.selection.options.get(track.method, {}))
     mine = [record for record in labels if record.track == track]
     if checkpoints.latest_round() is not None:
@@ -269,10 +270,10 @@ def _train(current: TrackRun, records: list[LabelRecord], round_: int, stages: S
     start = current.fresh if config.dpo.reset_lora else dataclasses.replace(current.state, opt_state=current.fresh.opt_state, step=0)
     steps = setup.trainer.epochs * setup.trainer.steps_per_epoch(len(pairs))
     with stages.stage("training", total=steps) as advance:
-        reference = reference_logprobs(setup.model, data)
+        reference = reference_logprobs(setup.model, data, **setup.logprob_chunking)
         current.state, losses = setup.trainer.train(
             setup.model, start, data, pairs, reference, seed=zlib.crc32(f"{current.track.name}/train/{round_}".encode()),
-            callback=lambda step, loss: advance(),
+            callback=lambda step, loss: advance(), mesh=setup.mesh,
         )
     return losses
 

@@ -23,6 +23,7 @@ from jaxdpo.features import gradient_features
 from jaxdpo.models import LoRA, last_token_states
 from jaxdpo.selection import SelectionPool, Selector, predictive_entropy
 from jaxdpo.sequences import Sequences, map_in_chunks
+from jaxdpo.sharding import data_multiple, put_rows
 
 
 def triplets(num_prompts: int, m: int) -> np.ndarray:
@@ -48,8 +49,8 @@ class RoundInputs:
 
     @property
     def chunk(self) -> int:
-        """Rows per compiled call: the round's response count, so labeled rows reuse its program."""
-        return self.responses.num_rows
+        """Rows per feature call (`features.chunk_size`, a multiple of the mesh's data axis)."""
+        return data_multiple(self.setup.config.features.chunk_size, self.setup.mesh)
 
     def of_responses(self, features: Callable[[RoundInputs, Sequences], np.ndarray]) -> np.ndarray:
         return map_in_chunks(lambda rows: features(self, rows), self.responses, self.chunk)
@@ -65,10 +66,11 @@ class RoundInputs:
 def _gradient_features(inputs: RoundInputs, rows: Sequences) -> jax.Array:
     """g = P∇r under θ_{t−1} (paper §3.3)."""
     f, setup = inputs.setup.config.features, inputs.setup
+    rows = put_rows(rows, setup.mesh)
     return gradient_features(
         setup.model, inputs.lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask,
         beta=setup.config.dpo.beta, dim=f.dim, seed=f.seed, normalize=f.normalize, method=f.method,
-        chunk_size=f.chunk_size, projection_batch=f.projection_batch,
+        chunk_size=rows.num_rows, projection_batch=f.projection_batch,
     )
 
 
@@ -79,14 +81,14 @@ def _final_token_states(model, input_ids, attention_mask):
 
 def _frozen_features(inputs: RoundInputs, rows: Sequences) -> jax.Array:
     """APO's features: the initial model's last-token hidden state of each response."""
-    return _final_token_states(inputs.setup.model, rows.input_ids, rows.attention_mask)
+    return _final_token_states(inputs.setup.model, *put_rows((rows.input_ids, rows.attention_mask), inputs.setup.mesh))
 
 
 def _margins(inputs: RoundInputs) -> np.ndarray:
     """Implicit-reward margins r(x, y_a) − r(x, y_b) under θ_{t−1} (APLP's certainty)."""
     setup = inputs.setup
-    policy = batched_logprobs(setup.model, inputs.lora, inputs.responses)
-    reward = setup.config.dpo.beta * (policy - reference_logprobs(setup.model, inputs.responses))
+    policy = batched_logprobs(setup.model, inputs.lora, inputs.responses, **setup.logprob_chunking)
+    reward = setup.config.dpo.beta * (policy - reference_logprobs(setup.model, inputs.responses, **setup.logprob_chunking))
     return reward[inputs.pairs[:, 0]] - reward[inputs.pairs[:, 1]]
 
 
@@ -95,7 +97,7 @@ def _prompt_entropy(inputs: RoundInputs) -> jax.Array:
     at temperature 1 (Muldrew et al., §4.1)."""
     setup, n = inputs.setup, inputs.setup.config.generation.entropy_samples
     samples = setup.generate(inputs.prompts, lora=inputs.lora, key=inputs.entropy_key, num_samples=n, temperature=1.0)
-    return predictive_entropy(batched_logprobs(setup.model, inputs.lora, samples), n)
+    return predictive_entropy(batched_logprobs(setup.model, inputs.lora, samples, **setup.logprob_chunking), n)
 
 
 def _hidden_size(inputs: RoundInputs) -> int:

@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxdpo import embedded
 from jaxdpo.config import ExperimentConfig
@@ -26,7 +27,8 @@ from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
 from jaxdpo.sampling import generate
-from jaxdpo.sequences import Sequences
+from jaxdpo.sequences import Sequences, pad_rows
+from jaxdpo.sharding import data_multiple, initialize_distributed, make_mesh, put_rows, shard_model
 
 
 def derive_key(seed: int, *path: int | str) -> jax.Array:
@@ -53,7 +55,7 @@ class Prompts:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What every track shares."""
+    """What every track shares; `mesh` is None on one device."""
 
     config: ExperimentConfig
     model: Decoder
@@ -63,17 +65,30 @@ class Setup:
     oracle: Oracle
     trainer: DpoTrainer
     max_new_tokens: int
+    mesh: Mesh | None
+
+    @property
+    def logprob_chunking(self) -> dict:
+        """Keyword arguments of `batched_logprobs` / `reference_logprobs` for this run."""
+        return dict(chunk_size=data_multiple(self.config.dpo.logprob_chunk, self.mesh), mesh=self.mesh)
 
     def generate(
         self, prompts: Prompts, *, lora: LoRA | None, key: jax.Array, num_samples: int, temperature: float,
         top_p: float = 1.0, top_k: int = 0,
     ) -> Sequences:
-        """`num_samples` sampled responses per prompt (host arrays; prompt i's are rows i·num_samples …)."""
-        return generate(
-            self.model, prompts.input_ids, prompts.attention_mask, lora=lora, max_new_tokens=self.max_new_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples, key=key,
-            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
-        ).to_host()
+        """`num_samples` sampled responses per prompt (host arrays; prompt i's are rows i·num_samples …),
+        in calls of about `generation.chunk_rows` rows (chunk c draws from `fold_in(key, c)`)."""
+        per_call = data_multiple(max(1, self.config.generation.chunk_rows // num_samples), self.mesh)
+        chunks = []
+        for c, start in enumerate(range(0, len(prompts.texts), per_call)):
+            ids, mask = (pad_rows(x[start : start + per_call], per_call) for x in (prompts.input_ids, prompts.attention_mask))
+            out = generate(
+                self.model, *put_rows((ids, mask), self.mesh), lora=lora, max_new_tokens=self.max_new_tokens,
+                temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples, key=jax.random.fold_in(key, c),
+                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            )
+            chunks.append(out.to_host().take(slice(0, min(per_call, len(prompts.texts) - start) * num_samples)))
+        return Sequences(*(np.concatenate(parts) for parts in zip(*chunks)))
 
     def response_texts(self, sequences: Sequences) -> list[str]:
         """The responses as annotators and reward models read them: special tokens (end of
@@ -84,10 +99,28 @@ class Setup:
 
 
 def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
+    mesh = _mesh(config)
     model, tokenizer, train, evaluation, max_new_tokens = (_embedded_task if config.embedded else _checkpoint_task)(config, out_dir)
     if len(train.texts) < config.data.prompts_per_round:
-        raise ValueError(f"data: only {len(train.texts)} usable prompts, below data.prompts_per_round={config.data.prompts_per_round}")
-    return Setup(config, model, tokenizer, train, evaluation, _oracle(config, out_dir), config.dpo.trainer(), max_new_tokens)
+        raise UserError(f"data.prompts_per_round: {config.data.prompts_per_round} prompts per round, but only {len(train.texts)} usable prompts")
+    if mesh is not None:
+        _check_splits(config, mesh)
+        shard_model(model, mesh)
+    return Setup(config, model, tokenizer, train, evaluation, _oracle(config, out_dir, mesh), config.dpo.trainer(), max_new_tokens, mesh)
+
+
+def _check_splits(config: ExperimentConfig, mesh: Mesh) -> None:
+    """A DPO micro-batch (chosen and rejected rows) must split evenly over the data devices."""
+    data = mesh.shape["data"]
+    if (2 * config.dpo.batch_size) % data:
+        raise UserError(f"dpo.batch_size: its 2 × {config.dpo.batch_size} rows per micro-batch must split over mesh.data = {data} devices")
+
+
+def _mesh(config: ExperimentConfig) -> Mesh | None:
+    """The run's mesh, None when it has one device (the plain single-device path)."""
+    initialize_distributed()
+    mesh = make_mesh(config.mesh.data, config.mesh.model)
+    return None if mesh.size == 1 else mesh
 
 
 def _dtype(config: ExperimentConfig):
@@ -181,8 +214,9 @@ def _require_reachable(key: str, name: str, repo_type: str = "model") -> None:
         ) from error
 
 
-def _oracle(config: ExperimentConfig, out_dir: Path) -> Oracle:
-    kind, mode = config.oracle.kind, config.oracle.mode
+def _oracle(config: ExperimentConfig, out_dir: Path, mesh: Mesh | None) -> Oracle:
+    o = config.oracle
+    kind, mode = o.kind, o.mode
     if kind == "synthetic":
         return synthetic_oracle(embedded.reward, mode=mode)
     if kind in ("reward_model", "torch_reward_model"):
@@ -190,8 +224,17 @@ def _oracle(config: ExperimentConfig, out_dir: Path) -> Oracle:
     if kind == "reward_model":
         from transformers import AutoTokenizer
 
-        path = config.oracle.path
-        return _loaded("oracle.path", "the reward model", lambda: reward_model_oracle(load_reward_model(path), AutoTokenizer.from_pretrained(path), mode=mode))
+        def jax_oracle():
+            model = load_reward_model(o.path)
+            if mesh is not None:
+                shard_model(model, mesh)
+            tokenizer = AutoTokenizer.from_pretrained(o.path)
+            return reward_model_oracle(model, tokenizer, mode=mode, max_length=o.max_length, batch_size=data_multiple(o.batch_size, mesh), mesh=mesh)
+
+        return _loaded("oracle.path", "the reward model", jax_oracle)
     if kind == "torch_reward_model":
-        return _loaded("oracle.path", "the reward model", lambda: torch_reward_model_oracle(config.oracle.path, mode=mode))
+        return _loaded(
+            "oracle.path", "the reward model",
+            lambda: torch_reward_model_oracle(o.path, mode=mode, max_length=o.max_length, batch_size=o.batch_size, device=o.device),
+        )
     return HumanOracle(out_dir / "human")

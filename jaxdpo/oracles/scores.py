@@ -9,10 +9,12 @@ from typing import Literal
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxdpo.models import RewardModel
 from jaxdpo.oracles._base import PairRequest, Preferences, check_requests
 from jaxdpo.sequences import map_in_chunks
+from jaxdpo.sharding import put_rows
 
 Mode = Literal["bradley_terry", "deterministic"]
 
@@ -60,31 +62,37 @@ def synthetic_oracle(reward: Callable[[str, str], float], *, mode: Mode = "bradl
 
 
 def reward_model_oracle(
-    model: RewardModel, tokenizer, *, mode: Mode = "bradley_terry", max_length: int = 512, batch_size: int = 16
+    model: RewardModel, tokenizer, *, mode: Mode = "bradley_terry", max_length: int = 512, batch_size: int = 16, mesh: Mesh | None = None
 ) -> ScoreOracle:
     """An HF *ForSequenceClassification reward model run through the jaxdpo decoder: the text
-    `prompt + response` is tokenized, left-padded and scored at its last token."""
+    `prompt + response` is tokenized, left-padded and scored at its last token, `batch_size` texts
+    per call (split over the "data" axis of `mesh`, when given)."""
     score = jax.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
 
     def score_fn(prompts, responses):
         texts = [p + r for p, r in zip(prompts, responses)]
         enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np", padding_side="left")
         tokens = (enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32))
-        return map_in_chunks(lambda rows: score(model, *rows), tokens, batch_size)
+        return map_in_chunks(lambda rows: score(model, *put_rows(rows, mesh)), tokens, batch_size)
 
     return ScoreOracle(score_fn, mode=mode)
 
 
-def torch_reward_model_oracle(path: str, *, mode: Mode = "bradley_terry", max_length: int = 512, batch_size: int = 16) -> ScoreOracle:
+def torch_reward_model_oracle(
+    path: str, *, mode: Mode = "bradley_terry", max_length: int = 512, batch_size: int = 16, device: str = "auto"
+) -> ScoreOracle:
     """Any transformers PyTorch sequence-classification reward model (e.g. OpenAssistant's DeBERTa
-    reward models, which score the (question, answer) text pair). Needs torch (`pip install torch`)."""
+    reward models, which score the (question, answer) text pair), on `device` ("auto": CUDA when
+    torch sees a GPU, else the CPU). Needs torch (`pip install torch`)."""
     try:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError("the torch reward-model oracle needs torch: pip install torch") from error
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval().to(device)
 
     def score_fn(prompts, responses):
         out = []
@@ -93,8 +101,8 @@ def torch_reward_model_oracle(path: str, *, mode: Mode = "bradley_terry", max_le
                 enc = tokenizer(
                     prompts[start : start + batch_size], responses[start : start + batch_size],
                     padding=True, truncation=True, max_length=max_length, return_tensors="pt",
-                )
-                out.append(model(**enc).logits[:, 0].float().numpy())
+                ).to(device)
+                out.append(model(**enc).logits[:, 0].float().cpu().numpy())
         return np.concatenate(out)
 
     return ScoreOracle(score_fn, mode=mode)

@@ -173,6 +173,7 @@ def full_pool(mask=None):
         prompt_entropy=rng.normal(size=PROMPTS).astype(np.float32),
         pair_prompt_ids=PAIR_PROMPT,
         apo_features=rng.normal(size=(PROMPTS * M, 3)).astype(np.float32),
+        apo_prior=np.zeros((0, 3), np.float32),
         mask=mask,
     )
 
@@ -206,5 +207,5 @@ def test_registry_errors_name_the_problem():
         make_selector("bald")
     with pytest.raises(ValueError, match="unknown \\['temperature'\\]"):
         make_selector("activedpo", temperature=1.0)
-    with pytest.raises(ValueError, match="needs pool fields \\['features'\\]"):
+    with pytest.raises(ValueError, match="needs pool fields \\['features', 'prior'\\]"):
         make_selector("activedpo")(SelectionPool(num_candidates=3), 1, key=jax.random.key(0))
