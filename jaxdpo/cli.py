@@ -1,4 +1,5 @@
 """`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG).
+`jaxdpo rehearse CONFIG --out DIR [--scale S]`: one round of CONFIG on random-weight stand-ins.
 
 Exit codes: 0 done; `EXIT_USER_ERROR` (2) a problem with the config, data, files or run folder,
 told in one line; `EXIT_LABELS_PENDING` (3) the run waits for human labels (resume when they are
@@ -25,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", help="TOML or YAML config (default: the embedded CPU demo)")
     run.add_argument("--out", required=True, type=Path, help="output folder: metrics.jsonl, labels.jsonl, checkpoints/, curves.png")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
+    rehearse = commands.add_parser("rehearse", help="one round of a config on random-weight stand-ins of its models and data, timed per stage")
+    rehearse.add_argument("config", help="a TOML or YAML experiment config (its model.path names a shipped shape)")
+    rehearse.add_argument("--out", required=True, type=Path, help="folder for the stand-ins, the run and rehearsal.json")
+    rehearse.add_argument("--scale", type=float, default=1.0, help="shrink widths, depth, vocabulary and counts by this factor in (0, 1]")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     handler = _log_to(console)
     try:
-        return _run(args, console)
+        return (_rehearse if args.command == "rehearse" else _run)(args, console)
     except UserError as error:
         _say(console, f"error: {error}", "red")
         return EXIT_USER_ERROR
@@ -41,6 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         logging.getLogger("jaxdpo").removeHandler(handler)
+
+
+def _rehearse(args, console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from jaxdpo.experiment import rehearsal
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        report = rehearsal.rehearse(args.config, args.out, scale=args.scale, progress=progress)
+    rehearsal.print_report(report)
+    return 0
 
 
 def _run(args, console) -> int:
@@ -77,6 +94,7 @@ def _log_to(console) -> logging.Handler:
     logger = logging.getLogger("jaxdpo")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, here, whatever the root logger does
     return handler
 
 

@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import time
 import zlib
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import TrainState, reference_logprobs
-from jaxdpo.experiment import storage
+from jaxdpo.experiment import memory, storage
 from jaxdpo.experiment.evaluation import evaluate
 from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
 from jaxdpo.experiment.setup import Setup, build_setup, derive_key
@@ -83,12 +85,16 @@ class TrackRun:
         return Checkpoint(self.state, self.history, [r for r in self.labels if r.round < len(self.history)], self.baseline_scores)
 
 
-def run(config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress=None) -> list[dict]:
+def run(
+    config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress=None, plan: bool | None = None
+) -> list[dict]:
     """Run (or resume) every track of `config`; returns all metrics rows (also in `metrics.jsonl`).
 
-    Holds the folder's lock throughout. With an asynchronous oracle (people), each track goes as
-    far as its labels allow; then every request still open is handed over at once and
-    `LabelsPending` is raised with what to do."""
+    Holds the folder's lock throughout. Before the first round, `plan` (default: on accelerators)
+    checks every stage's memory against the device (`memory.plan_memory`; written to
+    `memory-plan.json`). With an asynchronous oracle (people), each track goes as far as its labels
+    allow; then every request still open is handed over at once and `LabelsPending` is raised with
+    what to do."""
     out_dir = Path(out_dir)
     if resume and not (out_dir / storage.CONFIG).exists():
         raise UserError(f"{out_dir} holds no run to resume (no {storage.CONFIG}); check --out, or leave out --resume to start a new run")
@@ -96,12 +102,21 @@ def run(config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = 
     with RunLock(out_dir):
         write_config = storage.prepare_out_dir(config, out_dir, resume=resume)
         setup = build_setup(config, out_dir)
+        if plan if plan is not None else jax.default_backend() != "cpu":
+            _plan_memory(setup, out_dir)
         if write_config:
             storage.save_config(config, out_dir)
         log = LabelLog(out_dir / storage.LABELS)
         if log.repair():
             _log.warning("%s ended in a line cut short by an interruption; removed it (its label is asked again)", log.path)
         return _run_tracks(setup, log, out_dir, progress)
+
+
+def _plan_memory(setup: Setup, out_dir: Path) -> None:
+    plans, limit = memory.plan_memory(setup), memory.device_memory()
+    memory.log_plan(plans, limit)
+    (out_dir / "memory-plan.json").write_text(json.dumps({"limit_bytes": limit, "stages": [p._asdict() for p in plans]}, indent=2))
+    memory.check_memory(plans, limit)
 
 
 def _run_tracks(setup: Setup, log: LabelLog, out_dir: Path, progress) -> list[dict]:

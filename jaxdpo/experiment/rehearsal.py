@@ -133,3 +133,132 @@ def write_reward_model(shape: dict, vocab_size: int, folder: Path) -> Path:
     transformers.AutoModelForSequenceClassification.from_config(config).eval().save_pretrained(folder)
     train_tokenizer(vocab_size).save_pretrained(folder)
     return folder
+
+
+# Dense bf16 peak FLOP/s of one device, for MFU (vendor figures, no sparsity).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v4": 275e12}
+
+
+def rehearse(config_path: str | Path, out_dir: str | Path, *, scale: float = 1.0, progress=None) -> dict:
+    """Build the stand-ins of `config_path`'s models and data in `out_dir` (at `scale`), run one
+    round of its first ActiveDPO track there, and return (and write to `rehearsal.json`) the
+    per-stage seconds, peak bytes per device (the memory plan), tokens/s and MFU."""
+    from jaxdpo.config import load_config
+    from jaxdpo.experiment import loop
+
+    if not 0 < scale <= 1:
+        raise UserError(f"--scale must be in (0, 1], got {scale}")
+    out_dir = Path(out_dir)
+    config = scaled_config(load_config(config_path), scale)
+    policy_name = POLICY_SHAPES.get(config.model.path)
+    if policy_name is None:
+        raise UserError(f"model.path: no shipped shape for {config.model.path!r}; the rehearsal knows {', '.join(POLICY_SHAPES)}")
+    reward_name = REWARD_SHAPES.get(config.oracle.path or "", "deberta-v3-large")
+    policy_shape = scaled_shape(shipped_shape(policy_name), scale)
+    reward_shape = scaled_shape(shipped_shape(reward_name), scale)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stand_in = _stand_ins(config, out_dir, policy_shape, reward_shape)
+    run_dir = out_dir / "run"
+    rows = loop.run(stand_in, run_dir, resume=(run_dir / "config.json").exists(), progress=progress, plan=True)
+    report = _report(stand_in, policy_shape, rows, json.loads((run_dir / "memory-plan.json").read_text()))
+    report.update(config=str(config_path), scale=scale)
+    (out_dir / "rehearsal.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _stand_ins(config: ExperimentConfig, out_dir: Path, policy_shape: dict, reward_shape: dict) -> ExperimentConfig:
+    """Write the random-weight policy and reward model and the synthetic prompts; the config of
+    one ActiveDPO round on them."""
+    import jax.numpy as jnp
+
+    tokenizer = train_tokenizer(policy_shape["vocab_size"])
+    policy = out_dir / "policy"
+    if not (policy / "config.json").exists():
+        write_policy(policy_shape, tokenizer, policy, jnp.bfloat16 if config.model.dtype == "bfloat16" else jnp.float32)
+    reward = out_dir / "reward-model"
+    if not (reward / "config.json").exists():
+        write_reward_model(reward_shape, reward_shape["vocab_size"], reward)
+    low, high = PROMPT_TOKENS[config.data.source]
+    lengths = (min(low, config.data.max_prompt_tokens), min(high, config.data.max_prompt_tokens))
+    prompts = out_dir / "prompts.jsonl"
+    texts = synthetic_prompts(config.data.prompts_per_round + config.eval.prompts, lengths, policy_shape["vocab_size"] - len(SPECIAL_TOKENS))
+    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
+    method = "activedpo" if "activedpo" in config.run.methods else config.run.methods[0]
+    return dataclasses.replace(
+        config,
+        run=dataclasses.replace(config.run, methods=(method,)),
+        model=dataclasses.replace(config.model, path=str(policy)),
+        data=dataclasses.replace(config.data, source="jsonl", path=str(prompts), eval_split=None),
+        oracle=dataclasses.replace(config.oracle, kind="torch_reward_model", path=str(reward)),
+    )
+
+
+def _report(config: ExperimentConfig, shape: dict, rows: list[dict], plan: dict) -> dict:
+    """Per stage of the round: seconds, peak bytes per device, tokens/s, model FLOPs utilization."""
+    import jax
+
+    from jaxdpo.models import DecoderConfig
+
+    round_row = next(row for row in rows if row["round"] == 1)
+    device = jax.devices()[0]
+    peak = next((flops for name, flops in PEAK_FLOPS.items() if name in device.device_kind), None)
+    params = _parameter_count(DecoderConfig.from_hf(shape))
+    c, m = config, config.generation.responses_per_prompt
+    seq = c.data.max_prompt_tokens + c.generation.max_new_tokens
+    responses = c.data.prompts_per_round * m
+    steps = c.dpo.epochs * -(-c.selection.batch_size // (c.dpo.batch_size * c.dpo.grad_accum))
+    dpo_rows = steps * 2 * c.dpo.batch_size * c.dpo.grad_accum
+    # tokens and FLOPs (2 per parameter and token forward; LoRA backward: activations only, 2 more)
+    work = {
+        "generation": (responses * c.generation.max_new_tokens, 2 * params),
+        "features": (responses * seq, 4 * params),
+        "selection": (None, None),
+        "training": (dpo_rows * seq + 2 * c.selection.batch_size * seq, 4 * params),
+        "eval": (c.eval.prompts * c.eval.samples_per_prompt * c.generation.max_new_tokens, 2 * params),
+    }
+    plan_bytes = {p["stage"]: p["bytes"] for p in plan["stages"]}
+    stage_bytes = {
+        "generation": max(v for k, v in plan_bytes.items() if k.startswith("generation")),
+        "features": plan_bytes["features"], "selection": plan_bytes["selection"], "training": plan_bytes["DPO step"],
+        "eval": max(v for k, v in plan_bytes.items() if k.startswith("generation")),
+    }
+    stages = {}
+    for name, (tokens, flops_per_token) in work.items():
+        seconds = round_row.get(f"{name}_s")
+        if seconds is None:
+            continue
+        entry = {"seconds": seconds, "peak_bytes": stage_bytes[name]}
+        if tokens is not None:
+            entry["tokens_per_s"] = round(tokens / seconds, 1)
+            entry["mfu"] = None if peak is None else round(tokens * flops_per_token / seconds / (peak * jax.device_count()), 4)
+        stages[name] = entry
+    if "oracle_s" in round_row:
+        stages["oracle"] = {"seconds": round_row["oracle_s"], "peak_bytes": None}
+    return {
+        "device": f"{jax.device_count()} × {device.device_kind}", "params": params, "round_seconds": round(sum(s["seconds"] for s in stages.values()), 3),
+        "memory_limit_bytes": plan["limit_bytes"], "stages": stages,
+    }
+
+
+def _parameter_count(config) -> int:
+    from jaxdpo.models import target_shapes
+
+    per_layer = sum(a * b for a, b in target_shapes(config).values())
+    head = 0 if config.tie_embeddings else config.hidden_size * config.vocab_size
+    return config.num_layers * per_layer + config.vocab_size * config.hidden_size + head
+
+
+def print_report(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"one round of {report['config']} at scale {report['scale']} on {report['device']}: {report['round_seconds']} s")
+    for column in ("stage", "seconds", "peak GiB/device", "tokens/s", "MFU"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, stage in report["stages"].items():
+        peak = stage.get("peak_bytes")
+        table.add_row(
+            name, f"{stage['seconds']:.2f}", "–" if peak is None else f"{peak / 2**30:.3f}",
+            str(stage.get("tokens_per_s", "–")), "–" if stage.get("mfu") is None else f"{100 * stage['mfu']:.1f}%",
+        )
+    Console().print(table)

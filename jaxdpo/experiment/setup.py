@@ -77,8 +77,9 @@ class Setup:
         top_p: float = 1.0, top_k: int = 0,
     ) -> Sequences:
         """`num_samples` sampled responses per prompt (host arrays; prompt i's are rows i·num_samples …),
-        in calls of about `generation.chunk_rows` rows (chunk c draws from `fold_in(key, c)`)."""
-        per_call = data_multiple(max(1, self.config.generation.chunk_rows // num_samples), self.mesh)
+        in calls of about `generation.chunk_rows` rows (fewer for fewer prompts; a multiple of the
+        mesh's data axis), chunk c drawing from `fold_in(key, c)`."""
+        per_call = data_multiple(min(max(1, self.config.generation.chunk_rows // num_samples), len(prompts.texts)), self.mesh)
         chunks = []
         for c, start in enumerate(range(0, len(prompts.texts), per_call)):
             ids, mask = (pad_rows(x[start : start + per_call], per_call) for x in (prompts.input_ids, prompts.attention_mask))
