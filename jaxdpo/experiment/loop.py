@@ -113,10 +113,13 @@ def run(
 
 
 def _plan_memory(setup: Setup, out_dir: Path) -> None:
-    plans, limit = memory.plan_memory(setup), memory.device_memory()
-    memory.log_plan(plans, limit)
-    (out_dir / "memory-plan.json").write_text(json.dumps({"limit_bytes": limit, "stages": [p._asdict() for p in plans]}, indent=2))
-    memory.check_memory(plans, limit)
+    """The memory plan, stage by stage, into `memory-plan.json`; stops at the first that does not fit."""
+    limit, plans = memory.device_memory(), []
+    for plan in memory.plan_memory(setup):
+        memory.log_plan(plan, limit)
+        plans.append(plan._asdict())
+        (out_dir / "memory-plan.json").write_text(json.dumps({"limit_bytes": limit, "stages": plans}, indent=2))
+        memory.check_memory(plan, limit)
 
 
 def _run_tracks(setup: Setup, log: LabelLog, out_dir: Path, progress) -> list[dict]:

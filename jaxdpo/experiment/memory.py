@@ -11,6 +11,7 @@ runs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import jax
@@ -51,18 +52,18 @@ def device_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def check_memory(plans: list[StagePlan], limit: int) -> None:
-    """UserError naming the first stage over `limit` and the key to lower."""
-    for plan in plans:
-        if plan.bytes > limit:
-            raise UserError(
-                f"{plan.key}: the {plan.stage} stage needs {plan.bytes / 2**30:.2f} GiB per device, more than the "
-                f"{limit / 2**30:.2f} GiB available; lower {plan.key} (or split the model over more devices: mesh.model)"
-            )
+def check_memory(plan: StagePlan, limit: int) -> None:
+    """UserError when `plan` is over `limit`, naming the key to lower."""
+    if plan.bytes > limit:
+        raise UserError(
+            f"{plan.key}: the {plan.stage} stage needs {plan.bytes / 2**30:.3f} GiB per device, more than the "
+            f"{limit / 2**30:.3f} GiB available; lower {plan.key} (or split the model over more devices: mesh.model)"
+        )
 
 
-def plan_memory(setup: Setup) -> list[StagePlan]:
-    """Every stage of a round of `setup`'s config, at its chunk shapes, lowered and compiled."""
+def plan_memory(setup: Setup) -> Iterator[StagePlan]:
+    """Every stage of a round of `setup`'s config, at its chunk shapes, lowered and compiled, one
+    at a time (a caller can stop at the first that does not fit)."""
     config, mesh = setup.config, setup.mesh
     lora = _adapter(setup)
     prompt_len = setup.train.input_ids.shape[1]
@@ -71,16 +72,13 @@ def plan_memory(setup: Setup) -> list[StagePlan]:
     samples = {g.responses_per_prompt, config.eval.samples_per_prompt}
     if any(method in ENTROPY_METHODS for method in config.run.methods):
         samples.add(g.entropy_samples)
-    plans = [
-        StagePlan(f"generation ({k} per prompt)", "generation.chunk_rows", _generation_bytes(setup, lora, k, prompt_len))
-        for k in sorted(samples)
-    ]
-    plans.append(StagePlan("features", "features.chunk_size", _features_bytes(setup, lora, seq)))
-    plans.append(StagePlan("log-probs", "dpo.logprob_chunk", _logprob_bytes(setup, lora, seq)))
-    plans.append(StagePlan("DPO step", "dpo.batch_size", _dpo_bytes(setup, lora, seq)))
-    plans.append(StagePlan("selection", "data.prompts_per_round", _selection_bytes(setup)))
-    resident = _bytes_of(getattr(setup.oracle, "model", None))
-    return [p._replace(bytes=p.bytes + resident) if p.stage != "selection" else p for p in plans]
+    resident = _bytes_of(getattr(setup.oracle, "model", None))  # a JAX reward model stays on the device
+    for k in sorted(samples):
+        yield StagePlan(f"generation ({k} per prompt)", "generation.chunk_rows", resident + _generation_bytes(setup, lora, k, prompt_len))
+    yield StagePlan("features", "features.chunk_size", resident + _features_bytes(setup, lora, seq))
+    yield StagePlan("log-probs", "dpo.logprob_chunk", resident + _logprob_bytes(setup, lora, seq))
+    yield StagePlan("DPO step", "dpo.batch_size", resident + _dpo_bytes(setup, lora, seq))
+    yield StagePlan("selection", "data.prompts_per_round", _selection_bytes(setup))
 
 
 def _adapter(setup: Setup) -> LoRA:
@@ -169,6 +167,5 @@ def _selection_bytes(setup: Setup) -> int:
     return _program_bytes(lambda g, p, pairs: select_batch(g, c.selection.batch_size, prior=p, pairs=pairs).indices, features, prior, pairs)
 
 
-def log_plan(plans: list[StagePlan], limit: int) -> None:
-    for plan in plans:
-        _log.info("memory plan: %-28s %8.3f GiB of %.1f GiB (bounded by %s)", plan.stage, plan.bytes / 2**30, limit / 2**30, plan.key)
+def log_plan(plan: StagePlan, limit: int) -> None:
+    _log.info("memory plan: %-28s %8.3f GiB of %.1f GiB (bounded by %s)", plan.stage, plan.bytes / 2**30, limit / 2**30, plan.key)

@@ -1,0 +1,100 @@
+"""Run in a subprocess with 8 host CPU devices: every stage on meshes 8×1, 4×2 and 2×4 (data ×
+model) equals the one-device run, parameters really are split, and a short embedded run works end
+to end on a 4×2 mesh. Prints one JSON object."""
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import sequences, tiny_model, trained_lora  # noqa: E402
+
+from jaxdpo import select_batch, sharding  # noqa: E402
+from jaxdpo.dpo import DpoTrainer, batched_logprobs  # noqa: E402
+from jaxdpo.features import gradient_features  # noqa: E402
+from jaxdpo.sampling import generate  # noqa: E402
+from jaxdpo.sequences import Sequences  # noqa: E402
+
+
+def stages(model, lora, data: Sequences, mesh):
+    """Every stage's output on `mesh` (None: one device)."""
+    rows = sharding.put_rows(data, mesh)
+    prompts = sharding.put_rows((data.input_ids[:, :5], np.ones((8, 5), np.int32)), mesh)
+    tokens = generate(model, *prompts, lora=lora, max_new_tokens=4, temperature=0.0, key=jax.random.key(0)).input_ids
+    logprobs = batched_logprobs(model, lora, data, chunk_size=8, mesh=mesh)
+    features = gradient_features(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask,
+                                 beta=0.1, dim=64, seed=0, method="factored", chunk_size=8)
+    phi = np.asarray(features)[:, None] - np.asarray(features)[None]  # 64 candidate differences
+    picks = select_batch(sharding.put_candidates(phi.reshape(64, -1), mesh), 6).indices
+    trainer = DpoTrainer(beta=0.1, learning_rate=1e-2, epochs=3, batch_size=4)
+    state, losses = trainer.train(model, trainer.init(lora), data, np.array([[0, 1], [2, 3], [4, 5], [6, 7]]), np.asarray(logprobs),
+                                  seed=0, mesh=mesh)
+    return dict(tokens=np.asarray(tokens), logprobs=np.asarray(logprobs), features=np.asarray(features), picks=np.asarray(picks),
+                losses=np.asarray(losses), lora=jax.tree.map(np.asarray, state.lora.params))
+
+
+def parameter_bytes(tree) -> tuple[int, int]:
+    """(bytes on one device, bytes of the whole tree)."""
+    leaves = jax.tree.leaves(tree)
+    return sum(x.addressable_shards[0].data.nbytes for x in leaves), sum(x.nbytes for x in leaves)
+
+
+def compare(got, expected) -> dict:
+    lora_diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(got["lora"]), jax.tree.leaves(expected["lora"])))
+    return dict(
+        same_tokens=bool(np.array_equal(got["tokens"], expected["tokens"])),
+        logprob_diff=float(np.abs(got["logprobs"] - expected["logprobs"]).max()),
+        feature_diff=float(np.abs(got["features"] - expected["features"]).max()),
+        same_picks=bool(np.array_equal(got["picks"], expected["picks"])),
+        loss_diff=float(np.abs(got["losses"] - expected["losses"]).max()),
+        lora_diff=lora_diff,
+    )
+
+
+def embedded_run(out: Path, mesh: dict) -> dict:
+    """One round of the embedded task through `jaxdpo run` on `mesh`."""
+    from jaxdpo import experiment
+    from jaxdpo.cli import main
+
+    config = out.with_suffix(".toml")
+    config.write_text(
+        '[run]\nmethods = ["activedpo"]\nseeds = [0]\nrounds = 1\n[data]\nprompts_per_round = 8\n[selection]\nbatch_size = 4\n'
+        '[features]\ndim = 256\nchunk_size = 8\n[lora]\nrank = 2\nalpha = 4.0\n[dpo]\nepochs = 2\nbatch_size = 4\n[eval]\nprompts = 8\n'
+        f'[mesh]\ndata = {mesh["data"]}\nmodel = {mesh["model"]}\n'
+    )
+    code = main(["run", str(config), "--out", str(out)])
+    metrics = [json.loads(line) for line in (out / experiment.METRICS).read_text().splitlines()]
+    return dict(exit_code=code, labels=len(experiment.read_labels(out / experiment.LABELS)), rewards=[r["eval_reward"] for r in metrics])
+
+
+def main() -> None:
+    model, data = tiny_model(), Sequences(*sequences(n=8))
+    lora = trained_lora(model)
+    expected = stages(model, lora, data, None)
+    out = {"devices": len(jax.devices())}
+    for data_axis, model_axis in [(8, 1), (4, 2), (2, 4)]:
+        mesh = sharding.make_mesh(data_axis, model_axis)
+        placed = sharding.shard_model(tiny_model(), mesh)
+        placed_lora = sharding.shard_params(lora, mesh)
+        result = compare(stages(placed, placed_lora, data, mesh), expected)
+        on_device, total = parameter_bytes(jax.tree.leaves(placed))
+        norms = sum(x.nbytes for x in jax.tree.leaves(placed) if x.ndim <= 2 and x.shape[-1] == 16)  # norm weights, replicated
+        result.update(param_fraction=on_device / total, bound=(total - norms) / model_axis / total + norms / total,
+                      gate_shard=list(placed.layers["gate"][...].addressable_shards[0].data.shape))
+        out[f"{data_axis}x{model_axis}"] = result
+    out["run"] = embedded_run(Path(tempfile.mkdtemp()) / "run", {"data": 4, "model": 2})
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

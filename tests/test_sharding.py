@@ -1,0 +1,40 @@
+"""One mesh for every stage: on 8 simulated devices (a subprocess), meshes 8×1, 4×2 and 2×4 give
+the one-device results, split the parameters, and run the loop end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxdpo.sharding import param_spec
+
+
+@pytest.mark.slow
+def test_every_stage_on_a_mesh_equals_one_device():
+    script = Path(__file__).with_name("sharded_stages.py")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["devices"] == 8
+    for mesh, model_axis in (("8x1", 1), ("4x2", 2), ("2x4", 4)):
+        got = result[mesh]
+        assert got["same_tokens"] and got["same_picks"], (mesh, got)
+        for key in ("logprob_diff", "feature_diff", "loss_diff", "lora_diff"):
+            assert got[key] < 1e-5, (mesh, key, got)
+        assert got["gate_shard"] == [2, 16, 24 // model_axis]  # [layers, hidden, intermediate] split over "model"
+        assert got["param_fraction"] <= got["bound"] + 1e-9, (mesh, got)  # 1/model of the weights + replicated norms
+    run = result["run"]
+    assert run["exit_code"] == 0 and run["labels"] == 4 and all(isinstance(r, float) for r in run["rewards"])
+
+
+def test_param_spec_splits_the_largest_dividing_axis_and_never_the_layer_axis():
+    assert tuple(param_spec((4, 8, 6), 2, stacked=True)) == (None, "model", None)
+    assert tuple(param_spec((4, 8, 6), 3, stacked=True)) == (None, None, "model")
+    assert tuple(param_spec((4, 7, 5), 2, stacked=True)) == ()  # nothing divides: replicated
+    assert tuple(param_spec((4, 16), 4, stacked=True)) == ()  # a stacked vector (norms): replicated
+    assert tuple(param_spec((100, 16), 4, stacked=False)) == ("model", None)  # the embedding
+    assert tuple(param_spec((100, 16), 1, stacked=False)) == ()
