@@ -2,14 +2,29 @@
 
 - XLA compiles with most optimizations off: compile time dominates these tiny-shape tests on CPU,
   and every comparison has a tolerance. (Benchmarks run outside pytest, fully optimized.)
+- Compiled programs go to a persistent cache shared by the test processes and the subprocesses
+  they start (the settings travel as environment variables), so a kill-and-resume subprocess or
+  the other xdist worker does not compile again what one process already compiled.
 - Hypothesis: deterministic runs without per-example deadlines (the first example of a test
   includes JIT compilation).
 """
 
+import os
+import tempfile
+from pathlib import Path
+
 import jax
 from hypothesis import HealthCheck, settings
 
-jax.config.update("jax_disable_most_optimizations", True)
+SHARED_JAX_SETTINGS = {
+    "jax_disable_most_optimizations": True,
+    "jax_compilation_cache_dir": str(Path(tempfile.gettempdir()) / "jaxdpo-tests-xla-cache"),
+    "jax_persistent_cache_min_compile_time_secs": 0,
+    "jax_persistent_cache_min_entry_size_bytes": 0,
+}
+for name, value in SHARED_JAX_SETTINGS.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value).lower() if isinstance(value, bool) else str(value)
 
 settings.register_profile(
     "jaxdpo",

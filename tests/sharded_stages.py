@@ -14,7 +14,6 @@ from pathlib import Path  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-jax.config.update("jax_disable_most_optimizations", True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import sequences, tiny_model, trained_lora  # noqa: E402

@@ -295,7 +295,7 @@ def test_config_errors_fail_at_start_naming_the_key(tmp_path, capsys, change, me
 def test_memory_plan_refuses_a_run_that_cannot_fit_before_the_first_round(tmp_path, sft_dir, monkeypatch):
     from jaxdpo.experiment import memory
 
-    monkeypatch.setattr(memory, "device_memory", lambda: 2**20)
+    monkeypatch.setattr(memory, "device_memory", lambda: 2**14)
     out = new_run(tmp_path, sft_dir, "tight")
     with pytest.raises(UserError, match=r"generation.chunk_rows: the generation \(1 per prompt\) stage needs .* GiB per device, more than"):
         loop.run(config_from_dict(TINY), out, plan=True)
