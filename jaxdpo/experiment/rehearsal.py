@@ -105,7 +105,7 @@ def synthetic_prompts(count: int, lengths: tuple[int, int], vocab: int, seed: in
     words = word_list(vocab)
     weights = 1.0 / np.arange(1, vocab + 1)
     weights /= weights.sum()
-    return [f"{i} " + " ".join(words[j] for j in rng.choice(vocab, size=rng.integers(*lengths, endpoint=True) - 1, p=weights)) for i in range(count)]
+    return [" ".join(words[j] for j in rng.choice(vocab, size=rng.integers(*lengths, endpoint=True), p=weights)) for _ in range(count)]
 
 
 def write_policy(shape: dict, tokenizer, folder: Path, dtype) -> Path:
