@@ -48,9 +48,7 @@ def sft_dir(tmp_path_factory):
     from jaxdpo import embedded
     from jaxdpo.models import save_pretrained
 
-    folder = save_pretrained(embedded.train_sft(steps=150), tmp_path_factory.mktemp("sft") / "sft-model")
-    embedded.build_tokenizer().save_pretrained(folder)
-    return folder
+    return save_pretrained(embedded.train_sft(steps=150), tmp_path_factory.mktemp("sft") / "sft-model")
 
 
 def new_run(tmp_path: Path, sft_dir: Path, name: str) -> Path:
@@ -102,6 +100,7 @@ def test_end_to_end(reference_run):
     assert without_timings(on_disk) == without_timings(rows)
     # round 0 is the same initial model for every method
     assert len({r["eval_reward"] for r in rows if r["round"] == 0}) == 1
+    assert (out / "sft-model" / "tokenizer.json").exists()  # the SFT folder is a whole checkpoint: model.path can name it
 
 
 def test_apo_and_near_tie_end_to_end(tmp_path, sft_dir):
@@ -190,7 +189,8 @@ def test_resume_of_a_folder_without_a_run_fails_and_creates_nothing(tmp_path, ca
     assert "holds no run to resume" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
-def test_errors_after_start_are_one_line_and_leave_nothing_that_blocks_a_rerun(tmp_path, sft_dir, capsys, monkeypatch):
+def test_errors_after_start_are_one_line_and_leave_nothing_that_blocks_a_rerun(tmp_path, reference_run, capsys, monkeypatch):
+    sft_dir = reference_run[0] / "sft-model"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"topic{i % 4} w{i % 16:02d} w{i // 16:02d} w01 :"}) + "\n" for i in range(20)))
     base = {**TINY, "model": {"path": str(sft_dir)}, "data": {"source": "jsonl", "path": str(prompts), "prompts_per_round": 8},
@@ -266,6 +266,8 @@ def test_human_oracle_asks_every_track_at_once_and_resumes(tmp_path, sft_dir):
     metrics = (out / loop.METRICS).read_text()
     assert "NaN" not in metrics and all(json.loads(line)["eval_reward"] is None for line in metrics.splitlines())
     answers = requests.with_name(requests.name.replace(".requests", ".labels"))
+    answers.write_text(json.dumps({"id": [rows[0]["id"]], "preferred": "a"}) + "\n")
+    assert main(["run", str(path), "--out", str(out), "--resume"]) == EXIT_USER_ERROR  # a bad answer file: one line, nothing lost
     choices = ["a", "b", "tie", "skip"]
     answers.write_text("".join(json.dumps({"id": r["id"], "preferred": choices[i % 4]}) + "\n" for i, r in enumerate(rows)))
     assert main(["run", str(path), "--out", str(out), "--resume"]) == 0
