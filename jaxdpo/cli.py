@@ -59,13 +59,12 @@ def report_runs(folders: list[Path], plot: Path | None) -> int:
 
     try:
         runs = {str(folder): report.read_run(folder) for folder in folders}
-    except ValueError as error:
+        for name, rows in runs.items():
+            Console().print(report.summary_table(rows, title=name))
+        written = report.plot_runs(runs, plot or (folders[0] / "curves.png" if len(folders) == 1 else Path("curves.png")), title=" vs ".join(runs))
+    except (ValueError, OSError) as error:
         Console(stderr=True).print(f"error: {error}", style="red", markup=False, highlight=False, soft_wrap=True)
         return EXIT_CONFIG
-    for name, rows in runs.items():
-        Console().print(report.summary_table(rows, title=name))
-    plot = plot or (folders[0] / "curves.png" if len(folders) == 1 else Path("curves.png"))
-    written = report.plot_runs(runs, plot, title=" vs ".join(runs))
     Console().print(f"curves:  {written}" if written else f"curves:  not written, {report.NOTHING_TO_PLOT}", markup=False, highlight=False)
     return 0
 

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -51,6 +52,8 @@ NO_REWARD = (
 )
 NOTHING_TO_PLOT = "no round has a held-out reward or a training loss yet"
 LINE_STYLES = ("-", "--", ":", "-.")
+COMPACT = dict(box=box.SIMPLE, show_edge=False, collapse_padding=True, caption_justify="left")
+"""Table style: a summary's columns fit in 80 characters."""
 
 Tracks = dict[int, dict[int, tuple[int, float]]]
 """One method's values: {seed: {round: (labels collected, value)}}."""
@@ -243,9 +246,16 @@ def summary_table(rows: list[dict], title: str = "") -> Group:
 
 
 def _method_table(rows: list[dict], rewards: dict[str, Tracks], seeds: int, title: str) -> Table:
-    table = Table(title=f"{title + ': ' if title else ''}final round, mean ± s.e. over seeds; AUC = mean reward over the labels")
-    for column in ("method", "seeds", "labels", "eval reward", "start reward", "win-rate vs initial", "AUC"):
-        table.add_column(column, justify="left" if column == "method" else "right")
+    table = Table(
+        title=f"{title + ': ' if title else ''}final round, mean ± s.e. over seeds",
+        caption=(
+            "reward: held-out eval reward; start: at round 0; win-rate: against the initial model's responses; "
+            "AUC: area under reward vs labels ÷ the labels' span, per seed (the mean reward over the budget)"
+        ),
+        **COMPACT,
+    )
+    for column in ("method", "seeds", "labels", "reward", "start", "win-rate", "AUC"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     wins = points(rows, "win_rate")
     for method in dict.fromkeys(row["method"] for row in rows):
         mine, reward = [row for row in rows if row["method"] == method], rewards.get(method, {})
@@ -265,7 +275,7 @@ def _method_table(rows: list[dict], rewards: dict[str, Tracks], seeds: int, titl
 
 def _difference_table(rewards: dict[str, Tracks], seeds: int) -> Table:
     baseline, others = rewards[RANDOM], [method for method in rewards if method != RANDOM]
-    table = Table(title=f"difference to {RANDOM}, paired by seed: mean [{CONFIDENCE:.0%} bootstrap interval over seeds]")
+    table = Table(title=f"difference to {RANDOM}, paired by seed: mean [{CONFIDENCE:.0%} bootstrap interval over seeds]", **COMPACT)
     for column in ("round", "labels", *(f"{method} − {RANDOM}" for method in others)):
         table.add_column(column, justify="right")
     columns = [differences_by_round(rewards[method], baseline) for method in others]
