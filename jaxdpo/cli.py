@@ -1,5 +1,6 @@
 """`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG).
 `jaxdpo rehearse CONFIG --out DIR [--scale S]`: one round of CONFIG on random-weight stand-ins.
+`jaxdpo report DIR [DIR...] [--out FILE]`: re-render runs' summary tables and curves from their metrics.jsonl.
 
 Exit codes: 0 done; `EXIT_USER_ERROR` (2) a problem with the config, data, files or run folder,
 told in one line; `EXIT_LABELS_PENDING` (3) the run waits for human labels (resume when they are
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     rehearse.add_argument("config", help="a TOML or YAML experiment config (its model.path names a shipped shape)")
     rehearse.add_argument("--out", required=True, type=Path, help="folder for the stand-ins, the run and rehearsal.json")
     rehearse.add_argument("--scale", type=float, default=1.0, help="shrink widths, depth, vocabulary and counts by this factor in (0, 1]")
+    report_ = commands.add_parser("report", help="re-render runs' summary tables and curves from their metrics.jsonl")
+    report_.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="run folders; several are overlaid in one plot")
+    report_.add_argument("--out", type=Path, help="the plot (default: DIR/curves.png for one run, ./curves.png for several)")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -37,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     handler = _log_to(console)
     try:
-        return (_rehearse if args.command == "rehearse" else _run)(args, console)
+        return {"run": _run, "rehearse": _rehearse, "report": _report}[args.command](args, console)
     except UserError as error:
         _say(console, f"error: {error}", "red")
         return EXIT_USER_ERROR
@@ -46,6 +50,24 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     finally:
         logging.getLogger("jaxdpo").removeHandler(handler)
+
+
+def _report(args, console) -> int:
+    """`jaxdpo report`: print each run's summary table and write their curves, overlaid when several."""
+    from rich.console import Console
+
+    from jaxdpo import report
+
+    folders = args.runs
+    try:
+        runs = {str(folder): report.read_run(folder) for folder in folders}
+        for name, rows in runs.items():
+            Console().print(report.summary_table(rows, title=name))
+        written = report.plot_runs(runs, args.out or (folders[0] / "curves.png" if len(folders) == 1 else Path("curves.png")), title=" vs ".join(runs))
+    except (ValueError, OSError) as error:
+        raise UserError(str(error)) from error
+    Console().print(f"curves:  {written}" if written else f"curves:  not written, {report.NOTHING_TO_PLOT}", markup=False, highlight=False)
+    return 0
 
 
 def _rehearse(args, console) -> int:
@@ -78,7 +100,8 @@ def _run(args, console) -> int:
         return EXIT_LABELS_PENDING
     Console().print(report.summary_table(rows))
     plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
-    Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {plot}")
+    curves = plot or f"not written, {report.NOTHING_TO_PLOT}"
+    Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {curves}", markup=False, highlight=False)
     return 0
 
 

@@ -1,0 +1,266 @@
+"""Run reports: paired differences to random with bootstrap intervals, areas under the curves,
+runs without held-out rewards or with one seed (never "nan"), and `jaxdpo report` end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import matplotlib.figure
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+
+from jaxdpo import report
+from jaxdpo.cli import EXIT_CONFIG, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_rows(rewards: dict[str, list[list[float | None]]], *, batch: int = 16) -> list[dict]:
+    """Metrics rows from {method: [[reward of round 0, 1, ...] per seed]}; a None reward is a null field."""
+    rows = []
+    for method, seeds in rewards.items():
+        for seed, curve in enumerate(seeds):
+            for round_, reward in enumerate(curve):
+                row = dict(method=method, seed=seed, round=round_, labels=batch * round_, eval_reward=reward,
+                           eval_reward_stderr=None if reward is None else 0.01, win_rate=None if reward is None else 0.5)
+                if round_:
+                    row["train_loss"] = 0.7 - 0.01 * round_
+                rows.append(row)
+    return rows
+
+
+def rendered(renderable) -> str:
+    console = Console(record=True, width=160)
+    console.print(renderable)
+    return console.export_text()
+
+
+def human_rows() -> list[dict]:
+    """A human-labeled run: every eval field is null, training losses exist from round 1."""
+    return make_rows({"activedpo": [[None] * 3] * 2, "random": [[None] * 3] * 2})
+
+
+def write_metrics(folder, rows) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def finite_lines(figure) -> int:
+    return sum(np.isfinite(np.asarray(line.get_ydata(), float)).any() for ax in figure.axes for line in ax.lines)
+
+
+@pytest.fixture
+def saved_figures(monkeypatch) -> list:
+    """The figures `plot_curves` saves, to look at what they draw."""
+    figures, savefig = [], matplotlib.figure.Figure.savefig
+
+    def record(figure, *args, **kwargs):
+        figures.append(figure)
+        return savefig(figure, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return figures
+
+
+# -- statistics -----------------------------------------------------------------------------------
+
+
+def test_bootstrap_interval_matches_the_exact_bootstrap_distribution():
+    """All n^n equally likely resamples, enumerated: the Monte Carlo percentiles agree with them."""
+    values = np.asarray([0.31, -0.12, 0.05, 0.44, 0.18])
+    exact = [values[list(pick)].mean() for pick in itertools.product(range(len(values)), repeat=len(values))]
+    low, high = np.percentile(exact, [2.5, 97.5])
+    got = report.bootstrap_interval(values)
+    assert got == pytest.approx((low, high), abs=0.01 * np.ptp(values))
+    assert report.bootstrap_interval(values) == got  # seeded: the same interval every time
+
+
+def test_bootstrap_interval_needs_two_values():
+    assert report.bootstrap_interval([0.3]) is None
+    assert report.bootstrap_interval([]) is None
+
+
+@settings(max_examples=25)
+@given(st.lists(st.floats(-10, 10), min_size=1, max_size=8), st.floats(-5, 5))
+def test_paired_difference_of_a_shifted_method_is_the_shift(baseline, shift):
+    random = {seed: value for seed, value in enumerate(baseline)}
+    same = report.paired_differences(random, random)
+    assert same == [0.0] * len(baseline)
+    assert report.bootstrap_interval(same) in (None, (0.0, 0.0))
+    shifted = report.paired_differences({seed: value + shift for seed, value in random.items()}, random)
+    assert np.mean(shifted) == pytest.approx(shift, abs=1e-9)
+    interval = report.bootstrap_interval(shifted)
+    assert interval is None or interval == pytest.approx((shift, shift), abs=1e-9)
+
+
+def test_paired_differences_pair_by_seed_and_skip_unpaired_seeds():
+    assert report.paired_differences({0: 1.0, 1: 2.0, 3: 5.0}, {1: 0.5, 0: 0.25, 2: 9.0}) == [0.75, 1.5]
+
+
+def test_identical_methods_print_a_zero_difference_with_a_zero_width_interval():
+    curves = [[0.1, 0.3, 0.2], [0.0, 0.5, 0.4], [0.2, 0.1, 0.6]]
+    text = rendered(report.summary_table(make_rows({"activedpo": curves, "random": curves})))
+    assert text.count("+0.000 [+0.000, +0.000]") == 4  # three rounds and the AUC
+
+
+def test_area_under_curve_is_the_normalized_trapezoid():
+    # (16 * (0 + 1) / 2 + 16 * (1 + 0.5) / 2) / 32 = (8 + 12) / 32
+    assert report.area_under_curve([0, 16, 32], [0.0, 1.0, 0.5]) == pytest.approx(0.625)
+    assert report.area_under_curve([32, 0, 16], [0.5, 0.0, 1.0]) == pytest.approx(0.625)
+    assert report.area_under_curve([0, 10, 40], [2.0, 2.0, 2.0]) == pytest.approx(2.0)
+    assert report.area_under_curve([16], [1.0]) is None
+
+
+def test_auc_per_seed_and_its_difference_in_the_table():
+    rows = make_rows({"activedpo": [[0.0, 1.0, 0.5], [0.0, 0.0, 1.0]], "random": [[0.0, 0.0, 0.0], [0.0, 0.5, 0.5]]})
+    tracks = report.points(rows)
+    assert report.auc_per_seed(tracks["activedpo"]) == pytest.approx({0: 0.625, 1: 0.25})
+    assert report.auc_per_seed(tracks["random"]) == pytest.approx({0: 0.0, 1: 0.375})
+    text = rendered(report.summary_table(rows))
+    areas = np.asarray([0.625, 0.25])
+    assert f"{areas.mean():.3f} ± {areas.std(ddof=1) / np.sqrt(2):.3f}" in text
+    auc_row = next(line for line in text.splitlines() if line.split()[:1] == ["AUC"])
+    assert "+0.250" in auc_row  # mean of (0.625 - 0) and (0.25 - 0.375)
+
+
+def test_auc_skips_rounds_without_a_reward():
+    rows = make_rows({"random": [[0.0, None, 1.0]]})
+    assert report.auc_per_seed(report.points(rows)["random"]) == pytest.approx({0: 0.5})
+
+
+# -- tables ---------------------------------------------------------------------------------------
+
+
+def test_one_seed_prints_the_mean_with_n1_instead_of_nan():
+    """Issue 18, item 17: one seed printed "± nan"."""
+    text = rendered(report.summary_table(make_rows({"activedpo": [[0.1, 0.3]], "random": [[0.1, 0.2]]})))
+    assert "nan" not in text.lower()
+    assert "0.300 (n=1)" in text and "+0.100 (n=1)" in text
+
+
+def test_human_labeled_run_says_it_has_no_held_out_reward():
+    """Issue 18, item 10: human-oracle runs ended with "nan ± nan"."""
+    text = rendered(report.summary_table(human_rows()))
+    assert "nan" not in text.lower()
+    assert "no held-out reward" in text
+
+
+def test_nan_values_count_as_missing():
+    rows = make_rows({"activedpo": [[0.1, 0.4], [0.2, 0.5]], "random": [[0.1, 0.2], [0.2, 0.1]]})
+    rows[-1]["eval_reward"] = float("nan")
+    text = rendered(report.summary_table(rows))
+    assert "nan" not in text.lower() and "(n=1)" in text
+
+
+def test_a_run_without_random_says_so_instead_of_differences():
+    text = rendered(report.summary_table(make_rows({"activedpo": [[0.1, 0.3]] * 2, "aplp": [[0.1, 0.2]] * 2})))
+    assert "no 'random' method" in text and "− random" not in text
+
+
+def test_missing_methods_seeds_and_rounds_do_not_crash(tmp_path):
+    rows = make_rows({"activedpo": [[0.1, 0.3, 0.5], [0.2, 0.2]], "random": [[0.1, 0.2], [0.2, 0.1, 0.3]]})
+    rows.append(dict(method="aplp", seed=0, round=0, labels=0, eval_reward=None))
+    text = rendered(report.summary_table(rows))
+    assert "nan" not in text.lower() and "aplp" in text and "(n=1)" in text
+    assert report.plot_curves(rows, tmp_path / "curves.png") is not None
+
+
+# -- plots ----------------------------------------------------------------------------------------
+
+
+def test_curves_png_draws_the_curves_and_the_differences(tmp_path, saved_figures):
+    rows = make_rows({"activedpo": [[0.1, 0.3, 0.5]] * 3, "random": [[0.1, 0.2, 0.25]] * 3})
+    path = report.plot_curves(rows, tmp_path / "curves.png", title="demo")
+    assert path.read_bytes().startswith(PNG_SIGNATURE)
+    [figure] = saved_figures
+    assert len(figure.axes) == 2 and finite_lines(figure) >= 3  # two reward curves, one difference
+
+
+def test_human_labeled_run_plots_the_training_loss_not_an_empty_picture(tmp_path, saved_figures):
+    """Issue 18, item 10: human-oracle runs wrote an empty curves.png."""
+    path = report.plot_curves(human_rows(), tmp_path / "curves.png")
+    assert path is not None and path.read_bytes().startswith(PNG_SIGNATURE)
+    [figure] = saved_figures
+    assert finite_lines(figure) == 2
+
+
+def test_nothing_to_plot_writes_nothing(tmp_path):
+    rows = [dict(method="random", seed=0, round=0, labels=0, eval_reward=None)]
+    assert report.plot_curves(rows, tmp_path / "curves.png") is None
+    assert not (tmp_path / "curves.png").exists()
+
+
+# -- reading metrics.jsonl ------------------------------------------------------------------------
+
+
+def test_read_metrics_reads_nan_tokens_as_null(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"method": "random", "seed": 0, "round": 0, "labels": 0, "eval_reward": NaN}\n\n')
+    assert report.read_metrics(path) == [dict(method="random", seed=0, round=0, labels=0, eval_reward=None)]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"method": "random", "seed": 0, "round": 0, "labels": 0}', "{not json"], r"metrics\.jsonl: line 2 is not valid JSON"),
+        (['{"method": "random", "seed": "0", "round": 0, "labels": 0}'], r"line 1: field 'seed' must be an integer, got '0'"),
+        (['{"method": "random", "round": 0, "labels": 0}'], r"line 1: missing field 'seed'"),
+        (['[1, 2]'], r"line 1: expected a JSON object"),
+        (['{"method": "random", "seed": 0, "round": 0, "labels": 0, "eval_reward": "high"}'], r"field 'eval_reward' must be a number"),
+        (['{"method": "random", "seed": 0, "round": 1, "labels": 8}'] * 2, r"line 2 repeats method 'random' seed 0 round 1 of line 1"),
+        ([], r"metrics\.jsonl: no rows"),
+    ],
+)
+def test_read_metrics_names_the_file_and_line_of_bad_input(tmp_path, lines, message):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    with pytest.raises(ValueError, match=message):
+        report.read_metrics(path)
+
+
+# -- jaxdpo report --------------------------------------------------------------------------------
+
+
+def test_jaxdpo_report_overlays_two_runs(tmp_path, capsys, saved_figures):
+    first, second = tmp_path / "runs" / "first", tmp_path / "runs" / "second"
+    write_metrics(first, make_rows({"activedpo": [[0.1, 0.3, 0.5]] * 2, "random": [[0.1, 0.2, 0.25]] * 2}))
+    write_metrics(second, make_rows({"activedpo": [[0.0, 0.1]] * 3, "aplp": [[0.0, 0.2]] * 3}))
+    out = tmp_path / "overlay.png"
+    assert main(["report", str(first), str(second), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert str(first) in printed and str(second) in printed and "no 'random' method" in printed
+    assert str(out) in printed and out.read_bytes().startswith(PNG_SIGNATURE)
+    [figure] = saved_figures
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert sum(label.startswith(f"{first}: ") for label in legend) == 2
+    assert sum(label.startswith(f"{second}: ") for label in legend) == 2
+
+
+def test_jaxdpo_report_of_one_run_writes_its_curves_png(tmp_path, capsys):
+    write_metrics(tmp_path, make_rows({"activedpo": [[0.1, 0.3]] * 2, "random": [[0.1, 0.2]] * 2}))
+    assert main(["report", str(tmp_path)]) == 0
+    assert (tmp_path / "curves.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert "activedpo − random" in capsys.readouterr().out
+
+
+def test_jaxdpo_report_says_why_it_writes_no_plot(tmp_path, capsys):
+    write_metrics(tmp_path, [dict(method="random", seed=0, round=0, labels=0, eval_reward=None)])
+    assert main(["report", str(tmp_path)]) == 0
+    assert "not written" in capsys.readouterr().out and not (tmp_path / "curves.png").exists()
+
+
+def test_jaxdpo_report_without_metrics_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "typo")]) == EXIT_CONFIG
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "typo/metrics.jsonl" in error and "\n" not in error
+
+
+def test_jaxdpo_report_to_a_missing_folder_is_a_one_line_error(tmp_path, capsys):
+    write_metrics(tmp_path, make_rows({"random": [[0.1, 0.2]]}))
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "missing" / "curves.png")]) == EXIT_CONFIG
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "missing/curves.png" in error and "\n" not in error
