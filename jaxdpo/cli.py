@@ -1,4 +1,5 @@
 """`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG).
+`jaxdpo annotate DIR [--port P]`: label the pairs a run waits for, on a page at 127.0.0.1:P.
 
 Exit codes: 0 done; `EXIT_USER_ERROR` (2) a problem with the config, data, files or run folder,
 told in one line; `EXIT_LABELS_PENDING` (3) the run waits for human labels (resume when they are
@@ -12,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from jaxdpo.annotate import DEFAULT_PORT, serve
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
 
 EXIT_CONFIG = EXIT_USER_ERROR  # config errors are user errors
@@ -25,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("config", nargs="?", help="TOML or YAML config (default: the embedded CPU demo)")
     run.add_argument("--out", required=True, type=Path, help="output folder: metrics.jsonl, labels.jsonl, checkpoints/, curves.png")
     run.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoints")
+    annotate = commands.add_parser("annotate", help="label the pairs a run waits for, in the browser")
+    annotate.add_argument("out", metavar="DIR", type=Path, help="the --out folder of a run waiting for human labels")
+    annotate.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the page on 127.0.0.1 (default {DEFAULT_PORT}; 0: any free one)")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     handler = _log_to(console)
     try:
-        return _run(args, console)
+        return _annotate(args, console) if args.command == "annotate" else _run(args, console)
     except UserError as error:
         _say(console, f"error: {error}", "red")
         return EXIT_USER_ERROR
@@ -62,6 +67,11 @@ def _run(args, console) -> int:
     Console().print(report.summary_table(rows))
     plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
     Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {plot}")
+    return 0
+
+
+def _annotate(args, console) -> int:
+    serve(args.out, args.port, say=lambda message: _say(console, message, "green"))
     return 0
 
 

@@ -25,6 +25,7 @@ from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
+from jaxdpo.oracles.human import human_folder
 from jaxdpo.sampling import generate
 from jaxdpo.sequences import Sequences
 
@@ -194,4 +195,4 @@ def _oracle(config: ExperimentConfig, out_dir: Path) -> Oracle:
         return _loaded("oracle.path", "the reward model", lambda: reward_model_oracle(load_reward_model(path), AutoTokenizer.from_pretrained(path), mode=mode))
     if kind == "torch_reward_model":
         return _loaded("oracle.path", "the reward model", lambda: torch_reward_model_oracle(config.oracle.path, mode=mode))
-    return HumanOracle(out_dir / "human")
+    return HumanOracle(human_folder(out_dir))
