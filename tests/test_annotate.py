@@ -4,7 +4,6 @@ chromium labeling a real run's round by keyboard — reload, undo, a killed and 
 two tabs — and `--resume` training on exactly those labels."""
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import shutil
@@ -15,6 +14,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from jaxdpo.annotate import Conflict, LabelQueue, left_response, make_server
 from jaxdpo.annotate.queue import preferred
 from jaxdpo.cli import EXIT_LABELS_PENDING, EXIT_USER_ERROR, main
 from jaxdpo.oracles import HumanOracle, LabelsPending, PairRequest, read_answers
+from jaxdpo.oracles.human import human_folder
 from tests.test_loop import TINY, write_toml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +32,14 @@ HOSTILE = '<script>window.injected = true</script><b>bold</b> & "quoted"\n  seco
 
 
 def pair_ids(n: int) -> list[str]:
-    return [f"random-seed0-round001-pick{i:03d}" for i in range(n)]
+    """The ids of the first n picks of round 1 of track random-seed0."""
+    return [experiment.Track("random", 0).request_id(1, pick) for pick in range(n)]
 
 
 @pytest.fixture
 def out_dir(tmp_path) -> Path:
     """A run folder waiting for 4 labels (the request file as the human oracle writes it)."""
-    oracle = HumanOracle(tmp_path / "run" / "human")
+    oracle = HumanOracle(human_folder(tmp_path / "run"))
     requests = [PairRequest(i, "random-seed0", 1, f"prompt {n} {HOSTILE}", f"answer a{n}", f"answer b{n}") for n, i in enumerate(pair_ids(4))]
     with pytest.raises(LabelsPending):
         oracle.label(requests)
@@ -46,7 +48,7 @@ def out_dir(tmp_path) -> Path:
 
 
 def labels_file(out: Path) -> Path:
-    [(_, labels)] = HumanOracle(out / "human").batches()
+    [(_, labels)] = HumanOracle(human_folder(out)).batches()
     return labels
 
 

@@ -106,7 +106,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args) -> None:  # noqa: A002 (the base class's name) — quiet: the page shows what happens
+    def log_message(self, format, *args) -> None:  # quiet: the page says what happened
         pass
 
 
