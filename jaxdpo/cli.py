@@ -1,6 +1,7 @@
 """`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG).
 `jaxdpo rehearse CONFIG --out DIR [--scale S]`: one round of CONFIG on random-weight stand-ins.
 `jaxdpo report DIR [DIR...] [--out FILE]`: re-render runs' summary tables and curves from their metrics.jsonl.
+`jaxdpo annotate DIR [--port P]`: label the pairs a run waits for, on a page at 127.0.0.1:P.
 
 Exit codes: 0 done; `EXIT_USER_ERROR` (2) a problem with the config, data, files or run folder,
 told in one line; `EXIT_LABELS_PENDING` (3) the run waits for human labels (resume when they are
@@ -14,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from jaxdpo.annotate import DEFAULT_PORT, serve
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
 
 EXIT_CONFIG = EXIT_USER_ERROR  # config errors are user errors
@@ -34,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     report_ = commands.add_parser("report", help="re-render runs' summary tables and curves from their metrics.jsonl")
     report_.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="run folders; several are overlaid in one plot")
     report_.add_argument("--out", type=Path, help="the plot (default: DIR/curves.png for one run, ./curves.png for several)")
+    annotate = commands.add_parser("annotate", help="label the pairs a run waits for, in the browser")
+    annotate.add_argument("out", metavar="DIR", type=Path, help="the --out folder of a run waiting for human labels")
+    annotate.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the page on 127.0.0.1 (default {DEFAULT_PORT}; 0: any free one)")
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     handler = _log_to(console)
     try:
-        return {"run": _run, "rehearse": _rehearse, "report": _report}[args.command](args, console)
+        return {"run": _run, "rehearse": _rehearse, "report": _report, "annotate": _annotate}[args.command](args, console)
     except UserError as error:
         _say(console, f"error: {error}", "red")
         return EXIT_USER_ERROR
@@ -102,6 +107,11 @@ def _run(args, console) -> int:
     plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
     curves = plot or f"not written, {report.NOTHING_TO_PLOT}"
     Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {curves}", markup=False, highlight=False)
+    return 0
+
+
+def _annotate(args, console) -> int:
+    serve(args.out, args.port, say=lambda message: _say(console, message, "green"))
     return 0
 
 

@@ -256,7 +256,7 @@ def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, resp
     if ask:
         with stages.stage("oracle"):
             requests = [
-                PairRequest(f"{track.name}-round{round_:03d}-pick{row['pick']:03d}", track.name, round_, row["prompt"], row["response_a"], row["response_b"])
+                PairRequest(track.request_id(round_, row["pick"]), track.name, round_, row["prompt"], row["response_a"], row["response_b"])
                 for row in ask
             ]
             prefs = setup.oracle.label(requests, seed=zlib.crc32(f"{track.name}/{round_}".encode()))

@@ -26,6 +26,7 @@ from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
+from jaxdpo.oracles.human import human_folder
 from jaxdpo.sampling import generate
 from jaxdpo.sequences import Sequences, pad_rows
 from jaxdpo.sharding import data_multiple, initialize_distributed, make_mesh, put_rows, shard_model
@@ -238,4 +239,4 @@ def _oracle(config: ExperimentConfig, out_dir: Path, mesh: Mesh | None) -> Oracl
             "oracle.path", "the reward model",
             lambda: torch_reward_model_oracle(o.path, mode=mode, max_length=o.max_length, batch_size=o.batch_size, device=o.device),
         )
-    return HumanOracle(out_dir / "human")
+    return HumanOracle(human_folder(out_dir))

@@ -48,6 +48,10 @@ class Track:
     def name(self) -> str:
         return f"{self.method}-seed{self.seed}"
 
+    def request_id(self, round_: int, pick: int) -> str:
+        """The id a pick is asked under (`PairRequest.id`), e.g. "activedpo-seed0-round003-pick017"."""
+        return f"{self.name}-round{round_:03d}-pick{pick:03d}"
+
 
 # -- labels ---------------------------------------------------------------------------------------
 
@@ -80,6 +84,10 @@ class LabelRecord:
     @property
     def track(self) -> Track:
         return Track(self.method, self.seed)
+
+    @property
+    def request_id(self) -> str:
+        return self.track.request_id(self.round, self.pick)
 
     def to_json(self) -> dict:
         row = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}

@@ -29,6 +29,11 @@ ANSWERS = ("a", "b", "tie", "skip")
 REQUESTS_SUFFIX, LABELS_SUFFIX = ".requests.jsonl", ".labels.jsonl"
 
 
+def human_folder(out_dir: str | os.PathLike) -> Path:
+    """Where a run (`--out DIR`) keeps its request and answer files: DIR/human."""
+    return Path(out_dir) / "human"
+
+
 class LabelFileError(UserError):
     """An annotators' file that cannot be read as answers; the message lists every bad line."""
 
@@ -38,9 +43,10 @@ def read_requests(path: Path) -> list[PairRequest]:
 
 
 def read_answers(path: Path, expected_ids: Sequence[str]) -> dict[str, dict]:
-    """{id: its current answer line} of an answer file; ids without an answer (or withdrawn) are
-    absent. A last line without its newline is still being written and is ignored. Every other
-    problem is reported at once, with line numbers (LabelFileError); the file is never modified."""
+    """{id: its current answer line} of an answer file, in the order of those lines; ids without an
+    answer (or withdrawn) are absent. A last line without its newline is still being written and is
+    ignored. Every other problem is reported at once, with line numbers (LabelFileError); the file
+    is never modified."""
     expected = set(expected_ids)
     text = Path(path).read_text() if Path(path).exists() else ""
     lines = text.split("\n")[:-1]  # the part after the last newline is an unfinished write
@@ -56,10 +62,10 @@ def read_answers(path: Path, expected_ids: Sequence[str]) -> dict[str, dict]:
         problem = _answer_problem(row, expected)
         if problem:
             problems.append(f"line {number}: {problem}")
-        elif row.get("undo") is True:
-            current.pop(row["id"], None)
         else:
-            current[row["id"]] = row
+            current.pop(row["id"], None)
+            if row.get("undo") is not True:
+                current[row["id"]] = row
     if problems:
         raise LabelFileError(f"{path}: {len(problems)} problem(s) in the label file:\n  " + "\n  ".join(problems))
     return current
