@@ -1,5 +1,7 @@
 """Test-wide settings.
 
+- Float32 matmuls run at full precision: on GPUs JAX would use TF32 by default, and the parity
+  tests compare float32 numbers to 1e-5.
 - XLA compiles with most optimizations off: compile time dominates these tiny-shape tests on CPU,
   and every comparison has a tolerance. (Benchmarks run outside pytest, fully optimized.)
 - Compiled programs go to a persistent cache shared by the test processes and the subprocesses
@@ -17,6 +19,7 @@ import jax
 from hypothesis import HealthCheck, settings
 
 SHARED_JAX_SETTINGS = {
+    "jax_default_matmul_precision": "highest",  # float32 comparisons: no TF32 on GPUs (a no-op on CPUs)
     "jax_disable_most_optimizations": True,
     "jax_compilation_cache_dir": str(Path(tempfile.gettempdir()) / "jaxdpo-tests-xla-cache"),
     "jax_persistent_cache_min_compile_time_secs": 0,

@@ -7,6 +7,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -46,6 +47,21 @@ def parameter_bytes(tree) -> tuple[int, int]:
     """(bytes on one device, bytes of the whole tree)."""
     leaves = jax.tree.leaves(tree)
     return sum(x.addressable_shards[0].data.nbytes for x in leaves), sum(x.nbytes for x in leaves)
+
+
+def gathers_a_weight(model, lora, data: Sequences, mesh) -> bool:
+    """Whether the compiled log-prob program all-gathers any split weight whole (XLA may instead
+    gather activations, which keeps every weight split)."""
+    text = jax.jit(lambda m, l, rows: batched_logprobs_program(m, l, rows)).lower(model, lora, sharding.put_rows(data, mesh)).compile().as_text()
+    split = {tuple(x.shape) for x in jax.tree.leaves(model) if len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated}
+    gathered = {tuple(int(d) for d in m.group(1).split(",")) for m in re.finditer(r"= \w+\[([\d,]+)\][^=]*all-gather\(", text)}
+    return bool(split & gathered)
+
+
+def batched_logprobs_program(model, lora, rows: Sequences):
+    from jaxdpo.rewards import sequence_logprobs
+
+    return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
 
 
 def compare(got, expected) -> dict:
@@ -89,7 +105,8 @@ def main() -> None:
         on_device, total = parameter_bytes(jax.tree.leaves(placed))
         norms = sum(x.nbytes for x in jax.tree.leaves(placed) if x.ndim <= 2 and x.shape[-1] == 16)  # norm weights, replicated
         result.update(param_fraction=on_device / total, bound=(total - norms) / model_axis / total + norms / total,
-                      gate_shard=list(placed.layers["gate"][...].addressable_shards[0].data.shape))
+                      gate_shard=list(placed.layers["gate"][...].addressable_shards[0].data.shape),
+                      gathers_a_weight=gathers_a_weight(placed, placed_lora, data, mesh))
         out[f"{data_axis}x{model_axis}"] = result
     out["run"] = embedded_run(Path(tempfile.mkdtemp()) / "run", {"data": 4, "model": 2})
     print(json.dumps(out))

@@ -27,6 +27,7 @@ def test_every_stage_on_a_mesh_equals_one_device():
             assert got[key] < 1e-5, (mesh, key, got)
         assert got["gate_shard"] == [2, 16, 24 // model_axis]  # [layers, hidden, intermediate] split over "model"
         assert got["param_fraction"] <= got["bound"] + 1e-9, (mesh, got)  # 1/model of the weights + replicated norms
+        assert not got["gathers_a_weight"], mesh  # no program gathers a split weight whole
     run = result["run"]
     assert run["exit_code"] == 0 and run["labels"] == 4 and all(isinstance(r, float) for r in run["rewards"])
 
