@@ -27,7 +27,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from jaxdpo import _checks
 
@@ -77,7 +77,7 @@ def _project_leaf(key: Array, flat: Float[Array, "n k"], dim: int) -> Float[Arra
     return total
 
 
-def _check_batch(grads) -> tuple[list[Array], int]:
+def _check_batch(grads) -> tuple[list[ArrayLike], int]:
     leaves = jax.tree.leaves(grads)
     _checks.require(len(leaves) > 0, "grads has no arrays")
     sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
@@ -154,14 +154,14 @@ class FactoredPlan:
     def __hash__(self):
         return hash((self.dim, self.num_layers, self.blocks))
 
-    def factors(self, key: Array, block: int, layer: Array) -> tuple[Array, Array]:
+    def factors(self, key: Array, block: int, layer: int | Array) -> tuple[Array, Array]:
         """(P_l, P_r) of `block` at `layer` (an int or a traced int32)."""
         spec = self.blocks[block]
         layer_key = jax.random.fold_in(jax.random.fold_in(as_key(key), block), layer)
         left_key, right_key = jax.random.split(layer_key)
         return rademacher(left_key, (spec.k_left, spec.rows)), rademacher(right_key, (spec.k_right, spec.cols))
 
-    def select(self, probe_grads: Sequence[Float[Array, "n L k1 k2"]]) -> Float[Array, "n dim"]:
+    def select(self, probe_grads: Sequence[Float[Array, "n L _ _"]]) -> Float[Array, "n dim"]:
         """Features from the probe gradients of every block (in `blocks` order)."""
         n = probe_grads[0].shape[0]
         flat = jnp.concatenate([g.reshape(n, -1) for g in probe_grads], axis=1)
@@ -197,7 +197,8 @@ def plan_factored(shapes: Sequence[tuple[str, int, int, int]], *, num_layers: in
 
 
 def kronecker_project(
-    left: Float[Array, "n t a"], right: Float[Array, "n t b"], p_left: Float[Array, "k1 a"], p_right: Float[Array, "k2 b"], token_mask=None
+    left: Float[ArrayLike, "n t a"], right: Float[ArrayLike, "n t b"], p_left: Float[ArrayLike, "k1 a"], p_right: Float[ArrayLike, "k2 b"],
+    token_mask=None,
 ) -> Float[Array, "n k1 k2"]:
     """P_l G P_rᵀ for G = Σ_t left_t right_tᵀ, from the projected factors (reference for one block)."""
     if token_mask is not None:

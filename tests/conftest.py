@@ -16,7 +16,11 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jaxtyping
+import pytest
 from hypothesis import HealthCheck, settings
+
+jaxtyping.install_import_hook("jaxdpo", "beartype.beartype")
 
 SHARED_JAX_SETTINGS = {
     "jax_default_matmul_precision": "highest",  # float32 comparisons: no TF32 on GPUs (a no-op on CPUs)
@@ -36,3 +40,11 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 settings.load_profile("jaxdpo")
+
+
+@pytest.fixture
+def unchecked_shapes():
+    """For tests of jaxdpo's own input errors: the shape checker would otherwise answer first."""
+    jaxtyping.config.update("jaxtyping_disable", True)
+    yield
+    jaxtyping.config.update("jaxtyping_disable", False)

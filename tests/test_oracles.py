@@ -46,6 +46,7 @@ def test_bradley_terry_frequencies_and_determinism():
     np.testing.assert_array_equal(alone, draws[3, 2:])
 
 
+@pytest.mark.usefixtures("unchecked_shapes")
 def test_unknown_mode_and_length_mismatch():
     with pytest.raises(ValueError, match="mode"):
         synthetic_oracle(embedded.reward, mode="majority")

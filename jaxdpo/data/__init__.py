@@ -9,7 +9,7 @@ files with the hub dataset's schema, so the same code runs offline.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -41,7 +41,7 @@ def split_dialogue(text: str) -> tuple[str, str]:
     return text[:end], text[end:].strip()
 
 
-def _hh_row(row: dict) -> dict:
+def _hh_row(row: Mapping) -> dict:
     """The prompt is the shared dialogue up to its last assistant turn. A few HH-RLHF rows have
     chosen and rejected transcripts that diverge earlier (or whose reply itself contains an
     "Assistant:" turn), so the split is made inside their common prefix."""
@@ -69,7 +69,7 @@ def tldr_prompt(info: dict) -> str:
     return f"SUBREDDIT: r/{info['subreddit']}\nTITLE: {info['title']}\nPOST: {info['post']}\nTL;DR:"
 
 
-def _tldr_row(row: dict) -> dict:
+def _tldr_row(row: Mapping) -> dict:
     texts = [s["text"] for s in row["summaries"]]
     choice = int(row["choice"])
     return {"prompt": tldr_prompt(row["info"]), "chosen": texts[choice], "rejected": texts[1 - choice]}
@@ -81,7 +81,7 @@ def load_tldr(path: str | Path | None = None, split: str = "train") -> datasets.
     return data.map(_tldr_row, remove_columns=data.column_names)
 
 
-def _webgpt_row(row: dict) -> dict:
+def _webgpt_row(row: Mapping) -> dict:
     first_better = row["score_0"] >= row["score_1"]
     a, b = row["answer_0"], row["answer_1"]
     return {"prompt": row["question"]["full_text"], "chosen": a if first_better else b, "rejected": b if first_better else a}

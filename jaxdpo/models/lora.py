@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,9 +25,10 @@ class LoRA:
     """Adapter weights per target, stacked over the L layers: `{"a": [L, in, r], "b": [L, r, out]}`.
 
     The delta of a projection is `(α/r) · (x A) B`. `jax.grad` w.r.t. a LoRA returns a LoRA of the
-    same structure; per-example gradients add a leading axis to every leaf."""
+    same structure; per-example gradients add a leading axis to every leaf. (A pytree: while JAX
+    transforms it the leaves are tracers or placeholders, hence no array type on the field.)"""
 
-    params: dict[str, dict[str, Float[Array, "..."]]]
+    params: dict[str, dict[str, Any]]
     rank: int = struct.field(pytree_node=False)
     alpha: float = struct.field(pytree_node=False)
 

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -34,6 +34,7 @@ class Preferences(NamedTuple):
     scores_b: np.ndarray | None = None
 
 
+@runtime_checkable
 class Oracle(Protocol):
     """Says which response of each pair is preferred. `can_score`: whether `scores` rates single
     responses (reward models do; people compare pairs) — evaluation needs it."""
@@ -45,6 +46,7 @@ class Oracle(Protocol):
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray: ...
 
 
+@runtime_checkable
 class AsyncOracle(Oracle, Protocol):
     """An oracle whose answers come later (people). `label` returns once every request is answered;
     otherwise it queues the unanswered ones and raises `LabelsPending`. After every track of a run
