@@ -24,7 +24,7 @@ from jaxdpo.data import load_prompts, tokenize_prompts
 from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
-from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
+from jaxdpo.oracles import HumanOracle, Oracle, label_studio, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
 from jaxdpo.sampling import generate
 from jaxdpo.sequences import Sequences
 
@@ -84,10 +84,11 @@ class Setup:
 
 
 def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
+    oracle = _oracle(config, out_dir)  # first: an annotation server that is down fails the start at once
     model, tokenizer, train, evaluation, max_new_tokens = (_embedded_task if config.embedded else _checkpoint_task)(config, out_dir)
     if len(train.texts) < config.data.prompts_per_round:
         raise ValueError(f"data: only {len(train.texts)} usable prompts, below data.prompts_per_round={config.data.prompts_per_round}")
-    return Setup(config, model, tokenizer, train, evaluation, _oracle(config, out_dir), config.dpo.trainer(), max_new_tokens)
+    return Setup(config, model, tokenizer, train, evaluation, oracle, config.dpo.trainer(), max_new_tokens)
 
 
 def _dtype(config: ExperimentConfig):
@@ -194,4 +195,7 @@ def _oracle(config: ExperimentConfig, out_dir: Path) -> Oracle:
         return _loaded("oracle.path", "the reward model", lambda: reward_model_oracle(load_reward_model(path), AutoTokenizer.from_pretrained(path), mode=mode))
     if kind == "torch_reward_model":
         return _loaded("oracle.path", "the reward model", lambda: torch_reward_model_oracle(config.oracle.path, mode=mode))
+    if kind == "label_studio":
+        oracle = config.oracle
+        return label_studio.connect(oracle.url, oracle.token_env, project=oracle.project, run_name=config.run.name, out_dir=out_dir)
     return HumanOracle(out_dir / "human")
