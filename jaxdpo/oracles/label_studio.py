@@ -129,7 +129,10 @@ class LabelStudioApi:
                 f"oracle.url: cannot reach Label Studio at {self.url} ({reason}); start the server or correct oracle.url, "
                 "then run the same command again (everything collected so far is kept)"
             ) from error
-        return json.loads(text) if text else None
+        try:
+            return json.loads(text) if text else None
+        except ValueError as error:
+            raise UserError(f"oracle.url: {self.url} answered {method} {path} with something other than JSON; is it a Label Studio server?") from error
 
     def _refused(self, method: str, path: str, error: urllib.error.HTTPError) -> UserError:
         detail = _detail(error)

@@ -1,14 +1,20 @@
-"""A real Label Studio server on 127.0.0.1 for the session (SQLite in a temporary folder).
+"""A real Label Studio server on 127.0.0.1 (SQLite in a temporary folder), one per test run.
 
 The `label-studio` executable is the one named by $JAXDPO_LABEL_STUDIO (CI installs it in a venv of
 its own: it pins Django and friends) or the one on PATH. When $JAXDPO_LABEL_STUDIO is set, a server
-that cannot start fails the tests; otherwise they are skipped, saying why. Tests that use the
-server carry `xdist_group("label_studio")`, so one pytest-xdist worker starts it once."""
+that cannot start fails the tests; otherwise they are skipped, saying why.
+
+Starting it takes most of a minute, so the pytest-xdist workers share it (xdist's `loadgroup`
+cannot keep the tests on one worker under pytest 9): the first worker that needs it starts it,
+the others find it in `server.json` of the run's temporary folder, and the last one to finish
+stops it. A file lock orders all of that."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import json
 import os
 import shutil
 import signal
@@ -51,9 +57,65 @@ class Server:
         return self.api.tasks(project)
 
 
-def _executable() -> tuple[str | None, bool]:
-    named = os.environ.get(EXECUTABLE_ENV)
-    return (named, True) if named else (shutil.which("label-studio"), False)
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory) -> Server:
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "label-studio"  # the workers' basetemps share a parent
+    folder.mkdir(exist_ok=True)
+    with _locked(folder) as shared:
+        server = shared.get("server") or _start(folder)
+        shared.update(server=server, users=shared.get("users", 0) + 1)
+    try:
+        if server["problem"]:
+            if os.environ.get(EXECUTABLE_ENV):
+                pytest.fail(server["problem"])
+            pytest.skip(server["problem"])
+        api = LabelStudioApi(server["url"], LEGACY_TOKEN, "LEGACY_TOKEN")
+        yield Server(server["url"], api, LEGACY_TOKEN, server["personal_access_token"])
+    finally:
+        with _locked(folder) as shared:
+            shared["users"] -= 1
+            if shared["users"] == 0 and shared["server"]["pid"]:
+                _stop(shared["server"]["pid"])
+                shared.clear()
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """`server.json` of the run, as a dict to read and change while holding the lock."""
+    path = folder / "server.json"
+    with (folder / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shared = json.loads(path.read_text()) if path.exists() else {}
+        yield shared
+        path.write_text(json.dumps(shared))
+
+
+def _start(folder: Path) -> dict:
+    """Start the server; {"url", "pid", "personal_access_token", "problem": why it did not start or None}."""
+    executable = os.environ.get(EXECUTABLE_ENV) or shutil.which("label-studio")
+    if executable is None:
+        return {"pid": None, "problem": f"label-studio is not installed (pip install label-studio, in a venv of its own; set {EXECUTABLE_ENV} to its executable)"}
+    port = _free_port()
+    command = [
+        executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port), "--data-dir", str(folder),
+        "--database", str(folder / "label_studio.sqlite3"), "--username", ADMIN, "--password", PASSWORD, "--user-token", LEGACY_TOKEN,
+        "--enable-legacy-api-token",
+    ]
+    log = folder / "server.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command, env={**os.environ, **QUIET, "LABEL_STUDIO_BASE_DATA_DIR": str(folder)}, stdin=subprocess.DEVNULL, stdout=output,
+            stderr=subprocess.STDOUT, start_new_session=True,  # its own process group, outliving the worker that started it
+        )
+    url = f"http://127.0.0.1:{port}"
+    problem = _wait_until_up(url, process, time.time() + START_TIMEOUT_S)
+    if problem:
+        _stop(process.pid)
+        tail = "".join(log.read_text().splitlines(True)[-20:])
+        return {"pid": None, "problem": f"Label Studio ({executable}) did not start: {problem}; its log ends with:\n{tail}"}
+    token = LabelStudioApi(url, LEGACY_TOKEN, "LEGACY_TOKEN").call("POST", "/api/token/")["token"]
+    return {"url": url, "pid": process.pid, "personal_access_token": token, "problem": None}
 
 
 def _free_port() -> int:
@@ -75,45 +137,23 @@ def _wait_until_up(url: str, process: subprocess.Popen, deadline: float) -> str 
     return f"it did not answer within {START_TIMEOUT_S} s"
 
 
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory) -> Server:
-    executable, required = _executable()
-    if executable is None:
-        pytest.skip(f"label-studio is not installed (pip install label-studio, in a venv of its own; set {EXECUTABLE_ENV} to its executable)")
-    folder = tmp_path_factory.mktemp("label-studio")
-    url = f"http://127.0.0.1:{_free_port()}"
-    command = [
-        executable, "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--data-dir", str(folder),
-        "--database", str(folder / "label_studio.sqlite3"), "--username", ADMIN, "--password", PASSWORD, "--user-token", LEGACY_TOKEN,
-        "--enable-legacy-api-token",
-    ]
-    log = folder / "server.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command, env={**os.environ, **QUIET, "LABEL_STUDIO_BASE_DATA_DIR": str(folder)}, stdin=subprocess.DEVNULL, stdout=output,
-            stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    try:
-        problem = _wait_until_up(url, process, time.time() + START_TIMEOUT_S)
-        if problem:
-            message = f"Label Studio ({executable}) did not start: {problem}; its log ends with:\n" + "".join(log.read_text().splitlines(True)[-20:])
-            if required:
-                pytest.fail(message)
-            pytest.skip(message)
-        api = LabelStudioApi(url, LEGACY_TOKEN, "LEGACY_TOKEN")
-        yield Server(url, api, LEGACY_TOKEN, api.call("POST", "/api/token/")["token"])
-    finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """End the server's process group (its own session, started above)."""
+def _stop(pid: int) -> None:
+    """End the server's process group (its own session, started by `_start`)."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        if process.poll() is not None:
-            return
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, sig)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            continue
+            os.killpg(pid, sig)
+        deadline = time.time() + 30
+        while _running(pid) and time.time() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)  # reaps it when this process started it
+            time.sleep(0.2)
+        if not _running(pid):
+            return
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for another worker to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, IndexError):
+        return False
