@@ -126,7 +126,7 @@ def _parse_field(name: str, value):
     if name == "votes":
         if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) and v in ("a", "b", "skip") for k, v in value.items())):
             raise ValueError(f'field \'votes\' must map annotators to "a", "b" or "skip", got {value!r}')
-        return None if value is None else tuple(value.items())
+        return None if value is None else tuple(sorted(value.items()))  # one order, whatever the JSON writer kept
     if name.startswith("score_"):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise ValueError(f"field {name!r} must be a number, got {value!r}")

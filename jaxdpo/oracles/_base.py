@@ -24,7 +24,7 @@ class PairRequest(NamedTuple):
 
 
 Votes = tuple[tuple[str, str], ...]
-"""Who answered one pair and how: (annotator, "a" | "b" | "skip") per annotator."""
+"""Who answered one pair and how: (annotator, "a" | "b" | "skip") per annotator, by annotator."""
 
 
 class Preferences(NamedTuple):

@@ -172,7 +172,7 @@ def annotator_votes(task: dict) -> Votes:
     latest = {}
     for annotation in sorted(task.get("annotations") or [], key=lambda a: a["id"]):
         latest[_annotator(annotation)] = _choice(annotation)
-    return tuple(latest.items())
+    return tuple(sorted(latest.items()))
 
 
 def _annotator(annotation: dict) -> str:
@@ -286,7 +286,10 @@ class LabelStudioOracle:
                 self.api.call("POST", f"/api/projects/{project}/import", [{"data": self._task_data(r)} for r in new])
                 missing = [r.id for r in new if r.id not in self._run_tasks()]
                 if missing:
-                    raise UserError(f"Label Studio at {self.api.url} imported the tasks of project {project} without {len(missing)} of them (pair {missing[0]}, ...)")
+                    raise UserError(
+                        f"Label Studio at {self.api.url} did not import {len(missing)} of {len(new)} pairs into project {project} "
+                        f"(first: {missing[0]}); run again with --resume to import them"
+                    )
             imported, self.waiting = len(new), self.waiting | {r.id for r in self.queued}
             self.queued = []
         project = self.task_map.project
@@ -319,7 +322,8 @@ class LabelStudioOracle:
         if self.api.call("GET", f"/api/projects/{project}/", missing_ok=True) is None:
             raise UserError(
                 f"Label Studio at {self.api.url} has no project {project} any more, where this run asked {len(self.task_map.tasks)} pairs "
-                f"(labels already in labels.jsonl are kept); restore it, or move {self.task_map.path} aside to ask the open pairs in a new project"
+                f"(labels already in labels.jsonl are kept); move {self.task_map.path} aside and run again with --resume to ask the open "
+                "pairs in a new project"
             )
         tasks = {t["data"].get("pair_id"): t for t in self.api.tasks(project) if t["data"].get("run_id") == self.task_map.run_id}
         adopted = {pair: task["id"] for pair, task in tasks.items() if pair not in self.task_map.tasks}
@@ -344,7 +348,7 @@ class LabelStudioOracle:
             more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
             raise UserError(
                 f"Label Studio project {self.task_map.project} at {self.api.url}: {problems[0]}{more}; labels already in labels.jsonl are kept. "
-                f"Restore the task, or delete it in Label Studio and its line in {self.task_map.path} to ask for the pair again"
+                f"Edit the texts back, or delete the task in Label Studio and its line in {self.task_map.path} to ask for the pair again"
             )
 
 

@@ -37,6 +37,7 @@ def test_votes_round_trip_and_are_checked(tmp_path):
     log.append([voted, record(1, 1)])
     assert log.read() == [voted, record(1, 1)]
     assert log.path.read_text().count('"votes": {"alice": "a", "bob": "skip"}') == 1 and log.path.read_text().count('"votes"') == 1
+    assert LabelRecord.from_json({**voted.to_json(), "votes": {"bob": "skip", "alice": "a"}}) == voted  # one order
     with pytest.raises(ValueError, match="field 'votes' must map annotators"):
         LabelRecord.from_json({**voted.to_json(), "votes": {"alice": "left"}})
 

@@ -132,10 +132,8 @@ def test_several_annotators_majority_in_a_configured_project(tmp_path, label_stu
     answer = oracle.label(requests)
     assert answer.prefer_a.tolist()[:1] == [True] and answer.valid.tolist() == [True, True, True, False]
     assert not answer.prefer_a[1] and not answer.prefer_a[2]
-    assert answer.votes == (
-        ((alice, "a"), (bob, "a"), (carol, "b")), ((alice, "b"), (bob, "skip"), (carol, "b")),
-        ((alice, "b"), (bob, "b"), (carol, "skip")), ((alice, "a"), (bob, "b"), (carol, "skip")),
-    )
+    expected = [("a", "a", "b"), ("b", "skip", "b"), ("b", "b", "skip"), ("a", "b", "skip")]  # alice's, bob's and carol's votes
+    assert answer.votes == tuple(tuple(sorted(zip((alice, bob, carol), choices))) for choices in expected)
     assert {t["project"] for t in label_studio.tasks(project)} == {project} and len(label_studio.tasks(project)) == 4
 
 
