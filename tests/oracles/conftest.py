@@ -103,11 +103,14 @@ def _start(folder: Path) -> dict:
         "--enable-legacy-api-token",
     ]
     log = folder / "server.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command, env={**os.environ, **QUIET, "LABEL_STUDIO_BASE_DATA_DIR": str(folder)}, stdin=subprocess.DEVNULL, stdout=output,
-            stderr=subprocess.STDOUT, start_new_session=True,  # its own process group, outliving the worker that started it
-        )
+    try:
+        with log.open("w") as output:
+            process = subprocess.Popen(
+                command, env={**os.environ, **QUIET, "LABEL_STUDIO_BASE_DATA_DIR": str(folder)}, stdin=subprocess.DEVNULL, stdout=output,
+                stderr=subprocess.STDOUT, start_new_session=True,  # its own process group, outliving the worker that started it
+            )
+    except OSError as error:
+        return {"pid": None, "problem": f"cannot run Label Studio ({executable}): {error}"}
     url = f"http://127.0.0.1:{port}"
     problem = _wait_until_up(url, process, time.time() + START_TIMEOUT_S)
     if problem:
