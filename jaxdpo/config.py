@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import sys
 import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
+from urllib.parse import urlparse
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -232,20 +234,33 @@ class DpoConfig:
 class OracleConfig:
     """Who labels. kind "synthetic" (the embedded task's programmatic reward), "reward_model" (an HF
     *ForSequenceClassification checkpoint run in JAX), "torch_reward_model" (any transformers
-    PyTorch reward model; needs torch) or "human" (JSONL files for annotators). Reward models score
-    `batch_size` texts of at most `max_length` tokens per call; a torch model runs on `device`
-    ("auto": the GPU when torch sees one; share it with JAX through `mesh.memory_fraction`)."""
+    PyTorch reward model; needs torch), "human" (JSONL files for annotators) or "label_studio"
+    (a Label Studio server at `url`; `token_env`: the NAME of the environment variable holding its
+    API token, never the token; `project`: an existing project's id, else the run creates one).
+    Reward models score `batch_size` texts of at most `max_length` tokens per call; a torch model
+    runs on `device` ("auto": the GPU when torch sees one; share it with JAX through
+    `mesh.memory_fraction`)."""
 
-    kind: Literal["synthetic", "reward_model", "torch_reward_model", "human"] = "synthetic"
+    kind: Literal["synthetic", "reward_model", "torch_reward_model", "human", "label_studio"] = "synthetic"
     path: str | None = None
     mode: Literal["bradley_terry", "deterministic"] = "deterministic"
     batch_size: PositiveInt = 16
     max_length: PositiveInt = 512
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    url: str | None = None
+    token_env: str | None = None
+    project: PositiveInt | None = None
 
     def check(self, key: str) -> None:
         if self.kind in ("reward_model", "torch_reward_model") and not self.path:
             _fail(f"{key}.path", f"oracle.kind = {self.kind!r} needs the reward model's path")
+        if self.kind == "label_studio":
+            address = urlparse(self.url or "")
+            if address.scheme not in ("http", "https") or not address.netloc:
+                _fail(f"{key}.url", f"oracle.kind = 'label_studio' needs the server's http(s) address, e.g. \"http://localhost:8080\", got {self.url!r}")
+            if not re.fullmatch(r"[A-Z_][A-Z0-9_]*", self.token_env or ""):
+                _fail(f"{key}.token_env", "must be the NAME of the environment variable that holds the Label Studio API token (capital "
+                      "letters, digits, _), e.g. \"LABEL_STUDIO_API_KEY\"; the token itself never goes into the config")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -56,6 +56,11 @@ def test_default_is_valid_and_round_trips_through_toml_and_yaml(tmp_path):
         ({"lora": {"targets": ["q", "q"]}}, r"lora\.targets: must list distinct"),
         ({"dpo": {"schedule": "step"}}, r"dpo\.schedule: must be one of \['constant', 'linear', 'cosine'\]"),
         ({"run": {"seeds": [1, 1]}}, r"run\.seeds: lists a seed twice"),
+        ({"oracle": {"kind": "label_studio", "token_env": "LS_TOKEN"}}, r"oracle\.url: oracle\.kind = 'label_studio' needs the server's http\(s\) address"),
+        ({"oracle": {"kind": "label_studio", "url": "localhost:8080", "token_env": "LS_TOKEN"}}, r"oracle\.url: .*got 'localhost:8080'"),
+        ({"oracle": {"kind": "label_studio", "url": "http://localhost:8080"}}, r"oracle\.token_env: must be the NAME of the environment variable"),
+        ({"oracle": {"kind": "label_studio", "url": "http://localhost:8080", "token_env": "3f2a9c0e1b7d4a6f8e5c2b1a0d9f8e7c6b5a4d3e"}}, r"oracle\.token_env: must be the NAME .*the token itself never"),
+        ({"oracle": {"kind": "label_studio", "url": "http://localhost:8080", "token_env": "LS_TOKEN", "project": 0}}, r"oracle\.project: must be > 0"),
     ],
 )
 def test_bad_configs_name_the_key(raw, match):

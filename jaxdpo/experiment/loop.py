@@ -260,7 +260,11 @@ def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, resp
                 for row in ask
             ]
             prefs = setup.oracle.label(requests, seed=zlib.crc32(f"{track.name}/{round_}".encode()))
-        answered = [LabelRecord(**row, preferred=_preferred(prefs, i), score_a=_score(prefs.scores_a, i), score_b=_score(prefs.scores_b, i)) for i, row in enumerate(ask)]
+        answered = [
+            LabelRecord(**row, preferred=_preferred(prefs, i), score_a=_score(prefs.scores_a, i), score_b=_score(prefs.scores_b, i),
+                        votes=None if prefs.votes is None else prefs.votes[i])
+            for i, row in enumerate(ask)
+        ]
         current.log.append(answered)
         current.labels.extend(answered)
         logged.update({r.pick: r for r in answered})

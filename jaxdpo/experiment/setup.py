@@ -25,7 +25,7 @@ from jaxdpo.data import load_prompts, tokenize_prompts
 from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
-from jaxdpo.oracles import HumanOracle, Oracle, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
+from jaxdpo.oracles import HumanOracle, Oracle, label_studio, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
 from jaxdpo.oracles.human import human_folder
 from jaxdpo.sampling import generate
 from jaxdpo.sequences import Sequences, pad_rows
@@ -102,13 +102,14 @@ class Setup:
 
 def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
     mesh = _mesh(config)
+    oracle = _oracle(config, out_dir, mesh)  # first: an annotation server that is down fails the start at once
     model, tokenizer, train, evaluation, max_new_tokens = (_embedded_task if config.embedded else _checkpoint_task)(config, out_dir)
     if len(train.texts) < config.data.prompts_per_round:
         raise UserError(f"data.prompts_per_round: {config.data.prompts_per_round} prompts per round, but only {len(train.texts)} usable prompts")
     if mesh is not None:
         _check_splits(config, mesh)
         shard_model(model, mesh)
-    return Setup(config, model, tokenizer, train, evaluation, _oracle(config, out_dir, mesh), config.dpo.trainer(), max_new_tokens, mesh)
+    return Setup(config, model, tokenizer, train, evaluation, oracle, config.dpo.trainer(), max_new_tokens, mesh)
 
 
 def _check_splits(config: ExperimentConfig, mesh: Mesh) -> None:
@@ -239,4 +240,6 @@ def _oracle(config: ExperimentConfig, out_dir: Path, mesh: Mesh | None) -> Oracl
             "oracle.path", "the reward model",
             lambda: torch_reward_model_oracle(o.path, mode=mode, max_length=o.max_length, batch_size=o.batch_size, device=o.device),
         )
+    if kind == "label_studio":
+        return label_studio.connect(o.url, o.token_env, project=o.project, run_name=config.run.name, out_dir=out_dir)
     return HumanOracle(human_folder(out_dir))

@@ -30,7 +30,7 @@ from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import TrainState
 from jaxdpo.errors import UserError
 from jaxdpo.models import LoRA
-from jaxdpo.oracles import write_jsonl_atomic
+from jaxdpo.oracles import Votes, write_jsonl_atomic
 from jaxdpo.sequences import Sequences
 
 LABELS, METRICS, CONFIG = "labels.jsonl", "metrics.jsonl", "config.json"
@@ -62,7 +62,8 @@ class LabelRecord:
     index in the round's pool), the texts the oracle saw, the token rows DPO trains on (prompt
     left-padded to `prompt_len`, then the response), and the preference (None: the oracle gave
     none — a tie or a skip; the pair was paid for but is not trained on), with the oracle's scores
-    when it has them."""
+    when it has them and, from oracles that collect them, the annotators' votes behind the
+    preference (`Votes`; "votes" in JSON: {annotator: "a" | "b" | "skip"})."""
 
     method: str
     seed: int
@@ -80,6 +81,7 @@ class LabelRecord:
     preferred: Literal["a", "b"] | None
     score_a: float | None = None
     score_b: float | None = None
+    votes: Votes | None = None
 
     @property
     def track(self) -> Track:
@@ -92,7 +94,9 @@ class LabelRecord:
     def to_json(self) -> dict:
         row = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
         row.update({key: list(row[key]) for key in _TOKEN_FIELDS})
-        return {key: value for key, value in row.items() if not (key.startswith("score_") and value is None)}
+        if self.votes is not None:
+            row["votes"] = dict(self.votes)
+        return {key: value for key, value in row.items() if not (key in _OPTIONAL_FIELDS and value is None)}
 
     @classmethod
     def from_json(cls, row: dict) -> LabelRecord:
@@ -111,6 +115,7 @@ class LabelRecord:
 
 _TOKEN_FIELDS = ("input_ids_a", "attention_mask_a", "input_ids_b", "attention_mask_b")
 _INT_FIELDS = ("seed", "round", "pick", "candidate", "prompt_len")
+_OPTIONAL_FIELDS = ("score_a", "score_b", "votes")  # left out of the JSON when None
 
 
 def _parse_field(name: str, value):
@@ -126,6 +131,10 @@ def _parse_field(name: str, value):
         if value not in ("a", "b", None):
             raise ValueError(f"field 'preferred' must be \"a\", \"b\" or null, got {value!r}")
         return value
+    if name == "votes":
+        if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) and v in ("a", "b", "skip") for k, v in value.items())):
+            raise ValueError(f'field \'votes\' must map annotators to "a", "b" or "skip", got {value!r}')
+        return None if value is None else tuple(sorted(value.items()))  # one order, whatever the JSON writer kept
     if name.startswith("score_"):
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
             raise ValueError(f"field {name!r} must be a number, got {value!r}")
@@ -350,13 +359,15 @@ class RunLock:
 
 
 _GROWABLE = {("run", "rounds"), ("run", "seeds")}
+_MOVABLE = {("oracle", "url"), ("oracle", "token_env")}  # where the annotation server is, and how to reach it
 
 
 def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> bool:
     """Whether `config` must be (re)written to `out_dir`: a new run, or a resumed one that grows.
 
     A resumed run must have the config it was started with, except that `run.rounds` may grow and
-    `run.seeds` may gain seeds (a finished run is extended). Raises UserError otherwise."""
+    `run.seeds` may gain seeds (a finished run is extended), and `oracle.url` and `oracle.token_env`
+    may change (the Label Studio server moved). Raises UserError otherwise."""
     saved = Path(out_dir) / CONFIG
     if not saved.exists():
         if resume:
@@ -368,9 +379,9 @@ def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) ->
     changed = {
         (section, key) for section, values in now.items() for key, value in values.items() if before.get(section, {}).get(key) != value
     }
-    refused = sorted(f"{section}.{key}" for section, key in changed - _GROWABLE)
+    refused = sorted(f"{section}.{key}" for section, key in changed - _GROWABLE - _MOVABLE)
     if refused:
-        raise UserError(f"{out_dir} was run with another config; these keys differ: {', '.join(refused)} (only run.rounds and run.seeds may grow)")
+        raise UserError(f"{out_dir} was run with another config; these keys differ: {', '.join(refused)} (only run.rounds and run.seeds may grow, oracle.url and oracle.token_env change)")
     if before["run"]["rounds"] > now["run"]["rounds"] or not set(before["run"]["seeds"]) <= set(now["run"]["seeds"]):
         raise UserError(f"{out_dir}: a resumed run may add rounds and seeds, not remove them (it has rounds = {before['run']['rounds']}, seeds = {before['run']['seeds']})")
     return bool(changed)

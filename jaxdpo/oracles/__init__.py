@@ -5,7 +5,7 @@ one response (`can_score`) also serve evaluation (`Oracle.scores`). Score-based 
 (`scores`) answer at once; people answer later (`AsyncOracle`: `human`, files, and Label Studio).
 """
 
-from jaxdpo.oracles._base import AsyncOracle, LabelsPending, Oracle, PairRequest, Preferences, write_jsonl_atomic
+from jaxdpo.oracles._base import AsyncOracle, LabelsPending, Oracle, PairRequest, Preferences, Votes, write_jsonl_atomic
 from jaxdpo.oracles.human import HumanOracle, LabelFileError, read_answers
 from jaxdpo.oracles.scores import (
     Mode,
@@ -26,6 +26,7 @@ __all__ = [
     "PairRequest",
     "Preferences",
     "ScoreOracle",
+    "Votes",
     "preferences_from_scores",
     "read_answers",
     "reward_model_oracle",

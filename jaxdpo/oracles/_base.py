@@ -23,15 +23,20 @@ class PairRequest(NamedTuple):
     response_b: str
 
 
+Votes = tuple[tuple[str, str], ...]
+"""Who answered one pair and how: (annotator, "a" | "b" | "skip") per annotator, by annotator."""
+
+
 class Preferences(NamedTuple):
     """The answers, one per request: `prefer_a` [n] bool; `valid` [n] bool, False where the oracle
     gave no preference (a tie or a skip; None: every answer is a preference); the scores of score-
-    based oracles."""
+    based oracles; the `votes` behind each answer of oracles with several annotators."""
 
     prefer_a: np.ndarray
     valid: np.ndarray | None = None
     scores_a: np.ndarray | None = None
     scores_b: np.ndarray | None = None
+    votes: tuple[Votes, ...] | None = None
 
 
 @runtime_checkable

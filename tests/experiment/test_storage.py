@@ -31,6 +31,17 @@ def test_log_round_trips_records_and_repairs_only_a_torn_tail(tmp_path):
     assert log.read() == [*records, record(2, 0)]
 
 
+def test_votes_round_trip_and_are_checked(tmp_path):
+    log = LabelLog(tmp_path / "labels.jsonl")
+    voted = dataclasses.replace(record(1, 0), votes=(("alice", "a"), ("bob", "skip")))
+    log.append([voted, record(1, 1)])
+    assert log.read() == [voted, record(1, 1)]
+    assert log.path.read_text().count('"votes": {"alice": "a", "bob": "skip"}') == 1 and log.path.read_text().count('"votes"') == 1
+    assert LabelRecord.from_json({**voted.to_json(), "votes": {"bob": "skip", "alice": "a"}}) == voted  # one order
+    with pytest.raises(ValueError, match="field 'votes' must map annotators"):
+        LabelRecord.from_json({**voted.to_json(), "votes": {"alice": "left"}})
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda line: line.replace(b'"pick": 1', b'"pick": 7'), "the checksum does not match"),
     (lambda line: line[:20] + b"\n", "not valid JSON"),
@@ -47,7 +58,7 @@ def test_damage_before_the_last_line_is_reported_with_its_number(tmp_path, damag
             call()
 
 
-def test_resume_may_grow_rounds_and_seeds_only(tmp_path):
+def test_resume_may_grow_rounds_and_seeds_and_move_the_annotation_server_only(tmp_path):
     config = ExperimentConfig()
     assert prepare_out_dir(config, tmp_path, resume=False)
     save_config(config, tmp_path)
@@ -57,6 +68,8 @@ def test_resume_may_grow_rounds_and_seeds_only(tmp_path):
     assert prepare_out_dir(dataclasses.replace(config, run=dataclasses.replace(run, seeds=(*run.seeds, 9))), tmp_path, resume=True)
     with pytest.raises(UserError, match="not remove them"):
         prepare_out_dir(dataclasses.replace(config, run=dataclasses.replace(run, rounds=1)), tmp_path, resume=True)
+    moved = dataclasses.replace(config.oracle, url="http://elsewhere:8080", token_env="OTHER_TOKEN")  # the annotation server moved
+    assert prepare_out_dir(dataclasses.replace(config, oracle=moved), tmp_path, resume=True)
     with pytest.raises(UserError, match="these keys differ: dpo.beta"):
         prepare_out_dir(dataclasses.replace(config, dpo=dataclasses.replace(config.dpo, beta=0.5)), tmp_path, resume=True)
     with pytest.raises(UserError, match="already holds a run"):
