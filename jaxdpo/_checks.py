@@ -6,6 +6,7 @@ Shape and dtype checks work on tracers too, so they still apply under `jax.jit`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import jax
@@ -74,3 +75,27 @@ def check_index_range(name: str, x, size: int, of: str) -> None:
     values = np.asarray(x)
     lo, hi = int(values.min()), int(values.max())
     require(lo >= 0 and hi < size, f"{name} must index {of} (0..{size - 1}), got values in [{lo}, {hi}]")
+
+
+def free_device_bytes(device=None) -> int | None:
+    """Free memory of `device` (default: the first device) in bytes, or None if it cannot tell.
+    For the host CPU: the available physical memory."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    if device.platform == "cpu" and hasattr(os, "sysconf"):
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def check_fits_device(name: str, x) -> None:
+    """A host (NumPy) array about to be copied to the default device must fit in its free memory."""
+    if not isinstance(x, np.ndarray):
+        return
+    free = free_device_bytes()
+    require(
+        free is None or x.nbytes <= free,
+        f"{name} needs {x.nbytes / 2**30:.2f} GiB ({x.nbytes} bytes) on {jax.devices()[0]}, but only "
+        f"{(free or 0) / 2**30:.2f} GiB are free; pass fewer candidates, a smaller d, or bfloat16 features",
+    )

@@ -62,9 +62,9 @@ class Selector:
         return self._select(pool, batch_size, key, **self.options)
 
 
-def _activedpo(pool, batch_size, key, *, reg=1.0):
+def _activedpo(pool, batch_size, key, *, reg=1.0, strategy="auto"):
     return select_batch(
-        pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs
+        pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy
     )
 
 

@@ -1,5 +1,5 @@
 """Run in a subprocess with 4 host CPU devices: select_batch on candidate-sharded features must
-make the same picks as on one device. Prints one JSON object."""
+make the same picks as on one device, for both strategies. Prints one JSON object."""
 
 import os
 
@@ -13,9 +13,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import jaxdpo  # noqa: E402
 
+jax.config.update("jax_disable_most_optimizations", True)  # as in the test suite: compile time dominates
+
 rng = np.random.default_rng(0)
 n, d, batch = 64, 24, 10
 phi = rng.normal(size=(n, d)).astype(np.float32)
+phi[40] = phi[3]  # an exact tie across shards: the lowest global index must win
 prior = rng.normal(size=(5, d)).astype(np.float32)
 g = rng.normal(size=(n, d)).astype(np.float32)
 pairs = rng.integers(0, n, size=(n, 2)).astype(np.int32)
@@ -23,23 +26,23 @@ pairs = rng.integers(0, n, size=(n, 2)).astype(np.int32)
 mesh = Mesh(np.array(jax.devices()), ("candidates",))
 rows = NamedSharding(mesh, PartitionSpec("candidates"))
 single = jax.devices()[0]
+jitted = jax.jit(jaxdpo.select_batch, static_argnames=("batch_size", "strategy"))
 
 out = {"devices": len(jax.devices())}
-for name, kwargs in [("dense", {}), ("prior", {"prior": prior})]:
+sharded_phi = jax.device_put(phi, rows)
+for name, kwargs in [("full", {"strategy": "full"}), ("lazy", {"strategy": "lazy"}), ("lazy_prior", {"strategy": "lazy", "prior": prior})]:
     one = jaxdpo.select_batch(jax.device_put(phi, single), batch, **kwargs)
-    sharded_phi = jax.device_put(phi, rows)
-    many = jaxdpo.select_batch(sharded_phi, batch, **kwargs)
-    jitted = jax.jit(jaxdpo.select_batch, static_argnames="batch_size")(sharded_phi, batch_size=batch, **kwargs)
+    many = jitted(sharded_phi, batch_size=batch, **kwargs)
     out[name] = {
         "shards": len(sharded_phi.sharding.device_set),
-        "same_picks": bool(np.array_equal(one.indices, many.indices) and np.array_equal(one.indices, jitted.indices)),
+        "same_picks": bool(np.array_equal(one.indices, many.indices)),
         "max_score_diff": float(np.max(np.abs(np.asarray(one.scores) - np.asarray(many.scores)))),
     }
-# The explicit path never gathers Φ: per pick it moves only per-device bests and the row φ*.
+# The explicit path never gathers Φ: per round it moves only per-device leaders and the row φ*.
 from jaxdpo.selection._greedy import _greedy_sharded  # noqa: E402
 
 hlo = _greedy_sharded.lower(
-    jax.device_put(phi, rows), None, jax.device_put(np.ones(n, bool), rows), np.float32(1.0), batch, mesh, "candidates"
+    sharded_phi, None, jax.device_put(np.ones(n, bool), rows), np.float32(1.0), batch, True, mesh, "candidates"
 ).compile().as_text()
 out["gathers_feature_matrix"] = any(
     ("all-gather" in line or "all-reduce" in line) and f"[{n},{d}]" in line for line in hlo.splitlines()

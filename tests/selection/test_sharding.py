@@ -15,7 +15,7 @@ def test_sharded_selection_matches_one_device():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4
     assert not result["gathers_feature_matrix"]
-    for mode in ("dense", "prior", "pairs"):
+    for mode in ("full", "lazy", "lazy_prior", "pairs"):
         assert result[mode]["shards"] == 4
         assert result[mode]["same_picks"], result
         assert result[mode]["max_score_diff"] < 1e-5, result
