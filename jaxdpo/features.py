@@ -29,7 +29,7 @@ from jaxdpo import _checks
 from jaxdpo.models import LoRA
 from jaxdpo.projection import FactoredPlan, _dense_project, as_key, plan_factored
 from jaxdpo.rewards import per_example_grads, sequence_logprobs
-from jaxdpo.sequences import check_sequences, pad_rows
+from jaxdpo.sequences import check_sequences, pad_rows, response_window
 
 METHODS = ("dense", "factored")
 
@@ -94,11 +94,11 @@ def _in_groups(fn, batch, size: int) -> Array:
     return out.reshape(groups * size, *out.shape[2:])[:n]
 
 
-@partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size", "projection_batch"))
-def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch):
+@partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size", "projection_batch", "window"))
+def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch, window):
     def logprob(lora, example, lora_fn=None):
         ids, response, attention = (x[None] for x in example)
-        return beta * sequence_logprobs(model, lora, ids, response, attention_mask=attention, lora_fn=lora_fn)[0]
+        return beta * sequence_logprobs(model, lora, ids, response, attention_mask=attention, lora_fn=lora_fn, window=window)[0]
 
     if method == "dense":
 
@@ -159,5 +159,5 @@ def gradient_features(
     return _features(
         model, lora, batch, jnp.float32(beta), as_key(seed),
         dim=int(dim), normalize=bool(normalize), method=method, chunk_size=int(min(chunk_size, n)),
-        projection_batch=int(min(projection_batch, n)),
+        projection_batch=int(min(projection_batch, n)), window=response_window(response_mask),
     )
