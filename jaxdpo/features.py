@@ -60,6 +60,28 @@ def factored_plan(lora: LoRA, dim: int) -> FactoredPlan:
     return plan_factored(shapes, num_layers=num_layers, dim=dim)
 
 
+@jax.custom_vjp
+def _zero_probe(projected: Array, probe: Array, right: Array) -> Array:
+    """`projected @ probe @ right` for a probe that is zero, so the product is skipped: its value
+    is zero, and so is the gradient it passes to `projected`. The probe's gradient
+    `projectedᵀ (g rightᵀ)` is what the factored features read."""
+    return jnp.zeros((*projected.shape[:-1], right.shape[-1]), jnp.result_type(projected, probe))
+
+
+def _zero_probe_fwd(projected, probe, right):
+    return _zero_probe(projected, probe, right), (projected, probe, right)
+
+
+def _zero_probe_bwd(residuals, g):
+    projected, probe, right = residuals
+    rows = projected.reshape(-1, projected.shape[-1])
+    grad = jnp.matmul(rows.T, (g @ right.T).reshape(rows.shape[0], -1).astype(rows.dtype), preferred_element_type=probe.dtype)
+    return None, grad, None
+
+
+_zero_probe.defvjp(_zero_probe_fwd, _zero_probe_bwd)
+
+
 def _probed_lora_fn(plan: FactoredPlan, key: Array, targets: tuple[str, ...]):
     """A `lora_fn` computing the adapter through W + P_lᵀ E P_r for the zero probes E in params."""
 
@@ -67,8 +89,8 @@ def _probed_lora_fn(plan: FactoredPlan, key: Array, targets: tuple[str, ...]):
         block = 2 * targets.index(target)
         left_a, right_a = (m.astype(x.dtype) for m in plan.factors(key, block, layer))
         left_b, right_b = (m.astype(x.dtype) for m in plan.factors(key, block + 1, layer))
-        z = x @ params["a"] + ((x @ left_a.T) @ params["e_a"]) @ right_a
-        return scale * (z @ params["b"] + ((z @ left_b.T) @ params["e_b"]) @ right_b)
+        z = x @ params["a"] + _zero_probe(x @ left_a.T, params["e_a"], right_a)
+        return scale * (z @ params["b"] + _zero_probe(z @ left_b.T, params["e_b"], right_b))
 
     return lora_fn
 

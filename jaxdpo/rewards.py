@@ -57,13 +57,14 @@ def sequence_logprobs(
     delta (gradient-feature probes). Checks shapes always, values when they are concrete, so it is
     the same function inside `jit`, `vmap` and `grad`.
 
-    The LM head and log-softmax run on `window` positions per row only, the ones that predict its
-    response: a static int ≥ every row's response span. By default `response_window` of the mask
+    The last layer's queries, attention output and MLP, the LM head and the log-softmax run on
+    `window` positions per row only, the ones that predict its response: a static int ≥ every
+    row's response span. By default `response_window` of the mask
     when it is concrete; under `jit` pass it (or every position is used)."""
     check_sequences(input_ids, response_mask, attention_mask)
     positions = _window_positions(response_mask, _window_width(response_mask, window))
-    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn)
-    logits = model.logits(jnp.take_along_axis(hidden, positions[..., None], axis=1))
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn, rows=positions)
+    logits = model.logits(hidden)
     targets = jnp.take_along_axis(jnp.asarray(input_ids), positions + 1, axis=1)
     weights = jnp.take_along_axis(jnp.asarray(response_mask), positions + 1, axis=1).astype(logits.dtype)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]

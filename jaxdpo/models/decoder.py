@@ -112,6 +112,11 @@ def _dense(x: Array, w: Array, out_in: bool, **kwargs) -> Array:
     return jax.lax.optimization_barrier(transposed).T.reshape(*x.shape[:-1], w.shape[0])
 
 
+def _take_rows(x: Array, rows: Int[Array, "b w"]) -> Array:
+    """`x[i, rows[i]]` for every batch row i: `[b, t, ...]` → `[b, w, ...]`."""
+    return jnp.take_along_axis(x, rows.reshape(*rows.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
 def _key_layout(k: Float[Array, "b t kv hd"]) -> Float[Array, "b kv hd t"]:
     return k.transpose(0, 2, 3, 1)
 
@@ -197,11 +202,13 @@ class Decoder(nnx.Module):
         """Float32 logits `[b, s, vocab]`. `attention_mask` [b, s]: 1 = token, 0 = (left) padding."""
         return self.logits(self.hidden_states(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn))
 
-    def hidden_states(self, input_ids, *, attention_mask=None, lora=None, lora_fn=None) -> Float[Array, "b s h"]:
-        """Final-normed hidden states `[b, s, hidden]` (reward heads, APO features)."""
+    def hidden_states(self, input_ids, *, attention_mask=None, lora=None, lora_fn=None, rows=None) -> Float[Array, "b s h"]:
+        """Final-normed hidden states `[b, s, hidden]` (reward heads, APO features). With `rows`
+        `[b, w]` (positions), only those `[b, w, hidden]`; the last layer then computes queries,
+        attention output and MLP at those positions only (log-probs of a response)."""
         valid = self._valid(input_ids, attention_mask)
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        return self._run(input_ids, positions, jnp.arange(input_ids.shape[1]), valid, lora, lora_fn)
+        return self._run(input_ids, positions, jnp.arange(input_ids.shape[1]), valid, lora, lora_fn, rows)
 
     def logits(self, hidden: Float[Array, "b s h"]) -> Float[Array, "b s vocab"]:
         return self._project_vocab(hidden, self._head(), out_in=False)
@@ -304,11 +311,13 @@ class Decoder(nnx.Module):
         layers = range(self.config.num_layers)
         return [None if lora is None else jax.tree.map(lambda p, layer=layer: p[layer], lora.params) for layer in layers]
 
-    def _layer(self, x, params, adapter, layer, cos, sin, attend, lora, lora_fn, out_in: bool):
+    def _layer(self, x, params, adapter, layer, cos, sin, attend, lora, lora_fn, out_in: bool, queries=None):
         """One decoder layer on `x` `[b, t, h]`; `attend(q, k, v)` → (attention output, what it
-        returns besides). Matrices in [in, out] layout, or [out, in] with `out_in`."""
+        returns besides). Matrices in [in, out] layout, or [out, in] with `out_in`. With `queries`
+        `[b, w]`, keys and values come from every position but the queries, attention output and
+        MLP only from those: the output is `[b, w, h]`."""
         config = self.config
-        b, t, _ = x.shape
+        b = x.shape[0]
         heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
         lora_fn = lora_fn or default_lora_fn
 
@@ -324,37 +333,49 @@ class Decoder(nnx.Module):
             return _rms_norm(y, params[name], config) if config.sandwich_norms else y
 
         h = _rms_norm(x, params["attn_norm"], config)
-        q = project(h, "q").reshape(b, t, heads, hd)
-        k = project(h, "k").reshape(b, t, kv_heads, hd)
-        v = project(h, "v").reshape(b, t, kv_heads, hd)
+        k = project(h, "k").reshape(b, -1, kv_heads, hd)
+        v = project(h, "v").reshape(b, -1, kv_heads, hd)
         if config.qk_norm:
-            q, k = _rms_norm(q, params["q_norm"], config), _rms_norm(k, params["k_norm"], config)
-        attended, extra = attend(_apply_rope(q, cos, sin), _apply_rope(k, cos, sin), v)
+            k = _rms_norm(k, params["k_norm"], config)
+        k = _apply_rope(k, cos, sin)
+        if queries is not None:
+            x, h, cos, sin = (_take_rows(a, queries) for a in (x, h, cos, sin))
+        q = project(h, "q").reshape(b, -1, heads, hd)
+        if config.qk_norm:
+            q = _rms_norm(q, params["q_norm"], config)
+        attended, extra = attend(_apply_rope(q, cos, sin), k, v)
         x = x + post_norm(project(attended, "o"), "attn_post_norm")
         h = _rms_norm(x, params["mlp_norm"], config)
         x = x + post_norm(project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down"), "mlp_post_norm")
         return x, extra
 
-    def _run(self, input_ids, positions, slots, valid, lora, lora_fn):
-        """Final-normed hidden states of a plain forward: the layers under one `lax.scan` over the
-        stacked weights."""
+    def _run(self, input_ids, positions, slots, valid, lora, lora_fn, queries=None):
+        """Final-normed hidden states of a plain forward: the layers under one `lax.scan`, each
+        step slicing its layer out of the stacked weights. With `queries` `[b, w]`, only those
+        positions': the scan stops before the last layer, which runs on the queries only."""
         config = self.config
         x, cos, sin = self._embed(input_ids, positions)
         allowed, windowed = self._masks(slots, slots, valid)
+        stacked = (
+            {name: p[...] for name, p in self.layers.items()},
+            lora.params if lora is not None else None,
+            jnp.asarray(config.layer_is_sliding),
+        )
 
-        def body(x, inputs):
-            params, adapter, layer, sliding = inputs
+        def layer_fn(x, layer, queries=None):
+            params, adapter, sliding = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), stacked)
             mask = jnp.where(sliding, windowed, allowed) if config.sliding_layers else allowed
+            mask = mask if queries is None else _take_rows(mask, queries)
 
             def attend(q, k, v):
                 return _attention(q, _key_layout(k), _value_layout(v), mask, config), None
 
-            return self._layer(x, params, adapter, layer, cos, sin, attend, lora, lora_fn, out_in=False)[0], None
+            return self._layer(x, params, adapter, layer, cos, sin, attend, lora, lora_fn, False, queries)[0]
 
         if self.remat:
-            body = jax.checkpoint(body)
-        params = {name: p[...] for name, p in self.layers.items()}
-        adapter = lora.params if lora is not None else None
-        layers = jnp.arange(config.num_layers, dtype=jnp.int32)
-        x, _ = jax.lax.scan(body, x, (params, adapter, layers, jnp.asarray(config.layer_is_sliding)))
+            layer_fn = jax.checkpoint(layer_fn)
+        scanned = config.num_layers if queries is None else config.num_layers - 1
+        x, _ = jax.lax.scan(lambda x, layer: (layer_fn(x, layer), None), x, jnp.arange(scanned, dtype=jnp.int32))
+        if queries is not None:
+            x = layer_fn(x, jnp.int32(config.num_layers - 1), queries)
         return _rms_norm(x, self.final_norm[...], config)
