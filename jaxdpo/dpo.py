@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 from jaxdpo import _checks
 from jaxdpo.models import LoRA
 from jaxdpo.rewards import sequence_logprobs
-from jaxdpo.sequences import Sequences, pad_rows
+from jaxdpo.sequences import Sequences, pad_rows, response_window
 
 
 def dpo_loss(
@@ -55,10 +55,10 @@ class TrainState:
     step: int = 0
 
 
-@partial(jax.jit, static_argnames=("chunk_size",))
-def _logprobs(model, lora, sequences: Sequences, *, chunk_size: int) -> Float[Array, " r"]:
+@partial(jax.jit, static_argnames=("chunk_size", "window"))
+def _logprobs(model, lora, sequences: Sequences, *, chunk_size: int, window: int) -> Float[Array, " r"]:
     def chunk(rows):
-        return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
+        return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask, window=window)
 
     rows = jax.tree.map(lambda x: x.reshape(-1, chunk_size, *x.shape[1:]), sequences)
     return jax.lax.map(chunk, rows).reshape(-1)
@@ -71,7 +71,8 @@ def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_si
     n = sequences.num_rows
     padded = math.ceil(n / chunk_size) * chunk_size
     sequences = Sequences(*(pad_rows(np.asarray(x), padded) for x in sequences))
-    return np.asarray(_logprobs(model, lora, sequences, chunk_size=chunk_size))[:n]
+    window = response_window(sequences.response_mask)
+    return np.asarray(_logprobs(model, lora, sequences, chunk_size=chunk_size, window=window))[:n]
 
 
 def reference_logprobs(model, sequences: Sequences, *, chunk_size: int = 16) -> np.ndarray:
@@ -167,6 +168,7 @@ class DpoTrainer:
         per_step = self.batch_size * self.grad_accum
         total = self.epochs * self.steps_per_epoch(len(pairs))
         host = Sequences(*(np.asarray(x) for x in sequences))
+        window = response_window(host.response_mask)
         ref = np.asarray(ref_logprobs, np.float32)
         losses = []
         for _ in range(self.epochs):
@@ -182,7 +184,7 @@ class DpoTrainer:
                 opt_state = _set_learning_rate(state.opt_state, self.learning_rate_at(state.step, total))
                 lora, opt_state, loss = _train_step(
                     model, state.lora, opt_state, Sequences(*(x[picked] for x in host)), ref[picked],
-                    weights.reshape(self.grad_accum, self.batch_size), trainer=self,
+                    weights.reshape(self.grad_accum, self.batch_size), trainer=self, window=window,
                 )
                 state = TrainState(lora=lora, opt_state=opt_state, step=state.step + 1)
                 losses.append(float(loss))
@@ -197,17 +199,18 @@ def _set_learning_rate(opt_state, value: float):
     return opt_state._replace(hyperparams=hyperparams)
 
 
-@partial(jax.jit, static_argnames=("trainer",))
-def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, trainer: DpoTrainer):
+@partial(jax.jit, static_argnames=("trainer", "window"))
+def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, trainer: DpoTrainer, window: int):
     """One optimizer step over `grad_accum` micro-batches: `batch` rows `[accum, 2·batch_size, s]`
     hold the chosen responses then the rejected ones, `ref` their reference log-probs; the loss is
-    the `weights`-weighted mean over pairs."""
+    the `weights`-weighted mean over pairs. Log-probs read `window` positions per row
+    (`sequence_logprobs`)."""
     total_weight = jnp.maximum(weights.sum(), 1.0)
     k = trainer.batch_size
 
     def micro_loss(lora, micro):
         rows, ref, w = micro
-        policy = sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
+        policy = sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask, window=window)
         losses = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta=trainer.beta, label_smoothing=trainer.label_smoothing)
         if trainer.nll_weight:  # RPO: + λ · per-token NLL of the chosen response
             losses = losses - trainer.nll_weight * policy[:k] / jnp.sum(rows.response_mask[:k], axis=1)

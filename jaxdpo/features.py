@@ -12,7 +12,13 @@ A triplet's φ(x, y1, y2) = g(x, y1) − g(x, y2), which `select_batch` takes di
   (through the decoder's `lora_fn` hook), so ∂(β log π)/∂E = P_l G P_rᵀ is computed from the
   projected activations and output gradients; no per-example gradient is ever formed. With
   `normalize`, the projected vector is scaled to unit norm: the gradient's own norm is never
-  formed either, and ‖Pg‖ = ‖g‖ up to the JL error O(1/√dim).
+  formed either, and ‖Pg‖ = ‖g‖ up to the JL error O(1/√dim). The probes being zero, their
+  products are skipped in the forward pass (`_zero_probe`).
+
+Both run the LM head, log-softmax and the last layer's queries and MLP only on the positions that
+predict response tokens (`sequence_logprobs` on `response_window`). Everything else runs at every
+position, prompt included: the LoRA gradient reaches the response through the prompt's keys and
+values in every layer, so a prompt's m responses cannot share its backward pass.
 """
 
 from __future__ import annotations

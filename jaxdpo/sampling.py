@@ -1,7 +1,10 @@
 """Sampled decoding (paper §3.1: m responses per prompt from the current policy): a jitted prefill
-of the left-padded prompts, then one `lax.while_loop` of single-token steps over the decoder's KV
-cache (its state a `DecodeState`), stopping when every sequence has emitted an end token or
-`max_new_tokens` are written.
+of the left-padded prompts, once per prompt, whose KV cache is then repeated for the prompt's
+`num_samples` rows; then one `lax.while_loop` of single-token steps over the decoder's KV cache
+(its state a `DecodeState`, the weights laid out once as `DecodeWeights`), stopping when every
+sequence has emitted an end token or `max_new_tokens` are written. Greedy steps (temperature 0)
+take an argmax; sampled steps one `jax.random.categorical` over all rows, after top-k/top-p
+filtering that looks at each row's `CANDIDATES` largest logits before it sorts anything.
 
 The result is `Sequences`, laid out for `sequence_logprobs` / `gradient_features`: the prompt
 (left-padded) followed by the generated tokens, `response_mask` 1 on the generated tokens up to
@@ -184,6 +187,8 @@ def generate(
     temperature 0 is greedy decoding; `top_k` 0 and `top_p` 1 disable those filters; a sequence
     stops after any token of `eos_token_id` (one id or several). Compiles once per shape and
     option set: new LoRA weights, keys, temperatures and top-p/top-k values reuse the compiled loop.
+    Each prompt is prefilled once for its `num_samples` rows; they draw the tokens that decoding
+    the prompt repeated `num_samples` times would draw for the same key.
 
     Returns `Sequences` `[batch·num_samples, prompt_len + max_new_tokens]`; rows
     `i·num_samples … (i+1)·num_samples − 1` answer prompt i."""

@@ -1,12 +1,13 @@
 """One decoder for the Llama, Gemma, Gemma-2 and Qwen2/Qwen3 families (switches in `DecoderConfig`).
 
 Layer weights are stacked along a leading layer axis and the layers run under one `lax.scan`, so
-the layer body compiles once whatever the depth. The KV-cached prefill/decode used by sampling runs
-the same layer body over `DecodeWeights` instead: each layer's weights as separate arrays in
-[out, in] layout, made once per decode loop, so a decode step reads every matrix in place (a
-scan over the stacked weights copies each layer's slice on every step). Attention always sees
-(query slots, key slots, key validity), and positions come from the attention mask, so left-padded
-batches are exact.
+the layer body compiles once whatever the depth; when only some positions' hidden states are read
+(log-probs of a response), the scan stops before the last layer, which runs on those rows only.
+The KV-cached prefill/decode used by sampling runs the same layer body over `DecodeWeights`
+instead: each layer's weights as separate arrays in [out, in] layout, made once per decode loop,
+so a decode step reads every matrix in place (a scan over the stacked weights copies each layer's
+slice on every step). Attention always sees (query slots, key slots, key validity), and positions
+come from the attention mask, so left-padded batches are exact.
 """
 
 from __future__ import annotations
@@ -311,11 +312,11 @@ class Decoder(nnx.Module):
         layers = range(self.config.num_layers)
         return [None if lora is None else jax.tree.map(lambda p, layer=layer: p[layer], lora.params) for layer in layers]
 
-    def _layer(self, x, params, adapter, layer, cos, sin, attend, lora, lora_fn, out_in: bool, queries=None):
+    def _layer(self, x, params, adapter, layer, cos, sin, attend, lora, lora_fn, out_in: bool, rows=None):
         """One decoder layer on `x` `[b, t, h]`; `attend(q, k, v)` → (attention output, what it
-        returns besides). Matrices in [in, out] layout, or [out, in] with `out_in`. With `queries`
-        `[b, w]`, keys and values come from every position but the queries, attention output and
-        MLP only from those: the output is `[b, w, h]`."""
+        returns besides). Matrices in [in, out] layout, or [out, in] with `out_in`. With `rows`
+        `[b, w]` (positions), keys and values come from every position but the queries, attention
+        output and MLP only from those rows: the output is `[b, w, h]`."""
         config = self.config
         b = x.shape[0]
         heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
@@ -338,8 +339,8 @@ class Decoder(nnx.Module):
         if config.qk_norm:
             k = _rms_norm(k, params["k_norm"], config)
         k = _apply_rope(k, cos, sin)
-        if queries is not None:
-            x, h, cos, sin = (_take_rows(a, queries) for a in (x, h, cos, sin))
+        if rows is not None:
+            x, h, cos, sin = (_take_rows(a, rows) for a in (x, h, cos, sin))
         q = project(h, "q").reshape(b, -1, heads, hd)
         if config.qk_norm:
             q = _rms_norm(q, params["q_norm"], config)
@@ -349,10 +350,10 @@ class Decoder(nnx.Module):
         x = x + post_norm(project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down"), "mlp_post_norm")
         return x, extra
 
-    def _run(self, input_ids, positions, slots, valid, lora, lora_fn, queries=None):
+    def _run(self, input_ids, positions, slots, valid, lora, lora_fn, rows=None):
         """Final-normed hidden states of a plain forward: the layers under one `lax.scan`, each
-        step slicing its layer out of the stacked weights. With `queries` `[b, w]`, only those
-        positions': the scan stops before the last layer, which runs on the queries only."""
+        step slicing its layer out of the stacked weights. With `rows` `[b, w]`, only those
+        positions': the scan stops before the last layer, which runs on those rows only."""
         config = self.config
         x, cos, sin = self._embed(input_ids, positions)
         allowed, windowed = self._masks(slots, slots, valid)
@@ -362,20 +363,20 @@ class Decoder(nnx.Module):
             jnp.asarray(config.layer_is_sliding),
         )
 
-        def layer_fn(x, layer, queries=None):
+        def layer_fn(x, layer, rows=None):
             params, adapter, sliding = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), stacked)
             mask = jnp.where(sliding, windowed, allowed) if config.sliding_layers else allowed
-            mask = mask if queries is None else _take_rows(mask, queries)
+            mask = mask if rows is None else _take_rows(mask, rows)
 
             def attend(q, k, v):
                 return _attention(q, _key_layout(k), _value_layout(v), mask, config), None
 
-            return self._layer(x, params, adapter, layer, cos, sin, attend, lora, lora_fn, False, queries)[0]
+            return self._layer(x, params, adapter, layer, cos, sin, attend, lora, lora_fn, False, rows)[0]
 
         if self.remat:
             layer_fn = jax.checkpoint(layer_fn)
-        scanned = config.num_layers if queries is None else config.num_layers - 1
+        scanned = config.num_layers if rows is None else config.num_layers - 1
         x, _ = jax.lax.scan(lambda x, layer: (layer_fn(x, layer), None), x, jnp.arange(scanned, dtype=jnp.int32))
-        if queries is not None:
-            x = layer_fn(x, jnp.int32(config.num_layers - 1), queries)
+        if rows is not None:
+            x = layer_fn(x, jnp.int32(config.num_layers - 1), rows)
         return _rms_norm(x, self.final_norm[...], config)
