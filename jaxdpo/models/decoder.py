@@ -103,14 +103,22 @@ def _softcap(x: Array, cap: float | None) -> Array:
 def _dense(x: Array, w: Array, out_in: bool, **kwargs) -> Array:
     """x @ w for `w` in [in, out] layout, or x @ wᵀ for `w` in [out, in] (`DecodeWeights`).
 
-    The [out, in] product is computed as (w xᵀ)ᵀ, the matrix as the left operand: XLA's CPU
-    matmul streams its left operand and repacks its right one, so a few rows times a large matrix
-    run about twice as fast this way round. The barrier keeps XLA from rewriting it back."""
+    On CPU the [out, in] product is computed as (w xᵀ)ᵀ, the matrix as the left operand: XLA's
+    CPU matmul streams its left operand and repacks its right one, so a few rows times a large
+    matrix run about twice as fast this way round (the barrier keeps XLA from rewriting it back).
+    Other backends read either operand in place and get the plain product."""
     if not out_in:
         return jnp.matmul(x, w, **kwargs)
-    rows = x.reshape(-1, x.shape[-1])
-    transposed = jax.lax.dot_general(w, rows, (((1,), (1,)), ((), ())), **kwargs)
-    return jax.lax.optimization_barrier(transposed).T.reshape(*x.shape[:-1], w.shape[0])
+
+    def matrix_left(x, w):
+        rows = x.reshape(-1, x.shape[-1])
+        transposed = jax.lax.dot_general(w, rows, (((1,), (1,)), ((), ())), **kwargs)
+        return jax.lax.optimization_barrier(transposed).T.reshape(*x.shape[:-1], w.shape[0])
+
+    def plain(x, w):
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), **kwargs)
+
+    return jax.lax.platform_dependent(x, w, cpu=matrix_left, default=plain)
 
 
 def _take_rows(x: Array, rows: Int[Array, "b w"]) -> Array:
