@@ -62,9 +62,12 @@ def sequence_logprobs(
     row's response span. By default `response_window` of the mask
     when it is concrete; under `jit` pass it (or every position is used)."""
     check_sequences(input_ids, response_mask, attention_mask)
-    positions = _window_positions(response_mask, _window_width(response_mask, window))
-    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn, rows=positions)
-    logits = model.logits(hidden)
+    width = _window_width(response_mask, window)
+    positions = _window_positions(response_mask, width)
+    every_position = width == np.shape(input_ids)[1] - 1  # nothing to skip: one scan over all layers
+    rows = None if every_position else positions
+    hidden = model.hidden_states(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn, rows=rows)
+    logits = model.logits(hidden[:, :-1] if every_position else hidden)
     targets = jnp.take_along_axis(jnp.asarray(input_ids), positions + 1, axis=1)
     weights = jnp.take_along_axis(jnp.asarray(response_mask), positions + 1, axis=1).astype(logits.dtype)
     chosen = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
