@@ -9,7 +9,9 @@ stop, in one run; prints one JSON object per method.
   table, whose b rows are negligible, and the filled part of the KV cache, averaged over the
   steps); `copy_gb_s` the bandwidth of a plain 1 GiB copy (NumPy, bytes read + bytes written per
   second); `limit_step_ms` = bytes_per_step / copy_gb_s, `limit_tokens_per_s` = batch / that, and
-  `fraction_of_limit` = limit_step_ms / step_ms.
+  `fraction_of_limit` = limit_step_ms / step_ms. A step only reads, and a copy writes too, so the
+  same figures against `read_gb_s` (a jitted sum over 1 GiB) follow as `read_limit_step_ms` and
+  `fraction_of_read_limit`.
 - `torch_generate` (when torch is installed): the model exported with `jaxdpo.models.
   save_pretrained` and loaded with `transformers.AutoModelForCausalLM.from_pretrained`;
   `tokens_agree` is the share of generated tokens equal to jaxdpo's.
@@ -64,6 +66,14 @@ def copy_bandwidth(repeats: int, size: int = 2**30) -> float:
         np.copyto(dst, src)
         best = min(best, time.perf_counter() - start)
     return 2 * size / best
+
+
+def read_bandwidth(repeats: int, size: int = 2**30) -> float:
+    """Bytes read per second by the fastest of `repeats` jitted sums over `size` bytes."""
+    x = jnp.ones(size // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    seconds, _ = best_time(lambda: total(x), repeats)
+    return size / seconds
 
 
 def bytes_per_step(model, args) -> int:
@@ -137,9 +147,9 @@ def main() -> None:
     torch_run = None if args.skip_torch else torch_generate(model, ids, mask, args)
     if torch_run is not None:
         rows["torch_generate"] = per_step(torch_run, args.new_tokens, args.repeats)
-    copy = copy_bandwidth(args.repeats)
+    copy, read = copy_bandwidth(args.repeats), read_bandwidth(args.repeats)
     needed = bytes_per_step(model, args)
-    limit_step = needed / copy
+    limit_step, read_limit_step = needed / copy, needed / read
     reference = np.asarray(rows["kv_cache"][2])[:, args.prompt :]
     common = dict(device=str(jax.devices()[0]), params=sum(x.size for x in jax.tree.leaves(nnx.state(model))), dtype=args.dtype,
                   batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)
@@ -150,7 +160,9 @@ def main() -> None:
                    tokens_agree=round(float(np.mean(np.asarray(out)[:, args.prompt :] == reference)), 4))
         if method == "kv_cache":
             row.update(bytes_per_step=needed, copy_gb_s=round(copy / 1e9, 2), limit_step_ms=round(1e3 * limit_step, 2),
-                       limit_tokens_per_s=round(args.batch / limit_step, 1), fraction_of_limit=round(limit_step / step, 3))
+                       limit_tokens_per_s=round(args.batch / limit_step, 1), fraction_of_limit=round(limit_step / step, 3),
+                       read_gb_s=round(read / 1e9, 2), read_limit_step_ms=round(1e3 * read_limit_step, 2),
+                       fraction_of_read_limit=round(read_limit_step / step, 3))
         print(json.dumps(row), flush=True)
 
 
