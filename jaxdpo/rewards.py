@@ -33,7 +33,9 @@ def _window_width(response_mask, window: int | None) -> int:
     concrete = _checks.is_concrete(response_mask)
     if window is None:
         return response_window(response_mask) if concrete else seq - 1
-    _checks.require(isinstance(window, (int, np.integer)) and 1 <= window <= seq - 1, f"window must be an int in [1, {seq - 1}], got {window!r}")
+    _checks.require(
+        isinstance(window, (int, np.integer)) and 1 <= window <= seq - 1, f"window must be an int in [1, {seq - 1}], got {window!r}"
+    )
     if concrete:
         span = response_span(response_mask)
         _checks.require(window >= span, f"window {window} is shorter than a response span of {span} positions")
@@ -59,8 +61,8 @@ def sequence_logprobs(
 
     The last layer's queries, attention output and MLP, the LM head and the log-softmax run on
     `window` positions per row only, the ones that predict its response: a static int ≥ every
-    row's response span. By default `response_window` of the mask
-    when it is concrete; under `jit` pass it (or every position is used)."""
+    row's response span. By default `response_window` of the mask when it is concrete; under
+    `jit` pass it (or every position is used)."""
     check_sequences(input_ids, response_mask, attention_mask)
     width = _window_width(response_mask, window)
     positions = _window_positions(response_mask, width)
