@@ -6,8 +6,12 @@ Same model, adapter, sequences and projection dim for every method:
 - `dense`: `gradient_features(method="dense")`: per-example gradients + on-the-fly dense projection
   (`--projection-batch` examples per projection pass).
 - `factored`: `gradient_features(method="factored")`: Kronecker projection, no per-example gradient.
-- `less`: LESS-style: one example per backward pass, the full flattened gradient, unit-normalized,
-  projected densely in buffers of 16 examples (LESS's `project_interval`).
+- `dense_every_position`, `factored_every_position`: the same with the response window set to the
+  whole sequence: the last layer, LM head and log-softmax at every position, as jaxdpo computed
+  features before it read only the positions that predict response tokens.
+- `less`: LESS-style: one example per backward pass (log-probs at every position), the full
+  flattened gradient, unit-normalized, projected densely in buffers of 16 examples (LESS's
+  `project_interval`).
 - `torch_func` (when torch and transformers are installed): the same weights in transformers'
   PyTorch Llama with LoRA wrappers, `torch.func.vmap(grad)` per chunk, and a dense Rademacher
   projection generated block by block from a seeded generator.
@@ -17,7 +21,8 @@ the paper's m = 3). Peak memory is XLA's buffer assignment (arguments + outputs 
 compiled program; for `less` the largest of its two programs; for torch the growth of the process'
 max RSS during the timed run (a coarse upper bound).
 
-    python benchmarks/features.py            # the issue's setting: ~4M-param Llama, 128 tokens, r = 8, d = 8192
+    python benchmarks/features.py            # ~4M-param Llama, 128 tokens (prompt:response = 1:3), r = 8, d = 8192
+    python benchmarks/features.py --prompt-to-response 4 --skip-torch      # prompt:response = 4:1
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from jaxdpo.features import _features
 from jaxdpo.models import Decoder, LoRA, init_lora
 from jaxdpo.projection import _dense_project, as_key
 from jaxdpo.rewards import per_example_grads, sequence_logprobs
+from jaxdpo.sequences import response_window
 
 BETA = 0.1
 
@@ -50,7 +56,7 @@ def build(args) -> tuple[Decoder, LoRA, tuple[np.ndarray, np.ndarray, np.ndarray
     rng = np.random.default_rng(0)
     ids = rng.integers(0, args.vocab, size=(args.responses, args.seq)).astype(np.int32)
     response = np.zeros_like(ids)
-    response[:, args.seq // 4 :] = 1
+    response[:, round(args.seq * args.prompt_to_response / (1 + args.prompt_to_response)) :] = 1
     return model, lora, (ids, response, np.ones_like(ids))
 
 
@@ -60,20 +66,23 @@ def peak_bytes(compiled) -> int:
 
 
 def jax_methods(model, lora, batch, args):
+    window = response_window(batch[1])
     batch = tuple(jnp.asarray(x) for x in batch)
     key = as_key(0)
 
-    def scaled_logprob(lora, example):
+    every_position = args.seq - 1
+
+    def scaled_logprob(lora, example, window=window):
         ids, response, attention = (x[None] for x in example)
-        return BETA * sequence_logprobs(model, lora, ids, response, attention_mask=attention)[0]
+        return BETA * sequence_logprobs(model, lora, ids, response, attention_mask=attention, window=window)[0]
 
     plain = jax.jit(lambda lora, batch: per_example_grads(scaled_logprob, lora, batch, args.chunk))
-    feature_args = lambda method: (model, lora, batch, jnp.float32(BETA), key)  # noqa: E731
-    feature_kwargs = lambda method: dict(  # noqa: E731
-        dim=args.dim, normalize=True, method=method, chunk_size=args.chunk, projection_batch=args.projection_batch
+    feature_args = (model, lora, batch, jnp.float32(BETA), key)
+    feature_kwargs = lambda method, window=window: dict(  # noqa: E731
+        dim=args.dim, normalize=True, method=method, chunk_size=args.chunk, projection_batch=args.projection_batch, window=window
     )
 
-    single_grad = jax.jit(lambda lora, example: jax.grad(scaled_logprob)(lora, example))
+    single_grad = jax.jit(lambda lora, example: jax.grad(scaled_logprob)(lora, example, every_position))  # as LESS: every position
 
     def less():
         """One backward pass per example, full flattened gradient, unit-normalized; projected in
@@ -97,11 +106,12 @@ def jax_methods(model, lora, batch, args):
     return {
         "fwd_bwd": (lambda: plain(lora, batch), peak_bytes(plain.lower(lora, batch).compile())),
         **{
-            method: (
-                lambda method=method: _features(*feature_args(method), **feature_kwargs(method)),
-                peak_bytes(_features.lower(*feature_args(method), **feature_kwargs(method)).compile()),
+            f"{method}{suffix}": (
+                lambda method=method, width=width: _features(*feature_args, **feature_kwargs(method, width)),
+                peak_bytes(_features.lower(*feature_args, **feature_kwargs(method, width)).compile()),
             )
             for method in ("dense", "factored")
+            for suffix, width in (("", window), ("_every_position", every_position))
         },
         "less": (less, less_peak),
     }
@@ -175,6 +185,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--responses", type=int, default=48)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--prompt-to-response", type=float, default=1 / 3, help="prompt tokens per response token")
     add_model_args(parser)
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--dim", type=int, default=8192)
@@ -193,6 +204,7 @@ def main() -> None:
         device=str(jax.devices()[0]), params=sum(x.size for x in jax.tree.leaves(nnx.state(model))),
         lora_params=sum(x.size for x in jax.tree.leaves(lora)), responses=args.responses, seq=args.seq,
         rank=args.rank, dim=args.dim, chunk=args.chunk, projection_batch=args.projection_batch,
+        response_tokens=int(batch[1][0].sum()), window=response_window(batch[1]),
     )
     pairs_per_response = (args.responses_per_prompt - 1) / 2
     rows = {}
@@ -212,6 +224,8 @@ def main() -> None:
             pairs_per_s=round(responses_per_s * pairs_per_response, 2), peak_mb=round(row["peak_bytes"] / 2**20, 1),
             vs_fwd_bwd=round(row["seconds"] / plain, 3),
             speedup_vs_less=round(rows["less"]["seconds"] / row["seconds"], 2),
+            speedup_vs_every_position=round(rows[f"{name}_every_position"]["seconds"] / row["seconds"], 2)
+            if f"{name}_every_position" in rows else None,
         )), flush=True)
 
 

@@ -27,7 +27,7 @@ from jaxtyping import Array, Float, Int
 from jaxdpo import _checks
 from jaxdpo.models import LoRA
 from jaxdpo.rewards import sequence_logprobs
-from jaxdpo.sequences import Sequences, map_in_chunks
+from jaxdpo.sequences import Sequences, map_in_chunks, response_window
 from jaxdpo.sharding import put_rows
 
 
@@ -57,9 +57,9 @@ class TrainState:
     step: int = 0
 
 
-@jax.jit
-def _logprobs(model, lora, rows: Sequences) -> Float[Array, " r"]:
-    return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
+@partial(jax.jit, static_argnames="window")
+def _logprobs(model, lora, rows: Sequences, window: int) -> Float[Array, " r"]:
+    return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask, window=window)
 
 
 def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_size: int = 16, mesh: Mesh | None = None) -> np.ndarray:
@@ -67,7 +67,9 @@ def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_si
     memory is bounded by a chunk and one compiled program serves every pool size; with a `mesh`,
     each chunk's rows are split over its "data" axis (`chunk_size` must divide by it)."""
     sequences.check()
-    return map_in_chunks(lambda rows: _logprobs(model, lora, put_rows(rows, mesh)), sequences.to_host(), chunk_size)
+    host = sequences.to_host()
+    window = response_window(host.response_mask)
+    return map_in_chunks(lambda rows: _logprobs(model, lora, put_rows(rows, mesh), window), host, chunk_size)
 
 
 def reference_logprobs(model, sequences: Sequences, *, chunk_size: int = 16, mesh: Mesh | None = None) -> np.ndarray:
@@ -162,6 +164,7 @@ class DpoTrainer:
         per_step = self.batch_size * self.grad_accum
         total = self.epochs * self.steps_per_epoch(len(pairs))
         host = Sequences(*(np.asarray(x) for x in sequences))
+        window = response_window(host.response_mask)
         ref = np.asarray(ref_logprobs, np.float32)
         losses = []
         for _ in range(self.epochs):
@@ -177,7 +180,7 @@ class DpoTrainer:
                 opt_state = _set_learning_rate(state.opt_state, self.learning_rate_at(state.step, total))
                 lora, opt_state, loss = _train_step(
                     model, state.lora, opt_state, put_rows(Sequences(*(x[picked] for x in host)), mesh, axis=1), put_rows(ref[picked], mesh, axis=1),
-                    weights.reshape(self.grad_accum, self.batch_size), trainer=self,
+                    weights.reshape(self.grad_accum, self.batch_size), trainer=self, window=window,
                 )
                 state = TrainState(lora=lora, opt_state=opt_state, step=state.step + 1)
                 losses.append(float(loss))
@@ -192,17 +195,18 @@ def _set_learning_rate(opt_state, value: float):
     return opt_state._replace(hyperparams=hyperparams)
 
 
-@partial(jax.jit, static_argnames=("trainer",))
-def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, trainer: DpoTrainer):
+@partial(jax.jit, static_argnames=("trainer", "window"))
+def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, trainer: DpoTrainer, window: int):
     """One optimizer step over `grad_accum` micro-batches: `batch` rows `[accum, 2·batch_size, s]`
     hold the chosen responses then the rejected ones, `ref` their reference log-probs; the loss is
-    the `weights`-weighted mean over pairs."""
+    the `weights`-weighted mean over pairs. Log-probs read `window` positions per row
+    (`sequence_logprobs`)."""
     total_weight = jnp.maximum(weights.sum(), 1.0)
     k = trainer.batch_size
 
     def micro_loss(lora, micro):
         rows, ref, w = micro
-        policy = sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
+        policy = sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask, window=window)
         losses = dpo_loss(policy[:k], policy[k:], ref[:k], ref[k:], beta=trainer.beta, label_smoothing=trainer.label_smoothing)
         if trainer.nll_weight:  # RPO: + λ · per-token NLL of the chosen response
             losses = losses - trainer.nll_weight * policy[:k] / jnp.sum(rows.response_mask[:k], axis=1)

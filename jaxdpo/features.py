@@ -12,7 +12,13 @@ A triplet's φ(x, y1, y2) = g(x, y1) − g(x, y2), which `select_batch` takes di
   (through the decoder's `lora_fn` hook), so ∂(β log π)/∂E = P_l G P_rᵀ is computed from the
   projected activations and output gradients; no per-example gradient is ever formed. With
   `normalize`, the projected vector is scaled to unit norm: the gradient's own norm is never
-  formed either, and ‖Pg‖ = ‖g‖ up to the JL error O(1/√dim).
+  formed either, and ‖Pg‖ = ‖g‖ up to the JL error O(1/√dim). The probes being zero, their
+  products are skipped in the forward pass (`_zero_probe`).
+
+Both run the LM head, log-softmax and the last layer's queries and MLP only on the positions that
+predict response tokens (`sequence_logprobs` on `response_window`). Everything else runs at every
+position, prompt included: the LoRA gradient reaches the response through the prompt's keys and
+values in every layer, so a prompt's m responses cannot share its backward pass.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from jaxdpo import _checks
 from jaxdpo.models import LoRA
 from jaxdpo.projection import FactoredPlan, _dense_project, as_key, plan_factored
 from jaxdpo.rewards import per_example_grads, sequence_logprobs
-from jaxdpo.sequences import check_sequences, pad_rows
+from jaxdpo.sequences import check_sequences, pad_rows, response_window
 
 METHODS = ("dense", "factored")
 
@@ -60,6 +66,28 @@ def factored_plan(lora: LoRA, dim: int) -> FactoredPlan:
     return plan_factored(shapes, num_layers=num_layers, dim=dim)
 
 
+@jax.custom_vjp
+def _zero_probe(projected: Array, probe: Array, right: Array) -> Array:
+    """`projected @ probe @ right` for a probe that is zero, so the product is skipped: its value
+    is zero, and so is the gradient it passes to `projected`. The probe's gradient
+    `projectedᵀ (g rightᵀ)` is what the factored features read."""
+    return jnp.zeros((*projected.shape[:-1], right.shape[-1]), jnp.result_type(projected, probe))
+
+
+def _zero_probe_fwd(projected, probe, right):
+    return _zero_probe(projected, probe, right), (projected, probe, right)
+
+
+def _zero_probe_bwd(residuals, g):
+    projected, probe, right = residuals
+    rows = projected.reshape(-1, projected.shape[-1])
+    grad = jnp.matmul(rows.T, (g @ right.T).reshape(rows.shape[0], -1).astype(rows.dtype), preferred_element_type=probe.dtype)
+    return None, grad, None
+
+
+_zero_probe.defvjp(_zero_probe_fwd, _zero_probe_bwd)
+
+
 def _probed_lora_fn(plan: FactoredPlan, key: Array, targets: tuple[str, ...]):
     """A `lora_fn` computing the adapter through W + P_lᵀ E P_r for the zero probes E in params."""
 
@@ -67,8 +95,8 @@ def _probed_lora_fn(plan: FactoredPlan, key: Array, targets: tuple[str, ...]):
         block = 2 * targets.index(target)
         left_a, right_a = (m.astype(x.dtype) for m in plan.factors(key, block, layer))
         left_b, right_b = (m.astype(x.dtype) for m in plan.factors(key, block + 1, layer))
-        z = x @ params["a"] + ((x @ left_a.T) @ params["e_a"]) @ right_a
-        return scale * (z @ params["b"] + ((z @ left_b.T) @ params["e_b"]) @ right_b)
+        z = x @ params["a"] + _zero_probe(x @ left_a.T, params["e_a"], right_a)
+        return scale * (z @ params["b"] + _zero_probe(z @ left_b.T, params["e_b"], right_b))
 
     return lora_fn
 
@@ -94,11 +122,11 @@ def _in_groups(fn, batch, size: int) -> Array:
     return out.reshape(groups * size, *out.shape[2:])[:n]
 
 
-@partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size", "projection_batch"))
-def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch):
+@partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size", "projection_batch", "window"))
+def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch, window):
     def logprob(lora, example, lora_fn=None):
         ids, response, attention = (x[None] for x in example)
-        return beta * sequence_logprobs(model, lora, ids, response, attention_mask=attention, lora_fn=lora_fn)[0]
+        return beta * sequence_logprobs(model, lora, ids, response, attention_mask=attention, lora_fn=lora_fn, window=window)[0]
 
     if method == "dense":
 
@@ -159,5 +187,5 @@ def gradient_features(
     return _features(
         model, lora, batch, jnp.float32(beta), as_key(seed),
         dim=int(dim), normalize=bool(normalize), method=method, chunk_size=int(min(chunk_size, n)),
-        projection_batch=int(min(projection_batch, n)),
+        projection_batch=int(min(projection_batch, n)), window=response_window(response_mask),
     )

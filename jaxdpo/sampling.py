@@ -1,7 +1,10 @@
 """Sampled decoding (paper §3.1: m responses per prompt from the current policy): a jitted prefill
-of the left-padded prompts, then one `lax.while_loop` of single-token steps over the decoder's KV
-cache (its state a `DecodeState`), stopping when every sequence has emitted an end token or
-`max_new_tokens` are written.
+of the left-padded prompts, once per prompt, whose KV cache is then repeated for the prompt's
+`num_samples` rows; then one `lax.while_loop` of single-token steps over the decoder's KV cache
+(its state a `DecodeState`, the weights laid out once as `DecodeWeights`), stopping when every
+sequence has emitted an end token or `max_new_tokens` are written. Greedy steps (temperature 0)
+take an argmax; sampled steps one `jax.random.categorical` over all rows, after top-k/top-p
+filtering that looks at each row's `CANDIDATES` largest logits before it sorts anything.
 
 The result is `Sequences`, laid out for `sequence_logprobs` / `gradient_features`: the prompt
 (left-padded) followed by the generated tokens, `response_mask` 1 on the generated tokens up to
@@ -45,39 +48,77 @@ class DecodeState:
     key: Array
 
 
+CANDIDATES = 256
+"""How many of each row's largest logits `filter_logits` looks at before it sorts the whole row."""
+
+
 def filter_logits(logits: Float[Array, "n v"], *, top_p, top_k) -> Float[Array, "n v"]:
     """Top-k then nucleus (top-p) filtering: excluded tokens get −inf.
 
     Top-k keeps every token whose logit is ≥ the k-th largest (k = 0: no limit). Top-p keeps, in
     descending order, each token whose preceding probability mass is < top_p (so at least one, and
-    ties at the cut are kept). `top_p` and `top_k` may be traced scalars."""
+    ties at the cut are kept); top_p = 1 keeps every token top-k keeps. `top_p` and `top_k` may be
+    traced scalars.
+
+    The cut is found among the `CANDIDATES` largest logits of each row (`lax.top_k`, one pass
+    over the vocabulary); the rows are sorted in full only when the kept set may reach past them
+    (top_k > CANDIDATES, or a nucleus wider than CANDIDATES tokens)."""
     vocab = logits.shape[-1]
-    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
-    ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
-    probs = jax.nn.softmax(ordered, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < top_p) & (ordered > -jnp.inf)
-    cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    width = min(CANDIDATES, vocab)
+    cut, known = _cut(jax.lax.top_k(logits, width)[0], logits, top_p, top_k)
+    if width < vocab:
+        cut = jax.lax.cond(
+            jnp.all(known), lambda: cut, lambda: _cut(jnp.sort(logits, axis=-1)[..., ::-1], logits, top_p, top_k)[0]
+        )
     return jnp.where(logits >= cut, logits, -jnp.inf)
 
 
-def _next_tokens(logits, key, temperature, top_p, top_k, filtered: bool):
-    """Sample from `softmax(filter(logits / T))`; T = 0 is greedy (argmax, lowest index on ties)."""
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-    if filtered:
-        scaled = filter_logits(scaled, top_p=top_p, top_k=top_k)
-    sampled = jax.random.categorical(key, scaled, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+def _cut(ordered: Float[Array, "n w"], logits: Float[Array, "n v"], top_p, top_k) -> tuple[Array, Bool[Array, " n"]]:
+    """The smallest kept logit of each row `[n, 1]`, from `ordered`, the row's w largest logits in
+    descending order, and whether `ordered` was wide enough to decide it."""
+    vocab, width = logits.shape[-1], ordered.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(jnp.minimum(k, width) - 1, logits.shape[:-1])[..., None], axis=-1)
+    kth = jnp.where(k < vocab, kth, -jnp.inf)  # the top-k threshold (none when k covers the vocabulary)
+    in_top_k = ordered >= kth
+    normalizer = jax.nn.logsumexp(jnp.where(logits >= kth, logits, -jnp.inf), axis=-1, keepdims=True)
+    probs = jnp.where(in_top_k, jnp.exp(ordered - normalizer), 0.0)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = in_top_k & (mass_before < top_p)
+    cut = jnp.where(top_p < 1, jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True), kth)
+    # decided when `ordered` holds the top-k threshold and the kept prefix ends inside it (past it
+    # there are only ties of the k-th logit, which `logits >= cut` keeps)
+    kth_known = (k <= width) | (k == vocab)
+    ends_inside = (k <= width) | (top_p >= 1) | ~keep[..., -1]
+    known = kth_known & ends_inside
+    return cut, known
 
 
-@partial(jax.jit, static_argnames=("max_new_tokens", "eos_ids", "pad_id", "filtered"))
-def _generate(model, lora, prompt_ids, prompt_mask, key, temperature, top_p, top_k, *, max_new_tokens, eos_ids, pad_id, filtered):
-    n, prompt_len = prompt_ids.shape
-    cache = model.init_cache(n, prompt_len + max_new_tokens)
-    logits, cache = model.forward_cached(prompt_ids, cache, attention_mask=prompt_mask, lora=lora)
+def _next_tokens(logits, key, temperature, top_p, top_k, filtered: bool) -> Int[Array, " n"]:
+    """Sample from `softmax(filter(logits / T))`; T = 0 is greedy (argmax, lowest index on ties).
+    Only the branch T selects runs: greedy decoding draws no random numbers."""
+
+    def sample(logits):
+        scaled = logits / temperature
+        if filtered:
+            scaled = filter_logits(scaled, top_p=top_p, top_k=top_k)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def greedy(logits):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, sample, greedy, logits)
+
+
+@partial(jax.jit, static_argnames=("num_samples", "max_new_tokens", "eos_ids", "pad_id", "filtered"))
+def _generate(
+    model, lora, prompt_ids, prompt_mask, key, temperature, top_p, top_k, *, num_samples, max_new_tokens, eos_ids, pad_id, filtered
+):
+    b, prompt_len = prompt_ids.shape
+    n = b * num_samples
+    weights = model.decode_weights()
+    cache = model.init_cache(b, prompt_len + max_new_tokens)
+    logits, cache = model.forward_cached(prompt_ids, cache, attention_mask=prompt_mask, lora=lora, weights=weights)
     eos = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
     def not_finished(state: DecodeState):
@@ -86,7 +127,9 @@ def _generate(model, lora, prompt_ids, prompt_mask, key, temperature, top_p, top
     def decode_step(state: DecodeState) -> DecodeState:
         key, draw = jax.random.split(state.key)
         token = jnp.where(state.done, pad_id, _next_tokens(state.logits, draw, temperature, top_p, top_k, filtered))
-        logits, cache = model.forward_cached(token[:, None], state.cache, attention_mask=(~state.done)[:, None], lora=lora)
+        logits, cache = model.forward_cached(
+            token[:, None], state.cache, attention_mask=(~state.done)[:, None], lora=lora, weights=weights
+        )
         return DecodeState(
             step=state.step + 1,
             done=state.done | jnp.isin(token, eos),
@@ -102,14 +145,15 @@ def _generate(model, lora, prompt_ids, prompt_mask, key, temperature, top_p, top
         done=jnp.zeros((n,), bool),
         tokens=jnp.full((n, max_new_tokens), pad_id, jnp.int32),
         live=jnp.zeros((n, max_new_tokens), bool),
-        logits=logits[:, -1],
-        cache=cache,
+        logits=jnp.repeat(logits[:, -1], num_samples, axis=0),
+        cache=cache.repeat_rows(num_samples),
         key=key,
     )
     final = jax.lax.while_loop(not_finished, decode_step, state)
     tokens, live = final.tokens, final.live.astype(jnp.int32)
+    prompt_mask = jnp.repeat(prompt_mask, num_samples, axis=0)
     return Sequences(
-        input_ids=jnp.concatenate([prompt_ids, tokens], axis=1),
+        input_ids=jnp.concatenate([jnp.repeat(prompt_ids, num_samples, axis=0), tokens], axis=1),
         response_mask=jnp.concatenate([jnp.zeros_like(prompt_mask), live], axis=1),
         attention_mask=jnp.concatenate([prompt_mask, live], axis=1),
     )
@@ -143,6 +187,8 @@ def generate(
     temperature 0 is greedy decoding; `top_k` 0 and `top_p` 1 disable those filters; a sequence
     stops after any token of `eos_token_id` (one id or several). Compiles once per shape and
     option set: new LoRA weights, keys, temperatures and top-p/top-k values reuse the compiled loop.
+    Each prompt is prefilled once for its `num_samples` rows; they draw the tokens that decoding
+    the prompt repeated `num_samples` times would draw for the same key.
 
     Returns `Sequences` `[batch·num_samples, prompt_len + max_new_tokens]`; rows
     `i·num_samples … (i+1)·num_samples − 1` answer prompt i."""
@@ -161,17 +207,16 @@ def generate(
         _checks.require(empty.size == 0, f"prompt_mask is all padding in rows {empty[:10].tolist()} (empty prompt)")
         right_padded = np.flatnonzero(mask[:, -1] == 0)
         _checks.require(right_padded.size == 0, f"prompts must be left-padded; rows {right_padded[:10].tolist()} end in padding")
-    ids = jnp.repeat(jnp.asarray(prompt_ids, jnp.int32), num_samples, axis=0)
-    mask = jnp.repeat(jnp.asarray(prompt_mask, jnp.int32), num_samples, axis=0)
     return _generate(
         model,
         lora,
-        ids,
-        mask,
+        jnp.asarray(prompt_ids, jnp.int32),
+        jnp.asarray(prompt_mask, jnp.int32),
         key,
         jnp.float32(temperature),
         jnp.float32(top_p),
         jnp.int32(top_k),
+        num_samples=int(num_samples),
         max_new_tokens=int(max_new_tokens),
         eos_ids=_eos_tuple(eos_token_id),
         pad_id=int(pad_token_id),

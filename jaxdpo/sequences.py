@@ -4,6 +4,9 @@
 rewards, gradient features and DPO read it. Rows are `[r, s]`: a left-padded prompt, then the
 response tokens (marked by `response_mask`), then right padding (attention 0).
 
+Log-probs need the LM head only where the response is predicted: `response_window` gives the static
+width of those positions, shared by every row.
+
 Fixed-shape work: `pad_rows` repeats the last row (valid data, so padding never produces NaN), and
 `map_in_chunks` runs a jitted function over a host array `chunk` rows at a time, so one compiled
 shape serves every pool size.
@@ -64,6 +67,20 @@ def check_sequences(input_ids, response_mask, attention_mask=None) -> None:
         if attention_mask is not None:
             outside = np.flatnonzero((mask & (np.asarray(attention_mask) == 0)).any(axis=1))
             _checks.require(outside.size == 0, f"response_mask marks padding (attention_mask = 0) in rows {outside[:10].tolist()}")
+
+
+def response_window(response_mask) -> int:
+    """The static number of positions log-probs read per row: the widest row's response span (first
+    to last response token) rounded up to a power of two ≥ 16, so a run compiles a handful of
+    shapes, at most seq − 1. `response_mask` must be concrete (host or device array)."""
+    rounded = max(16, 1 << (response_span(response_mask) - 1).bit_length())
+    return min(rounded, np.shape(response_mask)[1] - 1)
+
+
+def response_span(response_mask) -> int:
+    """The widest row's response span: positions from its first response token to its last."""
+    mask = np.asarray(response_mask) != 0
+    return int(np.max(mask.shape[1] - mask[:, ::-1].argmax(axis=1) - mask.argmax(axis=1)))
 
 
 def pad_rows(x, rows: int):

@@ -36,6 +36,45 @@ def test_sequence_logprobs_equal_token_by_token_brute_force(setup):
     np.testing.assert_allclose(got, brute_force_logprobs(model, lora, ids, response, attention), rtol=1e-5)
 
 
+def shifted_responses():
+    """Rows whose responses start at different columns, one ending at the last position."""
+    ids, _, attention = sequences()
+    response = np.zeros_like(ids)
+    for row, (first, end) in enumerate([(6, 10), (3, 6), (4, 8), (7, 9)]):
+        response[row, first:end] = 1
+    return ids, response, attention
+
+
+@pytest.mark.parametrize("window", [4, 6, 9])  # 9: every position
+def test_logprobs_on_a_response_window_equal_brute_force(setup, window):
+    model, lora, _ = setup
+    ids, response, attention = shifted_responses()
+    got = sequence_logprobs(model, lora, ids, response, attention_mask=attention, window=window)
+    np.testing.assert_allclose(got, brute_force_logprobs(model, lora, ids, response, attention), rtol=1e-5)
+
+
+def test_window_shorter_than_a_response_is_refused(setup):
+    model, lora, _ = setup
+    ids, response, attention = shifted_responses()
+    with pytest.raises(ValueError, match="window 3 is shorter than a response span of 4"):
+        sequence_logprobs(model, lora, ids, response, attention_mask=attention, window=3)
+
+
+def test_gradients_through_the_response_window_equal_full_sequence_gradients(setup):
+    """Prompt 32, response ≤ 8 tokens: `reward_gradients` picks a 16-position window."""
+    model, lora, _ = setup
+    ids, response, attention = sequences(n=2, length=40, prompt=32)
+    got = reward_gradients(model, lora, ids, response, beta=1.0, attention_mask=attention, chunk_size=2)
+    def every_position(lora, ids, response, attention):
+        return sequence_logprobs(model, lora, ids, response, attention_mask=attention, window=39)[0]
+
+    full_window = jax.jit(jax.grad(every_position))
+    for i in range(2):
+        full = full_window(lora, ids[i : i + 1], response[i : i + 1], attention[i : i + 1])
+        for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(got)):
+            np.testing.assert_allclose(b[i], a, rtol=1e-4, atol=1e-6)
+
+
 def test_implicit_reward_is_beta_times_log_ratio_and_zero_at_init(setup):
     model, lora, (ids, response, attention) = setup
     reward = implicit_reward(model, lora, ids, response, beta=0.1, attention_mask=attention)

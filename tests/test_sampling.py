@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxdpo
-from jaxdpo.sampling import _generate, filter_logits
+from jaxdpo.sampling import CANDIDATES, _generate, filter_logits
 from tests.tiny import CONFIG, tiny_model, trained_lora
 
 MAX_NEW = 6
@@ -91,6 +91,52 @@ def test_samples_reproducible_and_laid_out_per_prompt(model, lora):
     assert len({tuple(r) for r in np.asarray(a.input_ids[:4, 5:]).tolist()}) > 1  # samples differ
 
 
+def sorted_filter(logits, top_p, top_k):
+    """The filter as jaxdpo had it before candidates (one full sort per row), with top_p = 1
+    keeping the whole top-k set: the reference for `filter_logits` and `sampled_reference`."""
+    vocab = logits.shape[-1]
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(ordered, jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], axis=-1)
+    ordered = jnp.where(ordered >= kth, ordered, -jnp.inf)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = ((mass_before < top_p) | (top_p >= 1)) & (ordered > -jnp.inf)
+    cut = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= cut, logits, -jnp.inf)
+
+
+forward = jax.jit(lambda model, lora, ids, mask: model(ids, attention_mask=mask, lora=lora))
+
+
+def sampled_reference(model, lora, ids, mask, key, steps, num_samples, temperature, top_p, top_k):
+    """The sampling loop as jaxdpo ran it before shared prefills: the prompts repeated
+    `num_samples` times, one key split per step, `jax.random.categorical` over every row; each
+    step a full forward pass (no cache) over a buffer whose future tokens are masked."""
+    prompt = ids.shape[1]
+    ids = np.pad(np.repeat(ids, num_samples, axis=0), ((0, 0), (0, steps)))
+    mask = np.pad(np.repeat(mask, num_samples, axis=0), ((0, 0), (0, steps)))
+    for t in range(prompt, prompt + steps):
+        logits = forward(model, lora, jnp.asarray(ids), jnp.asarray(mask))[:, t - 1]
+        key, draw = jax.random.split(key)
+        ids[:, t] = np.asarray(jax.random.categorical(draw, sorted_filter(logits / temperature, top_p, top_k), axis=-1))
+        mask[:, t] = 1
+    return ids[:, prompt:]
+
+
+@pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (0.8, 6)])
+def test_shared_prefill_samples_the_same_tokens_as_repeated_prompts(model, lora, top_p, top_k):
+    """One prefill per prompt, decoded as num_samples rows, draws exactly the tokens the loop over
+    repeated prompts drew for the same key."""
+    ids, mask = left_padded()
+    key = jax.random.key(11)
+    result = jaxdpo.generate(
+        model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, num_samples=3, temperature=1.3, top_p=top_p, top_k=top_k, key=key
+    )
+    expected = sampled_reference(model, lora, ids, mask, key, MAX_NEW, 3, 1.3, top_p, top_k)
+    np.testing.assert_array_equal(np.asarray(result.input_ids[:, 5:]), expected)
+
+
 def test_sampled_tokens_respect_top_k(model, lora):
     ids, mask = left_padded()
     result = jaxdpo.generate(model, ids, mask, lora=lora, max_new_tokens=1, top_k=1, num_samples=5, key=jax.random.key(1))
@@ -135,6 +181,26 @@ def test_filter_logits_matches_reference(values, top_p, top_k):
     logits = np.asarray(values, np.float32) / 2.0  # integer halves: exact ties happen
     got = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits)[None], top_p=top_p, top_k=top_k)[0]))
     np.testing.assert_array_equal(got, reference_filter(logits, top_p, top_k))
+
+
+def test_filter_logits_keeps_the_whole_top_k_set_at_top_p_1():
+    """float32 cumulative mass reaches 1 before the last of these tokens; top_p = 1 must not cut."""
+    kept = filter_logits(jnp.asarray([[5.0, -10.0, -12.0, -13.0]]), top_p=1.0, top_k=4)
+    assert np.isfinite(np.asarray(kept)).all()
+
+
+@pytest.mark.parametrize(
+    "top_p, top_k",
+    [(0.9, 0), (0.5, 40), (1.0, 40), (0.9, CANDIDATES + 50), (1.0, CANDIDATES + 50), (0.3, 1)],
+)
+@pytest.mark.parametrize("scale", [0.3, 3.0])  # flat (nucleus past the candidates) and peaked rows
+def test_filter_logits_equals_the_full_sort(top_p, top_k, scale):
+    """Rows wider than CANDIDATES, so both the candidate cut and the full-sort fallback run."""
+    logits = scale * jax.random.normal(jax.random.key(int(10 * scale)), (6, 3 * CANDIDATES))
+    logits = logits.at[0, :10].set(logits[0, 0])  # ties at the top
+    got = np.isfinite(np.asarray(filter_logits(logits, top_p=top_p, top_k=top_k)))
+    expected = np.isfinite(np.asarray(sorted_filter(logits, top_p, top_k)))
+    np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize(

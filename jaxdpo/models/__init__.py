@@ -2,13 +2,14 @@
 
 from jaxdpo.models.checkpoint import hf_state_dict, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.models.config import SUPPORTED_FAMILIES, DecoderConfig
-from jaxdpo.models.decoder import Decoder, KVCache
+from jaxdpo.models.decoder import DecodeWeights, Decoder, KVCache
 from jaxdpo.models.lora import LORA_TARGETS, LoRA, LoraFn, default_lora_fn, init_lora, target_shapes
 from jaxdpo.models.reward_model import RewardModel, last_token_states
 
 __all__ = [
     "LORA_TARGETS",
     "SUPPORTED_FAMILIES",
+    "DecodeWeights",
     "Decoder",
     "DecoderConfig",
     "KVCache",

@@ -1,9 +1,13 @@
 """One decoder for the Llama, Gemma, Gemma-2 and Qwen2/Qwen3 families (switches in `DecoderConfig`).
 
 Layer weights are stacked along a leading layer axis and the layers run under one `lax.scan`, so
-the layer body compiles once whatever the depth. The same code path serves the plain forward and
-the KV-cached prefill/decode used by sampling: attention always sees (query slots, key slots, key
-validity), and positions come from the attention mask, so left-padded batches are exact.
+the layer body compiles once whatever the depth; when only some positions' hidden states are read
+(log-probs of a response), the scan stops before the last layer, which runs on those rows only.
+The KV-cached prefill/decode used by sampling runs the same layer body over `DecodeWeights`
+instead: each layer's weights as separate arrays in [out, in] layout, made once per decode loop,
+so a decode step reads every matrix in place (a scan over the stacked weights copies each layer's
+slice on every step). Attention always sees (query slots, key slots, key validity), and positions
+come from the attention mask, so left-padded batches are exact.
 """
 
 from __future__ import annotations
@@ -25,14 +29,37 @@ from jaxdpo.models.lora import LoRA, LoraFn, default_lora_fn, target_shapes
 class KVCache:
     """Keys and values of every layer for `max_len` slots, and which slots hold real tokens.
 
-    `index` is the next slot to write (the same for the whole batch); `next_position` the next
-    position id of each sequence (padding does not advance it)."""
+    One array per layer, heads before slots, in the layouts attention multiplies them in (keys
+    `[b, kv, hd, S]`, values `[b, kv, S, hd]`), so a decode step reads them in place. `index` is
+    the next slot to write (the same for the whole batch); `next_position` the next position id
+    of each sequence (padding does not advance it)."""
 
-    k: Float[Array, "L b S kv hd"]
-    v: Float[Array, "L b S kv hd"]
+    k: tuple[Float[Array, "b kv hd S"], ...]
+    v: tuple[Float[Array, "b kv S hd"], ...]
     key_mask: Bool[Array, "b S"]
     next_position: Int[Array, " b"]
     index: Int[Array, ""]
+
+    def repeat_rows(self, m: int) -> KVCache:
+        """Each row `m` times in a row: rows i·m … (i+1)·m − 1 continue row i (the samples of one
+        prompt decode from its one prefill)."""
+        rows = lambda x: jnp.repeat(x, m, axis=0)  # noqa: E731
+        return KVCache(tuple(map(rows, self.k)), tuple(map(rows, self.v)), rows(self.key_mask), rows(self.next_position), self.index)
+
+
+@struct.dataclass
+class DecodeWeights:
+    """The weights as KV-cached decoding reads them, made once per decode loop by
+    `Decoder.decode_weights()`: `layers[l]` holds layer l's tensors as separate arrays, matrices in
+    [out, in] layout, and `head` is the LM head `[vocab, hidden]`.
+
+    Separate arrays, because XLA copies a slice of the stacked `[L, in, out]` weights before a
+    matmul reads it, so a scan over layers inside the loop copies every matrix on every step;
+    [out, in], because a matmul of a few rows (one token per sequence) reads a matrix faster in
+    that layout on CPU (see `benchmarks/generation.py`). Costs one copy of the layer weights."""
+
+    layers: tuple[dict[str, Array], ...]
+    head: Float[Array, "vocab h"]
 
 
 def _wide(dtype) -> jnp.dtype:
@@ -73,20 +100,53 @@ def _softcap(x: Array, cap: float | None) -> Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def _attention(q: Array, k: Array, v: Array, allowed: Bool[Array, "b t S"], config: DecoderConfig) -> Array:
+def _dense(x: Array, w: Array, out_in: bool, **kwargs) -> Array:
+    """x @ w for `w` in [in, out] layout, or x @ wᵀ for `w` in [out, in] (`DecodeWeights`).
+
+    On CPU the [out, in] product is computed as (w xᵀ)ᵀ, the matrix as the left operand: XLA's
+    CPU matmul streams its left operand and repacks its right one, so a few rows times a large
+    matrix run about twice as fast this way round (the barrier keeps XLA from rewriting it back).
+    Other backends read either operand in place and get the plain product."""
+    if not out_in:
+        return jnp.matmul(x, w, **kwargs)
+
+    def matrix_left(x, w):
+        rows = x.reshape(-1, x.shape[-1])
+        transposed = jax.lax.dot_general(w, rows, (((1,), (1,)), ((), ())), **kwargs)
+        return jax.lax.optimization_barrier(transposed).T.reshape(*x.shape[:-1], w.shape[0])
+
+    def plain(x, w):
+        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), **kwargs)
+
+    return jax.lax.platform_dependent(x, w, cpu=matrix_left, default=plain)
+
+
+def _take_rows(x: Array, rows: Int[Array, "b w"]) -> Array:
+    """`x[i, rows[i]]` for every batch row i: `[b, t, ...]` → `[b, w, ...]`."""
+    return jnp.take_along_axis(x, rows.reshape(*rows.shape, *([1] * (x.ndim - 2))), axis=1)
+
+
+def _key_layout(k: Float[Array, "b t kv hd"]) -> Float[Array, "b kv hd t"]:
+    return k.transpose(0, 2, 3, 1)
+
+
+def _value_layout(v: Float[Array, "b t kv hd"]) -> Float[Array, "b kv t hd"]:
+    return v.transpose(0, 2, 1, 3)
+
+
+def _attention(q: Array, keys: Float[Array, "b kv hd S"], values: Float[Array, "b kv S hd"], allowed: Bool[Array, "b t S"], config: DecoderConfig) -> Array:
     """Grouped-query attention; softmax in float32. Rows with no allowed key (left padding) get a
-    uniform, finite distribution — their outputs are never used. Heads are moved in front of the
-    token axes first, so both products are plain batched matmuls (XLA's CPU backward is several
-    times slower on the transposing einsum layouts)."""
+    uniform, finite distribution — their outputs are never used. Heads sit in front of the token
+    axes (`_key_layout`, `_value_layout`, the cache's layout), so both products are plain batched
+    matmuls (XLA's CPU backward is several times slower on the transposing einsum layouts)."""
     b, t, heads, hd = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = keys.shape[1]
     q = q.reshape(b, t, kv_heads, heads // kv_heads, hd).transpose(0, 2, 3, 1, 4)  # b k g t d
-    keys = k.transpose(0, 2, 3, 1)[:, :, None]  # b k 1 d S
-    values = v.transpose(0, 2, 1, 3)[:, :, None]  # b k 1 S d
+    keys, values = keys[:, :, None], values[:, :, None]  # b k 1 d S, b k 1 S d
     scores = jnp.matmul(q, keys, preferred_element_type=_wide(q.dtype)) * (config.query_pre_attn_scalar or hd) ** -0.5
     scores = _softcap(scores, config.attn_logit_softcap)
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
     return jnp.matmul(probs, values).transpose(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
 
 
@@ -151,52 +211,77 @@ class Decoder(nnx.Module):
         """Float32 logits `[b, s, vocab]`. `attention_mask` [b, s]: 1 = token, 0 = (left) padding."""
         return self.logits(self.hidden_states(input_ids, attention_mask=attention_mask, lora=lora, lora_fn=lora_fn))
 
-    def hidden_states(self, input_ids, *, attention_mask=None, lora=None, lora_fn=None) -> Float[Array, "b s h"]:
-        """Final-normed hidden states `[b, s, hidden]` (reward heads, APO features)."""
+    def hidden_states(self, input_ids, *, attention_mask=None, lora=None, lora_fn=None, rows=None) -> Float[Array, "b s h"]:
+        """Final-normed hidden states `[b, s, hidden]` (reward heads, APO features). With `rows`
+        `[b, w]` (positions), only those `[b, w, hidden]`; the last layer then computes queries,
+        attention output and MLP at those positions only (log-probs of a response)."""
         valid = self._valid(input_ids, attention_mask)
         positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-        slots = jnp.arange(input_ids.shape[1])
-        hidden, _ = self._run(input_ids, positions, slots, slots, valid, lora, lora_fn, cache=None)
-        return hidden
+        return self._run(input_ids, positions, jnp.arange(input_ids.shape[1]), valid, lora, lora_fn, rows)
 
     def logits(self, hidden: Float[Array, "b s h"]) -> Float[Array, "b s vocab"]:
-        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.matmul(hidden, head.astype(hidden.dtype), preferred_element_type=_wide(hidden.dtype))
-        return _softcap(logits, self.config.final_logit_softcap)
+        return self._project_vocab(hidden, self._head(), out_in=False)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
         """An empty cache for `batch` sequences of up to `max_len` tokens (prompt included)."""
         c = self.config
-        shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
         dtype = dtype or self.dtype
+        zeros = lambda *shape: tuple(jnp.zeros(shape, dtype) for _ in range(c.num_layers))  # noqa: E731
         return KVCache(
-            k=jnp.zeros(shape, dtype),
-            v=jnp.zeros(shape, dtype),
+            k=zeros(batch, c.num_kv_heads, c.head_dim, max_len),
+            v=zeros(batch, c.num_kv_heads, max_len, c.head_dim),
             key_mask=jnp.zeros((batch, max_len), bool),
             next_position=jnp.zeros((batch,), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
 
-    def forward_cached(self, input_ids, cache: KVCache, *, attention_mask=None, lora=None, lora_fn=None):
+    def decode_weights(self) -> DecodeWeights:
+        """The weights laid out for `forward_cached` (see `DecodeWeights`); make them once per
+        decode loop and pass them to every step."""
+        matrices = set(target_shapes(self.config))
+        layers = tuple(
+            {name: p[...][layer].T if name in matrices else p[...][layer] for name, p in self.layers.items()}
+            for layer in range(self.config.num_layers)
+        )
+        return DecodeWeights(layers=layers, head=self._head().T)
+
+    def forward_cached(self, input_ids, cache: KVCache, *, attention_mask=None, lora=None, lora_fn=None, weights: DecodeWeights | None = None):
         """Run t new tokens on top of `cache` (prefill: the left-padded prompts; decode: t = 1).
 
         Returns float32 logits `[b, t, vocab]` and the cache with the tokens written at slots
-        `index … index + t − 1`."""
+        `index … index + t − 1`. `weights`: `self.decode_weights()`, made once outside a decode
+        loop (made here when omitted)."""
         valid = self._valid(input_ids, attention_mask)
         _checks.require(
             input_ids.shape[0] == cache.key_mask.shape[0],
             f"input_ids has batch {input_ids.shape[0]} but the cache was made for {cache.key_mask.shape[0]}",
         )
+        weights = self.decode_weights() if weights is None else weights
         t = input_ids.shape[1]
         positions = jnp.maximum(cache.next_position[:, None] + jnp.cumsum(valid, axis=1) - 1, 0)
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, valid.astype(bool), (0, cache.index))
         query_slots = cache.index + jnp.arange(t)
         key_slots = jnp.arange(cache.key_mask.shape[1])
-        hidden, (k, v) = self._run(
-            input_ids, positions, query_slots, key_slots, key_mask, lora, lora_fn, cache=(cache.k, cache.v, cache.index)
+        x, cos, sin = self._embed(input_ids, positions)
+        masks = self._masks(query_slots, key_slots, key_mask)
+        adapters = self._adapter_layers(lora)
+        keys, values = [], []
+        for layer, params in enumerate(weights.layers):
+
+            def attend(q, k, v, layer=layer):
+                k = jax.lax.dynamic_update_slice(cache.k[layer], _key_layout(k).astype(cache.k[layer].dtype), (0, 0, 0, cache.index))
+                v = jax.lax.dynamic_update_slice(cache.v[layer], _value_layout(v).astype(cache.v[layer].dtype), (0, 0, cache.index, 0))
+                mask = masks[1] if self.config.layer_is_sliding[layer] else masks[0]
+                return _attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.config), (k, v)
+
+            x, (k, v) = self._layer(x, params, adapters[layer], jnp.int32(layer), cos, sin, attend, lora, lora_fn, out_in=True)
+            keys.append(k)
+            values.append(v)
+        hidden = _rms_norm(x, self.final_norm[...], self.config)
+        new_cache = KVCache(
+            tuple(keys), tuple(values), key_mask, cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32), cache.index + t
         )
-        new_cache = KVCache(k, v, key_mask, cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32), cache.index + t)
-        return self.logits(hidden), new_cache
+        return self._project_vocab(hidden, weights.head, out_in=True), new_cache
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -209,60 +294,97 @@ class Decoder(nnx.Module):
         _checks.check_shape("attention_mask", attention_mask, input_ids.shape)
         return jnp.asarray(attention_mask).astype(jnp.int32)
 
-    def _run(self, input_ids, positions, query_slots, key_slots, key_valid, lora, lora_fn, cache):
+    def _head(self) -> Float[Array, "h vocab"]:
+        return self.embed[...].T if self.lm_head is None else self.lm_head[...]
+
+    def _project_vocab(self, hidden: Array, head: Array, out_in: bool) -> Array:
+        logits = _dense(hidden, head.astype(hidden.dtype), out_in, preferred_element_type=_wide(hidden.dtype))
+        return _softcap(logits, self.config.final_logit_softcap)
+
+    def _embed(self, input_ids, positions) -> tuple[Array, Array, Array]:
+        """The (scaled) token embeddings and the RoPE cos/sin of `positions`."""
         config, dtype = self.config, self.dtype
         x = self.embed[...][input_ids].astype(dtype)
         if config.embed_scale:
             x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
-        cos, sin = _rope(positions, config, dtype)
+        return (x, *_rope(positions, config, dtype))
+
+    def _masks(self, query_slots, key_slots, key_valid) -> tuple[Bool[Array, "b t S"], Bool[Array, "b t S"]]:
+        """(causal, causal within the sliding window) masks of allowed keys per query."""
         allowed = (key_slots[None, None, :] <= query_slots[None, :, None]) & key_valid[:, None, :].astype(bool)
-        windowed = allowed & (key_slots[None, None, :] > query_slots[None, :, None] - (config.sliding_window or 0))
-        sliding_layers = jnp.asarray(config.layer_is_sliding)
-        lora_fn = lora_fn or default_lora_fn
-        scale = lora.scale if lora is not None else 1.0
-        b, t = input_ids.shape
+        windowed = allowed & (key_slots[None, None, :] > query_slots[None, :, None] - (self.config.sliding_window or 0))
+        return allowed, windowed
+
+    def _adapter_layers(self, lora: LoRA | None) -> list:
+        """Each layer's slice of the adapter (None everywhere without one)."""
+        layers = range(self.config.num_layers)
+        return [None if lora is None else jax.tree.map(lambda p, layer=layer: p[layer], lora.params) for layer in layers]
+
+    def _layer(self, x, params, adapter, layer, cos, sin, attend, lora, lora_fn, out_in: bool, rows=None):
+        """One decoder layer on `x` `[b, t, h]`; `attend(q, k, v)` → (attention output, what it
+        returns besides). Matrices in [in, out] layout, or [out, in] with `out_in`. With `rows`
+        `[b, w]` (positions), keys and values come from every position but the queries, attention
+        output and MLP only from those rows: the output is `[b, w, h]`."""
+        config = self.config
+        b = x.shape[0]
         heads, kv_heads, hd = config.num_heads, config.num_kv_heads, config.head_dim
+        lora_fn = lora_fn or default_lora_fn
 
-        def body(carry, inputs):
-            x, kv = carry
-            params, adapter, layer, sliding = inputs
+        def project(h, name):
+            y = _dense(h, params[name], out_in)
+            if f"{name}_bias" in params:
+                y = y + params[f"{name}_bias"]
+            if adapter is not None and name in adapter:
+                y = y + lora_fn(h, adapter[name], lora.scale, layer, name).astype(y.dtype)
+            return y
 
-            def project(h, name):
-                y = h @ params[name]
-                if f"{name}_bias" in params:
-                    y = y + params[f"{name}_bias"]
-                if adapter is not None and name in adapter:
-                    y = y + lora_fn(h, adapter[name], scale, layer, name).astype(y.dtype)
-                return y
+        def post_norm(y, name):  # Gemma-2's norms on the attention and MLP outputs
+            return _rms_norm(y, params[name], config) if config.sandwich_norms else y
 
-            def post_norm(y, name):  # Gemma-2's norms on the attention and MLP outputs
-                return _rms_norm(y, params[name], config) if config.sandwich_norms else y
+        h = _rms_norm(x, params["attn_norm"], config)
+        k = project(h, "k").reshape(b, -1, kv_heads, hd)
+        v = project(h, "v").reshape(b, -1, kv_heads, hd)
+        if config.qk_norm:
+            k = _rms_norm(k, params["k_norm"], config)
+        k = _apply_rope(k, cos, sin)
+        if rows is not None:
+            x, h, cos, sin = (_take_rows(a, rows) for a in (x, h, cos, sin))
+        q = project(h, "q").reshape(b, -1, heads, hd)
+        if config.qk_norm:
+            q = _rms_norm(q, params["q_norm"], config)
+        attended, extra = attend(_apply_rope(q, cos, sin), k, v)
+        x = x + post_norm(project(attended, "o"), "attn_post_norm")
+        h = _rms_norm(x, params["mlp_norm"], config)
+        x = x + post_norm(project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down"), "mlp_post_norm")
+        return x, extra
 
-            h = _rms_norm(x, params["attn_norm"], config)
-            q = project(h, "q").reshape(b, t, heads, hd)
-            k = project(h, "k").reshape(b, t, kv_heads, hd)
-            v = project(h, "v").reshape(b, t, kv_heads, hd)
-            if config.qk_norm:
-                q, k = _rms_norm(q, params["q_norm"], config), _rms_norm(k, params["k_norm"], config)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-            if kv is not None:  # write this layer's new keys/values into the cache, attend over all slots
-                cache_k, cache_v, index = kv
-                cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (layer, 0, index, 0, 0))
-                cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (layer, 0, index, 0, 0))
-                k, v = cache_k[layer].astype(dtype), cache_v[layer].astype(dtype)
-                kv = (cache_k, cache_v, index)
+    def _run(self, input_ids, positions, slots, valid, lora, lora_fn, rows=None):
+        """Final-normed hidden states of a plain forward: the layers under one `lax.scan`, each
+        step slicing its layer out of the stacked weights. With `rows` `[b, w]`, only those
+        positions': the scan stops before the last layer, which runs on those rows only."""
+        config = self.config
+        x, cos, sin = self._embed(input_ids, positions)
+        allowed, windowed = self._masks(slots, slots, valid)
+        stacked = (
+            {name: p[...] for name, p in self.layers.items()},
+            lora.params if lora is not None else None,
+            jnp.asarray(config.layer_is_sliding),
+        )
+
+        def layer_fn(x, layer, rows=None):
+            params, adapter, sliding = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), stacked)
             mask = jnp.where(sliding, windowed, allowed) if config.sliding_layers else allowed
-            attended = _attention(q, k, v, mask, config)
-            x = x + post_norm(project(attended, "o"), "attn_post_norm")
-            h = _rms_norm(x, params["mlp_norm"], config)
-            x = x + post_norm(project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down"), "mlp_post_norm")
-            return (x, kv), None
+            mask = mask if rows is None else _take_rows(mask, rows)
+
+            def attend(q, k, v):
+                return _attention(q, _key_layout(k), _value_layout(v), mask, config), None
+
+            return self._layer(x, params, adapter, layer, cos, sin, attend, lora, lora_fn, False, rows)[0]
 
         if self.remat:
-            body = jax.checkpoint(body)
-        params = {name: p[...] for name, p in self.layers.items()}
-        adapter = lora.params if lora is not None else None
-        layers = jnp.arange(config.num_layers, dtype=jnp.int32)
-        (x, kv), _ = jax.lax.scan(body, (x, cache), (params, adapter, layers, sliding_layers))
-        hidden = _rms_norm(x, self.final_norm[...], config)
-        return hidden, (None if kv is None else kv[:2])
+            layer_fn = jax.checkpoint(layer_fn)
+        scanned = config.num_layers if rows is None else config.num_layers - 1
+        x, _ = jax.lax.scan(lambda x, layer: (layer_fn(x, layer), None), x, jnp.arange(scanned, dtype=jnp.int32))
+        if rows is not None:
+            x = layer_fn(x, jnp.int32(config.num_layers - 1), rows)
+        return _rms_norm(x, self.final_norm[...], config)
