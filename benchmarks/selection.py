@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdpo import _checks
-from jaxdpo.loop import triplets
+from jaxdpo.experiment.pool import triplets
 from jaxdpo.selection._greedy import _Candidates, _greedy
 
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -67,11 +67,12 @@ def _report(args, console) -> int:
     try:
         runs = {str(folder): report.read_run(folder) for folder in folders}
         for name, rows in runs.items():
-            Console().print(report.summary_table(rows, title=name))
+            Console().print(f"\n{name}", markup=False, highlight=False, soft_wrap=True)  # a path to copy: never wrapped
+            Console().print(report.summary_table(rows))
         written = report.plot_runs(runs, args.out or (folders[0] / "curves.png" if len(folders) == 1 else Path("curves.png")), title=" vs ".join(runs))
     except (ValueError, OSError) as error:
         raise UserError(str(error)) from error
-    Console().print(f"curves:  {written}" if written else f"curves:  not written, {report.NOTHING_TO_PLOT}", markup=False, highlight=False)
+    Console().print(f"curves:  {written}" if written else f"curves:  not written, {report.NOTHING_TO_PLOT}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
@@ -106,7 +107,7 @@ def _run(args, console) -> int:
     Console().print(report.summary_table(rows))
     plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
     curves = plot or f"not written, {report.NOTHING_TO_PLOT}"
-    Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {curves}", markup=False, highlight=False)
+    Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {curves}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

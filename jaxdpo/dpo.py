@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from jaxdpo import _checks
 from jaxdpo.models import LoRA
@@ -32,10 +32,10 @@ from jaxdpo.sharding import put_rows
 
 
 def dpo_loss(
-    policy_chosen: Float[Array, " n"],
-    policy_rejected: Float[Array, " n"],
-    ref_chosen: Float[Array, " n"],
-    ref_rejected: Float[Array, " n"],
+    policy_chosen: Float[ArrayLike, " n"],
+    policy_rejected: Float[ArrayLike, " n"],
+    ref_chosen: Float[ArrayLike, " n"],
+    ref_rejected: Float[ArrayLike, " n"],
     *,
     beta: float,
     label_smoothing: float = 0.0,
@@ -141,8 +141,8 @@ class DpoTrainer:
         model,
         state: TrainState,
         sequences: Sequences,
-        pairs: Int[Array, "n 2"],
-        ref_logprobs: Float[Array, " r"],
+        pairs: Int[ArrayLike, "n 2"],
+        ref_logprobs: Float[ArrayLike, " r"],
         *,
         seed: int,
         callback=None,

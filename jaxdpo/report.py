@@ -165,7 +165,7 @@ def paired_differences(method: dict[int, float], baseline: dict[int, float]) -> 
     return [method[seed] - baseline[seed] for seed in sorted(method.keys() & baseline.keys())]
 
 
-def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
+def mean_stderr(values: Sequence[float] | np.ndarray) -> tuple[float, float | None]:
     """Mean and standard error (None for a single value)."""
     values = np.asarray(values, np.float64)
     stderr = float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None
@@ -173,7 +173,7 @@ def mean_stderr(values: Sequence[float]) -> tuple[float, float | None]:
 
 
 def bootstrap_interval(
-    values: Sequence[float], *, confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+    values: Sequence[float] | np.ndarray, *, confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
 ) -> tuple[float, float] | None:
     """Percentile bootstrap interval of the mean (None for fewer than two values); deterministic."""
     values = np.asarray(values, np.float64)
@@ -185,7 +185,7 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def area_under_curve(labels: Sequence[float], values: Sequence[float]) -> float | None:
+def area_under_curve(labels: Sequence[int] | np.ndarray, values: Sequence[float] | np.ndarray) -> float | None:
     """Trapezoid of `values` over `labels`, divided by the span of `labels`: the mean value over the
     labeling budget (None when fewer than two distinct label counts)."""
     order = np.argsort(labels, kind="stable")
@@ -204,7 +204,7 @@ def auc_per_seed(tracks: Tracks) -> dict[int, float]:
 # -- formatting -----------------------------------------------------------------------------------
 
 
-def format_mean_stderr(values: Sequence[float], seeds: int) -> str:
+def format_mean_stderr(values: Sequence[float] | np.ndarray, seeds: int) -> str:
     """"0.123 ± 0.045", "0.123 (n=1)", or "—" without values; "(n=k)" when k < `seeds`."""
     if not len(values):
         return "—"
@@ -212,7 +212,7 @@ def format_mean_stderr(values: Sequence[float], seeds: int) -> str:
     return _with_count(f"{mean:.3f}" if stderr is None else f"{mean:.3f} ± {stderr:.3f}", len(values), seeds)
 
 
-def format_difference(differences: Sequence[float], seeds: int) -> str:
+def format_difference(differences: Sequence[float] | np.ndarray, seeds: int) -> str:
     """"+0.123 [+0.045, +0.201]" (mean and bootstrap interval), "+0.123 (n=1)", or "—"."""
     if not len(differences):
         return "—"
@@ -228,12 +228,12 @@ def _with_count(text: str, n: int, seeds: int) -> str:
 # -- the summary ----------------------------------------------------------------------------------
 
 
-def summary_table(rows: list[dict], title: str = "") -> Group:
+def summary_table(rows: list[dict]) -> Group:
     """Per method: the final round's labels, reward and win-rate, the start reward and the AUC; then
     each method's paired difference to random per round and in AUC, with 95% bootstrap intervals
     (or a line saying why there are none)."""
     rewards, seeds = points(rows), len({row["seed"] for row in rows})
-    parts = [_method_table(rows, rewards, seeds, title)]
+    parts = [_method_table(rows, rewards, seeds)]
     if not rewards:
         parts.append(Text(NO_REWARD))
     elif RANDOM not in rewards:
@@ -245,9 +245,9 @@ def summary_table(rows: list[dict], title: str = "") -> Group:
     return Group(*parts)
 
 
-def _method_table(rows: list[dict], rewards: dict[str, Tracks], seeds: int, title: str) -> Table:
+def _method_table(rows: list[dict], rewards: dict[str, Tracks], seeds: int) -> Table:
     table = Table(
-        title=f"{title + ': ' if title else ''}final round, mean ± s.e. over seeds",
+        title="final round, mean ± s.e. over seeds",
         caption=(
             "reward: held-out eval reward; start: at round 0; win-rate: against the initial model's responses; "
             "AUC: area under reward vs labels ÷ the labels' span, per seed (the mean reward over the budget)"

@@ -10,14 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from jaxdpo import _checks
 from jaxdpo.models import LoRA, LoraFn
 from jaxdpo.sequences import check_sequences, response_span, response_window
 
 
-def _window_positions(response_mask: Int[Array, "n s"], width: int) -> Int[Array, "n w"]:
+def _window_positions(response_mask: Int[ArrayLike, "n s"], width: int) -> Int[Array, "n w"]:
     """The `width` positions of each row whose hidden states predict its response tokens: from the
     one before its first response token, moved left where the window would pass the end."""
     seq = response_mask.shape[1]
@@ -30,13 +30,12 @@ def _window_width(response_mask, window: int | None) -> int:
     """`window`, checked against the rows' response spans when the mask is concrete; by default
     `response_window` of a concrete mask, or every position of a traced one."""
     seq = np.shape(response_mask)[1]
-    concrete = _checks.is_concrete(response_mask)
     if window is None:
-        return response_window(response_mask) if concrete else seq - 1
+        return response_window(response_mask)
     _checks.require(
         isinstance(window, (int, np.integer)) and 1 <= window <= seq - 1, f"window must be an int in [1, {seq - 1}], got {window!r}"
     )
-    if concrete:
+    if _checks.is_concrete(response_mask):
         span = response_span(response_mask)
         _checks.require(window >= span, f"window {window} is shorter than a response span of {span} positions")
     return int(window)
@@ -45,10 +44,10 @@ def _window_width(response_mask, window: int | None) -> int:
 def sequence_logprobs(
     model,
     lora: LoRA | None,
-    input_ids: Int[Array, "n s"],
-    response_mask: Int[Array, "n s"],
+    input_ids: Int[ArrayLike, "n s"],
+    response_mask: Int[ArrayLike, "n s"],
     *,
-    attention_mask: Int[Array, "n s"] | None = None,
+    attention_mask: Int[ArrayLike, "n s"] | None = None,
     lora_fn: LoraFn | None = None,
     window: int | None = None,
 ) -> Float[Array, " n"]:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo import _checks
 from jaxdpo.models import KVCache, LoRA
@@ -52,7 +52,7 @@ CANDIDATES = 256
 """How many of each row's largest logits `filter_logits` looks at before it sorts the whole row."""
 
 
-def filter_logits(logits: Float[Array, "n v"], *, top_p, top_k) -> Float[Array, "n v"]:
+def filter_logits(logits: Float[ArrayLike, "n v"], *, top_p, top_k) -> Float[Array, "n v"]:
     """Top-k then nucleus (top-p) filtering: excluded tokens get −inf.
 
     Top-k keeps every token whose logit is ≥ the k-th largest (k = 0: no limit). Top-p keeps, in
@@ -169,8 +169,8 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
 
 def generate(
     model,
-    prompt_ids: Int[Array, "b p"],
-    prompt_mask: Int[Array, "b p"],
+    prompt_ids: Int[ArrayLike, "b p"],
+    prompt_mask: Int[ArrayLike, "b p"],
     *,
     lora: LoRA | None = None,
     max_new_tokens: int,

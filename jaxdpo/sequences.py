@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Int
+from jaxtyping import Array, ArrayLike, Int
 
 from jaxdpo import _checks
 
@@ -30,9 +30,9 @@ class Sequences(NamedTuple):
     """Prompt + response rows `[r, s]`: left-padded prompt, response tokens marked by
     `response_mask`, padding marked by `attention_mask` = 0. A pytree (jit-able)."""
 
-    input_ids: Int[Array, "r s"]
-    response_mask: Int[Array, "r s"]
-    attention_mask: Int[Array, "r s"]
+    input_ids: Int[ArrayLike, "r s"]
+    response_mask: Int[ArrayLike, "r s"]
+    attention_mask: Int[ArrayLike, "r s"]
 
     @property
     def num_rows(self) -> int:
@@ -72,7 +72,9 @@ def check_sequences(input_ids, response_mask, attention_mask=None) -> None:
 def response_window(response_mask) -> int:
     """The static number of positions log-probs read per row: the widest row's response span (first
     to last response token) rounded up to a power of two ≥ 16, so a run compiles a handful of
-    shapes, at most seq − 1. `response_mask` must be concrete (host or device array)."""
+    shapes, at most seq − 1. A traced mask (inside `jit`) has no values to read: every position."""
+    if not _checks.is_concrete(response_mask):
+        return np.shape(response_mask)[1] - 1
     rounded = max(16, 1 << (response_span(response_mask) - 1).bit_length())
     return min(rounded, np.shape(response_mask)[1] - 1)
 

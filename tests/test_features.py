@@ -92,6 +92,7 @@ def test_features_feed_select_batch_pairs(setup):
     np.testing.assert_array_equal(result.indices, jaxdpo.select_batch(phi, 2).indices)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -136,6 +136,7 @@ def test_chunk_size_does_not_change_the_result(setup, grads):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32 sums reassociate with the batch shape
 
 
+@pytest.mark.usefixtures("unchecked_shapes")
 @pytest.mark.parametrize(
     "mutate, match",
     [

@@ -203,6 +203,7 @@ def test_filter_logits_equals_the_full_sort(top_p, top_k, scale):
     np.testing.assert_array_equal(got, expected)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")
 @pytest.mark.parametrize(
     "change, message",
     [

@@ -151,7 +151,7 @@ def _dpo_bytes(setup: Setup, lora: LoRA, seq: int) -> int:
     state = trainer.init(lora)
 
     def step(model, lora, opt_state, ids, response, attention, ref, weights):
-        return _train_step(model, lora, opt_state, Sequences(ids, response, attention), ref, weights, trainer=trainer)
+        return _train_step(model, lora, opt_state, Sequences(ids, response, attention), ref, weights, trainer=trainer, window=seq - 1)
 
     return _program_bytes(step, setup.model, lora, state.opt_state, tokens, tokens, tokens, ref, weights)
 

@@ -6,7 +6,7 @@ import json
 
 import jax.numpy as jnp
 from flax import nnx
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, ArrayLike, Float, Int
 
 from jaxdpo.models.decoder import Decoder
 
@@ -16,7 +16,7 @@ class RewardModel(nnx.Module):
     hidden state of the last real token (the rightmost position with attention_mask = 1), as
     transformers' *ForSequenceClassification does for the last non-pad token."""
 
-    def __init__(self, backbone: Decoder, score: Float[Array, "h 1"], *, hf_config: dict | None = None):
+    def __init__(self, backbone: Decoder, score: Float[ArrayLike, "h 1"], *, hf_config: dict | None = None):
         self.backbone = backbone
         self.score = nnx.Param(score)
         self.hf_config_json = json.dumps(hf_config or {}, sort_keys=True)
@@ -31,7 +31,7 @@ class RewardModel(nnx.Module):
         return jnp.matmul(pooled, self.score[...].astype(pooled.dtype), preferred_element_type=jnp.float32)[:, 0]
 
 
-def last_token_states(hidden: Float[Array, "b s h"], attention_mask: Int[Array, "b s"] | None) -> Float[Array, "b h"]:
+def last_token_states(hidden: Float[ArrayLike, "b s h"], attention_mask: Int[ArrayLike, "b s"] | None) -> Float[Array, "b h"]:
     """Each row's hidden state at its last real token (the rightmost position with attention_mask
     = 1; the last position without a mask): a sequence's summary for score heads and APO features."""
     if attention_mask is None:

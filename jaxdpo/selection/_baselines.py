@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo import _checks
 from jaxdpo.selection._greedy import SelectionResult, v_inv_norms
@@ -57,28 +57,28 @@ def _top(priority: Array, scores: Array, mask: Array, batch_size: int) -> Select
     return SelectionResult(indices.astype(jnp.int32), scores[indices])
 
 
-def select_random(key: Array, num_candidates: int, batch_size: int, *, mask: Bool[Array, " n"] | None = None) -> SelectionResult:
+def select_random(key: Array, num_candidates: int, batch_size: int, *, mask: Bool[ArrayLike, " n"] | None = None) -> SelectionResult:
     """B distinct eligible candidates uniformly at random; scores are the random priorities."""
     mask = _eligible(mask, num_candidates, batch_size)
     priority = jax.random.uniform(key, (num_candidates,))
     return _top(priority, priority, mask, batch_size)
 
 
-def select_certainty(margins: Float[Array, " n"], batch_size: int, *, mask=None) -> SelectionResult:
+def select_certainty(margins: Float[ArrayLike, " n"], batch_size: int, *, mask=None) -> SelectionResult:
     """APLP preference certainty: largest |r(x, y1) − r(x, y2)| first; scores are |margin|."""
     margins = _vector("margins", margins)
     mask = _eligible(mask, margins.shape[0], batch_size)
     return _top(jnp.abs(margins), jnp.abs(margins), mask, batch_size)
 
 
-def select_uncertainty(margins: Float[Array, " n"], batch_size: int, *, mask=None) -> SelectionResult:
+def select_uncertainty(margins: Float[ArrayLike, " n"], batch_size: int, *, mask=None) -> SelectionResult:
     """Smallest |r(x, y1) − r(x, y2)| first (the pairs the implicit reward cannot tell apart)."""
     margins = _vector("margins", margins)
     mask = _eligible(mask, margins.shape[0], batch_size)
     return _top(-jnp.abs(margins), jnp.abs(margins), mask, batch_size)
 
 
-def predictive_entropy(logprobs: Float[Array, " samples"], num_samples: int) -> Float[Array, " prompts"]:
+def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int) -> Float[Array, " prompts"]:
     """APLP predictive entropy: H(x) ≈ −(1/N) Σ_s log π(y_s|x), y_s ~ π(·|x) at temperature 1.
 
     `logprobs` holds the sequence log-probs of N samples per prompt, prompt-major: the samples of
@@ -101,8 +101,8 @@ def _prompt_inputs(prompt_entropy, pair_prompt_ids) -> tuple[Array, Array]:
 
 
 def select_entropy(
-    prompt_entropy: Float[Array, " prompts"],
-    pair_prompt_ids: Int[Array, " n"],
+    prompt_entropy: Float[ArrayLike, " prompts"],
+    pair_prompt_ids: Int[ArrayLike, " n"],
     batch_size: int,
     *,
     key: Array,
@@ -128,9 +128,9 @@ def select_entropy(
 
 
 def select_hybrid(
-    prompt_entropy: Float[Array, " prompts"],
-    pair_prompt_ids: Int[Array, " n"],
-    margins: Float[Array, " n"],
+    prompt_entropy: Float[ArrayLike, " prompts"],
+    pair_prompt_ids: Int[ArrayLike, " n"],
+    margins: Float[ArrayLike, " n"],
     batch_size: int,
     *,
     ogf: int = 16,
@@ -151,7 +151,7 @@ def select_hybrid(
 
 
 def select_apo(
-    features: Float[Array, "n d"],
+    features: Float[ArrayLike, "n d"],
     batch_size: int,
     *,
     reg: float = 1e-5,
@@ -166,8 +166,8 @@ def select_apo(
 
 
 def select_near_tie(
-    margins: Float[Array, " n"],
-    features: Float[Array, "n d"],
+    margins: Float[ArrayLike, " n"],
+    features: Float[ArrayLike, "n d"],
     batch_size: int,
     *,
     nu: float = 1.0,

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.linalg import solve_triangular
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo import _checks
 
@@ -766,13 +766,13 @@ def _strategy(strategy: str, count: int, dim: int, prior, batch_size: int, shard
 
 
 def select_batch(
-    features: Float[Array, "n d"],
+    features: Float[ArrayLike, "rows d"],
     batch_size: int,
     *,
     reg: float = 1.0,
-    prior: Float[Array, "p d"] | None = None,
-    mask: Bool[Array, " n"] | None = None,
-    pairs: Int[Array, "n 2"] | None = None,
+    prior: Float[ArrayLike, "p d"] | None = None,
+    mask: Bool[ArrayLike, " n"] | None = None,
+    pairs: Int[ArrayLike, "n 2"] | None = None,
     strategy: Literal["auto", "full", "lazy"] = "auto",
 ) -> SelectionResult:
     """Greedy ActiveDPO batch: Eq. (3) argmax of ‖φ‖_{V⁻¹}, with V ← V + φ*φ*ᵀ after each pick (Eq. 4).
@@ -848,11 +848,11 @@ def select_batch(
 
 
 def v_inv_norms(
-    features: Float[Array, "n d"],
+    features: Float[ArrayLike, "rows d"],
     *,
     reg: float = 1.0,
-    prior: Float[Array, "p d"] | None = None,
-    pairs: Int[Array, "n 2"] | None = None,
+    prior: Float[ArrayLike, "p d"] | None = None,
+    pairs: Int[ArrayLike, "n 2"] | None = None,
 ) -> Float[Array, " n"]:
     """‖φ_i‖_{V₀⁻¹} for every candidate with V₀ = reg·I + priorᵀprior (Eq. 3's criterion, no picks).
 

@@ -14,7 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo.selection import _baselines
 from jaxdpo.selection._greedy import SelectionResult, select_batch
@@ -34,15 +34,15 @@ class SelectionPool(NamedTuple):
     """
 
     num_candidates: int
-    features: Float[Array, "r d"] | None = None
-    pairs: Int[Array, "n 2"] | None = None
-    prior: Float[Array, "p d"] | None = None
-    margins: Float[Array, " n"] | None = None
-    prompt_entropy: Float[Array, " prompts"] | None = None
-    pair_prompt_ids: Int[Array, " n"] | None = None
-    apo_features: Float[Array, "r h"] | None = None
-    apo_prior: Float[Array, "p h"] | None = None
-    mask: Bool[Array, " n"] | None = None
+    features: Float[ArrayLike, "r d"] | None = None
+    pairs: Int[ArrayLike, "n 2"] | None = None
+    prior: Float[ArrayLike, "p d"] | None = None
+    margins: Float[ArrayLike, " n"] | None = None
+    prompt_entropy: Float[ArrayLike, " prompts"] | None = None
+    pair_prompt_ids: Int[ArrayLike, " n"] | None = None
+    apo_features: Float[ArrayLike, "r h"] | None = None
+    apo_prior: Float[ArrayLike, "p h"] | None = None
+    mask: Bool[ArrayLike, " n"] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

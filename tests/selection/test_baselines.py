@@ -142,6 +142,7 @@ def test_near_tie_prefers_intervals_straddling_zero():
     np.testing.assert_allclose(result.scores, gap[np.asarray(result.indices)], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")
 @pytest.mark.parametrize(
     "call, match",
     [

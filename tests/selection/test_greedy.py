@@ -175,8 +175,13 @@ def test_jit_and_purity():
     np.testing.assert_array_equal(traced.indices, again.indices)
     np.testing.assert_array_equal(traced.scores, again.scores)
     np.testing.assert_array_equal(np.asarray(phi), before)
+
+
+@pytest.mark.usefixtures("unchecked_shapes")
+def test_shape_checks_apply_under_jit():
+    phi = jnp.asarray(_rng(12).normal(size=(N, D)), jnp.float32)
     with pytest.raises(ValueError, match="2-D"):
-        jitted(phi[0], batch_size=B)  # shape checks still apply under jit
+        jax.jit(jaxdpo.select_batch, static_argnames="batch_size")(phi[0], batch_size=B)
 
 
 @given(
@@ -199,6 +204,7 @@ def test_property_greedy_picks_are_exact_argmaxes(seed, rank, log_reg, p, scale)
     assert_greedy(phi, result, reg, prior, mask)
 
 
+@pytest.mark.usefixtures("unchecked_shapes")
 @pytest.mark.parametrize(
     "kwargs, match",
     [
