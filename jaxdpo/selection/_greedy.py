@@ -740,6 +740,13 @@ def _validated(features, *, reg, prior, mask, pairs):
     _checks.require(np.ndim(reg) == 0, f"reg must be a scalar, got shape {np.shape(reg)}")
     if _checks.is_concrete(reg):
         _checks.require(bool(np.isfinite(reg)) and float(reg) > 0, f"reg must be > 0 and finite, got {reg}")
+        with np.errstate(over="ignore"):
+            representable = bool(np.isfinite(np.asarray(reg, dtype)))
+        _checks.require(
+            representable,
+            f"reg = {reg} overflows {np.dtype(dtype).name}, the precision of the features; scale reg and features down together "
+            "(the picks only depend on reg / |features|^2)",
+        )
     return features, jnp.asarray(reg, dtype), prior, mask, pairs, count
 
 
@@ -766,11 +773,11 @@ def _strategy(strategy: str, count: int, dim: int, prior, batch_size: int, shard
 
 
 def select_batch(
-    features: Float[ArrayLike, "rows d"],
+    features: Float[ArrayLike, "rows d"] | list,
     batch_size: int,
     *,
-    reg: float = 1.0,
-    prior: Float[ArrayLike, "p d"] | None = None,
+    reg: float | Float[ArrayLike, ""] = 1.0,
+    prior: Float[ArrayLike, "p d"] | list | None = None,
     mask: Bool[ArrayLike, " n"] | None = None,
     pairs: Int[ArrayLike, "n 2"] | None = None,
     strategy: Literal["auto", "full", "lazy"] = "auto",
@@ -848,10 +855,10 @@ def select_batch(
 
 
 def v_inv_norms(
-    features: Float[ArrayLike, "rows d"],
+    features: Float[ArrayLike, "rows d"] | list,
     *,
-    reg: float = 1.0,
-    prior: Float[ArrayLike, "p d"] | None = None,
+    reg: float | Float[ArrayLike, ""] = 1.0,
+    prior: Float[ArrayLike, "p d"] | list | None = None,
     pairs: Int[ArrayLike, "n 2"] | None = None,
 ) -> Float[Array, " n"]:
     """‖φ_i‖_{V₀⁻¹} for every candidate with V₀ = reg·I + priorᵀprior (Eq. 3's criterion, no picks).

@@ -1,0 +1,223 @@
+"""select_batch's strategies ("full", "lazy", "auto") pick the same as each other and as a float64
+brute force, including adversarial pools; invalid input under jit; scale invariance; half precision."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jaxdpo
+from tests.selection.reference import brute_force_greedy
+
+N, D, B = 48, 12, 6
+STRATEGIES = ("full", "lazy")
+jitted = jax.jit(jaxdpo.select_batch, static_argnames=("batch_size", "strategy"))
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _pairs_features(g, pairs):
+    return g[pairs[:, 0]] - g[pairs[:, 1]]
+
+
+def _adversarial(name: str) -> np.ndarray:
+    """[N, D] float32 pools where bounds and ties are hardest on a lazy greedy."""
+    rng = _rng(7)
+    if name == "all_equal":  # ±e_i: every initial score exactly 1, many stay tied after each pick
+        return np.concatenate([np.eye(D), -np.eye(D), np.eye(D), -np.eye(D)]).astype(np.float32)
+    if name == "duplicates":  # every row four times: a pick drops its copies' scores to almost 0
+        return np.repeat(rng.normal(size=(N // 4, D)), 4, axis=0).astype(np.float32)
+    if name == "collapse":  # one dominant direction: every score collapses after the first pick
+        direction = rng.normal(size=D)
+        return (np.outer(rng.uniform(1, 2, N), direction) + 1e-3 * rng.normal(size=(N, D))).astype(np.float32)
+    if name == "exact_ties":  # integer rows with many equal norms and equal inner products
+        return rng.integers(-1, 2, size=(N, D)).astype(np.float32)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("pool", ["all_equal", "duplicates", "collapse", "exact_ties"])
+def test_adversarial_pools_match_float64_brute_force(pool, strategy):
+    phi = _adversarial(pool)
+    result = jaxdpo.select_batch(phi, B, reg=1.0, strategy=strategy)
+    indices, scores = brute_force_greedy(phi, B, 1.0)
+    np.testing.assert_array_equal(result.indices, indices)
+    np.testing.assert_allclose(result.scores, scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batch_equal_to_the_pool_picks_everyone_in_greedy_order(strategy):
+    phi = _rng(3).normal(size=(B, D)).astype(np.float32)
+    result = jaxdpo.select_batch(phi, B, reg=0.5, strategy=strategy)
+    np.testing.assert_array_equal(result.indices, brute_force_greedy(phi, B, 0.5)[0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    rank=st.integers(1, D),
+    log_reg=st.floats(-3, 1),
+    p=st.sampled_from([0, 4, 16]),
+    duplicated=st.booleans(),
+)
+def test_property_lazy_picks_equal_full_picks(seed, rank, log_reg, p, duplicated):
+    rng = _rng(seed)
+    phi = rng.normal(size=(N, rank)) @ rng.normal(size=(rank, D))
+    if duplicated:
+        phi[N // 2 :] = phi[: N // 2]
+    phi = phi.astype(np.float32)
+    prior = rng.normal(size=(p, D)).astype(np.float32) if p else None
+    mask = rng.random(N) < 0.8
+    mask[:B] = True
+    kwargs = dict(reg=10.0**log_reg, prior=prior, mask=jnp.asarray(mask))
+    full = jitted(phi, batch_size=B, strategy="full", **kwargs)
+    lazy = jitted(phi, batch_size=B, strategy="lazy", **kwargs)
+    np.testing.assert_array_equal(lazy.indices, full.indices)
+    np.testing.assert_allclose(lazy.scores, full.scores, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_pairs_mode_equals_materialized_differences(strategy):
+    rng = _rng(4)
+    g = rng.normal(size=(16, D)).astype(np.float32)
+    pairs = rng.integers(0, 16, size=(N, 2)).astype(np.int32)
+    phi = _pairs_features(g, pairs)
+    mask = np.asarray(pairs[:, 0] != pairs[:, 1])  # a pair of a response with itself has φ = 0
+    result = jaxdpo.select_batch(g, B, reg=0.5, pairs=pairs, mask=mask, strategy=strategy)
+    indices, scores = brute_force_greedy(phi, B, 0.5, mask=mask)
+    np.testing.assert_array_equal(result.indices, indices)
+    np.testing.assert_allclose(result.scores, scores, rtol=1e-5)
+
+
+def test_auto_chooses_full_for_small_pools_and_lazy_for_big_ones():
+    from jaxdpo.selection._greedy import _strategy
+
+    assert not _strategy("auto", 3_000, 2048, None, 50, 1)
+    assert _strategy("auto", 300_000, 2048, None, 50, 1)
+    phi = _rng(5).normal(size=(N, D)).astype(np.float32)
+    np.testing.assert_array_equal(
+        jaxdpo.select_batch(phi, B).indices, jaxdpo.select_batch(phi, B, strategy="full").indices
+    )
+
+
+def test_float32_with_tiny_reg_keeps_float64_greedy_picks_once_the_batch_spans_the_features():
+    """The case where float32 running score updates drifted from pick 32 on (score gap 27%)."""
+    rng = _rng(11)
+    phi = rng.normal(size=(2000, 32)).astype(np.float32)
+    indices, scores = brute_force_greedy(phi, 120, 1e-5)
+    for strategy in STRATEGIES:
+        result = jitted(phi, batch_size=120, reg=1e-5, strategy=strategy)
+        np.testing.assert_array_equal(result.indices, indices)
+        np.testing.assert_allclose(result.scores, scores, rtol=1e-3)
+
+
+@pytest.mark.parametrize("exponent", [-60, 40])
+def test_scaling_features_by_a_power_of_two_and_reg_by_its_square_changes_nothing(exponent):
+    rng = _rng(6)
+    phi = rng.normal(size=(N, D)).astype(np.float32)
+    prior = rng.normal(size=(3, D)).astype(np.float32)
+    base = jitted(phi, batch_size=B, reg=0.25, prior=prior, strategy="lazy")
+    alpha = np.float32(2.0**exponent)
+    scaled = jitted(phi * alpha, batch_size=B, reg=0.25 * float(alpha) ** 2, prior=prior * alpha, strategy="lazy")
+    np.testing.assert_array_equal(scaled.indices, base.indices)
+    np.testing.assert_array_equal(scaled.scores, base.scores)  # ‖φ‖_{V⁻¹} is invariant
+
+
+def _residual_greedy(phi, batch_size: int):
+    """Eq. 3-4 in the limit reg/|φ|² → 0 (float64, no V to invert: its condition number would be
+    1e40): pick the largest norm of φ's component outside the span of the picks so far; φᵀV⁻¹φ is
+    then |φ_⊥|²/reg up to a relative 1e-40."""
+    phi = np.asarray(phi, np.float64)
+    basis, indices, residuals = np.zeros((0, phi.shape[1])), [], []
+    for _ in range(batch_size):
+        outside = phi - (phi @ basis.T) @ basis
+        norms = np.where(np.isin(np.arange(len(phi)), indices), -1.0, np.linalg.norm(outside, axis=1))
+        i = int(np.argmax(norms))
+        indices.append(i)
+        residuals.append(norms[i])
+        basis = np.vstack([basis, outside[i] / norms[i]])
+    return np.array(indices), np.array(residuals)
+
+
+def test_huge_features_and_huge_reg_pick_as_float64_and_stay_finite():
+    phi = _rng(8).normal(size=(N, D)).astype(np.float32)
+    huge = jaxdpo.select_batch(phi * np.float32(1e20), B, reg=1.0)  # float32 squares overflow at 1e38
+    indices, residuals = _residual_greedy(phi, B)
+    np.testing.assert_array_equal(huge.indices, indices)
+    np.testing.assert_allclose(huge.scores, 1e20 * residuals, rtol=1e-4)
+    big_reg = jaxdpo.select_batch(phi, B, reg=1e30)  # scores ~1e-15: picks still by exact ratios
+    np.testing.assert_array_equal(big_reg.indices, brute_force_greedy(phi, B, 1e30)[0])
+    assert np.all(np.asarray(big_reg.scores) > 0)
+
+
+@pytest.mark.usefixtures("unchecked_shapes")
+def test_a_reg_that_overflows_the_features_precision_is_named():
+    with pytest.raises(ValueError, match="overflows float32"):
+        jaxdpo.select_batch(np.ones((N, D), np.float32), B, reg=1e40)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_features_pick_the_exact_greedy_of_the_rounded_features(dtype):
+    phi = _rng(9).normal(size=(N, D)).astype(np.float32)
+    rounded = jnp.asarray(phi, dtype)
+    result = jaxdpo.select_batch(rounded, B, reg=1.0)
+    indices, scores = brute_force_greedy(np.asarray(rounded, np.float32), B, 1.0)
+    np.testing.assert_array_equal(result.indices, indices)
+    assert result.scores.dtype == jnp.float32
+    np.testing.assert_allclose(result.scores, scores, rtol=1e-5)
+
+
+def test_lists_are_accepted():
+    phi = _rng(10).normal(size=(N, D))
+    prior = _rng(11).normal(size=(2, D))
+    result = jaxdpo.select_batch(phi.tolist(), B, prior=prior.tolist())
+    np.testing.assert_array_equal(result.indices, brute_force_greedy(phi, B, 1.0, prior=prior)[0])
+
+
+def _invalid_under_jit(name: str) -> dict:
+    phi = _rng(12).normal(size=(N, D)).astype(np.float32)
+    g = phi[:16]
+    if name == "nan_features":
+        phi[5, 3] = np.nan
+        return dict(features=phi)
+    if name == "inf_prior":
+        return dict(features=phi, prior=np.full((2, D), np.inf, np.float32))
+    if name == "negative_reg":
+        return dict(features=phi, reg=jnp.float32(-1.0))
+    if name == "no_eligible":
+        return dict(features=phi, mask=np.zeros(N, bool))
+    if name == "pairs_out_of_range":
+        pairs = np.stack([np.arange(N) % 16, (np.arange(N) + 1) % 16], axis=1).astype(np.int32)
+        pairs[7, 1] = 16
+        return dict(features=g, pairs=pairs)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("case", ["nan_features", "inf_prior", "negative_reg", "no_eligible", "pairs_out_of_range"])
+def test_invalid_input_under_jit_gives_minus_one_and_nan_never_a_valid_looking_pick(case, strategy):
+    args = _invalid_under_jit(case)
+    features = args.pop("features")
+    result = jax.jit(
+        lambda f, reg, **kw: jaxdpo.select_batch(f, B, reg=reg, strategy=strategy, **kw)
+    )(features, args.pop("reg", jnp.float32(1.0)), **args)
+    np.testing.assert_array_equal(result.indices, np.full(B, -1))
+    assert np.all(np.isnan(np.asarray(result.scores)))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fewer_eligible_than_the_batch_under_jit_fills_the_rest_with_minus_one(strategy):
+    phi = _rng(13).normal(size=(N, D)).astype(np.float32)
+    mask = np.zeros(N, bool)
+    mask[[4, 30]] = True
+    result = jitted(phi, batch_size=5, mask=mask, strategy=strategy)
+    indices = np.asarray(result.indices)
+    assert sorted(indices[:2].tolist()) == [4, 30]
+    np.testing.assert_array_equal(indices[2:], [-1, -1, -1])
+    assert np.all(np.isfinite(np.asarray(result.scores)[:2])) and np.all(np.isnan(np.asarray(result.scores)[2:]))
