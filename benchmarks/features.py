@@ -32,6 +32,7 @@ import json
 import math
 import resource
 import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--skip-torch", action="store_true", help="leave out the (slow) torch.func row")
     parser.add_argument("--responses-per-prompt", type=int, default=3)
+    parser.add_argument("--save", type=Path, help="also write the factored features [responses, dim] (float32 .npy), e.g. for "
+                        "benchmarks/selection.py --features")
     args = parser.parse_args()
     args.projection_batch = min(args.projection_batch, args.responses)  # as gradient_features clamps it
 
@@ -208,9 +211,12 @@ def main() -> None:
     )
     pairs_per_response = (args.responses_per_prompt - 1) / 2
     rows = {}
-    for name, (fn, peak) in jax_methods(model, lora, batch, args).items():
+    methods = jax_methods(model, lora, batch, args)
+    for name, (fn, peak) in methods.items():
         rows[name] = dict(seconds=best_time(fn, args.repeats)[0], peak_bytes=peak)
         print(f"# {name}: {rows[name]['seconds']:.3f} s", file=sys.stderr, flush=True)
+    if args.save:
+        np.save(args.save, np.asarray(methods["factored"][0](), np.float32))
     torch_run = None if args.skip_torch else torch_method(model, lora, batch, args)
     if torch_run is not None:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
