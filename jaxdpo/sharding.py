@@ -16,6 +16,7 @@ split, FSDP-style).
 
 from __future__ import annotations
 
+import logging
 import os
 
 import jax
@@ -27,6 +28,27 @@ from jaxdpo.errors import UserError
 
 DATA, MODEL = "data", "model"
 _MULTI_HOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def limit_accelerator_memory(fraction: float | None) -> None:
+    """Let JAX take only `fraction` of each accelerator's memory (it preallocates 75% by default),
+    e.g. to leave room for a PyTorch reward model on the same GPU. Works only before JAX starts its
+    backends (the first device query), which `experiment.setup` makes sure of; an environment value
+    set by the user wins."""
+    if fraction is None or os.environ.get(MEMORY_FRACTION_ENV):
+        return
+    from jax._src import xla_bridge  # no public way to ask whether the backends have started
+
+    if xla_bridge.backends_are_initialized():
+        logging.getLogger(__name__).warning(
+            "mesh.memory_fraction = %s is ignored: JAX's devices were already started in this process "
+            "(set %s before starting Python instead)", fraction, MEMORY_FRACTION_ENV,
+        )
+        return
+    os.environ[MEMORY_FRACTION_ENV] = str(fraction)
 
 
 def initialize_distributed() -> bool:

@@ -39,3 +39,17 @@ def test_param_spec_splits_the_largest_dividing_axis_and_never_the_layer_axis():
     assert tuple(param_spec((4, 16), 4, stacked=True)) == ()  # a stacked vector (norms): replicated
     assert tuple(param_spec((100, 16), 4, stacked=False)) == ("model", None)  # the embedding
     assert tuple(param_spec((100, 16), 1, stacked=False)) == ()
+
+
+def test_memory_fraction_reaches_jax_before_its_devices_start():
+    script = (
+        "import os, jax; from jaxdpo.sharding import limit_accelerator_memory as limit; limit(0.4); "
+        "first = os.environ['XLA_PYTHON_CLIENT_MEM_FRACTION']; jax.devices(); "
+        "os.environ.pop('XLA_PYTHON_CLIENT_MEM_FRACTION'); limit(0.7); "  # too late: devices started
+        "print(first, os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_PYTHON_CLIENT_MEM_FRACTION"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["0.4", "None"]
+    assert "mesh.memory_fraction = 0.7 is ignored" in proc.stderr

@@ -29,7 +29,7 @@ from jaxdpo.oracles import HumanOracle, Oracle, label_studio, reward_model_oracl
 from jaxdpo.oracles.human import human_folder
 from jaxdpo.sampling import generate
 from jaxdpo.sequences import Sequences, pad_rows
-from jaxdpo.sharding import data_multiple, initialize_distributed, make_mesh, put_rows, shard_model
+from jaxdpo.sharding import data_multiple, initialize_distributed, limit_accelerator_memory, make_mesh, put_rows, shard_model
 
 
 def derive_key(seed: int, *path: int | str) -> jax.Array:
@@ -121,6 +121,7 @@ def _check_splits(config: ExperimentConfig, mesh: Mesh) -> None:
 
 def _mesh(config: ExperimentConfig) -> Mesh | None:
     """The run's mesh, None when it has one device (the plain single-device path)."""
+    limit_accelerator_memory(config.mesh.memory_fraction)
     initialize_distributed()
     mesh = make_mesh(config.mesh.data, config.mesh.model)
     return None if mesh.size == 1 else mesh
