@@ -49,6 +49,8 @@ _RHO_EXPONENT = 60  # ρ is clamped to [2^-60, 2^60]: beyond that float32 cannot
 _MAX_BLOCK = 64  # candidates re-scored exactly per round
 _AUTO_LAZY_ROUNDS = 8  # "auto" takes "lazy" when one pass over Φ costs at least this many rounds
 _STALLS_BEFORE_FULL = 2  # lazy picks that needed a pass before the batch goes on as "full"
+_SLOW_FRACTION = 4  # a lazy pick of more than lazy_rounds / this many rounds counts as a stall
+_CATCH_UP_CHUNK = 8  # pending updates applied per pass when a lazy pick stalls
 STRATEGIES = ("auto", "full", "lazy")
 
 
@@ -486,8 +488,9 @@ class _State(NamedTuple):
     passes: Array
 
 
-def _apply_updates(ctx: _Context, state: _State, directions: Float[Array, "k d"]) -> _State:
-    """One pass over Φ lowering `approx` by the updates `directions` (zero rows: none)."""
+def _apply_updates(ctx: _Context, state: _State, directions: Float[Array, "k d"], synced: Array) -> _State:
+    """One pass over Φ lowering `approx` by the updates `directions` (zero rows: none), after which
+    the updates of picks before `synced` are applied."""
     if directions.shape[0] == 1:
         drop = ctx.candidates.dot(directions[0]) ** 2
     else:
@@ -496,21 +499,28 @@ def _apply_updates(ctx: _Context, state: _State, directions: Float[Array, "k d"]
     approx = state.approx - drop
     error = state.error + ctx.drift * count * (state.approx + drop)
     return state._replace(
-        approx=approx, error=error, bounds=jnp.minimum(state.bounds, approx + error), synced=state.pick, passes=state.passes + 1
+        approx=approx, error=error, bounds=jnp.minimum(state.bounds, approx + error), synced=synced, passes=state.passes + 1
     )
 
 
 def _apply_latest(ctx: _Context, state: _State) -> _State:
     """One pick of strategy "full": apply the previous pick's update (one matrix-vector pass)."""
-    return _apply_updates(ctx, state, jax.lax.dynamic_slice_in_dim(state.directions, state.pick - 1, 1))
+    return _apply_updates(ctx, state, jax.lax.dynamic_slice_in_dim(state.directions, state.pick - 1, 1), state.pick)
 
 
 def _catch_up(ctx: _Context, state: _State) -> _State:
-    """A lazy pick that stalls: one pass applies every update not yet applied; after
-    `_STALLS_BEFORE_FULL` of them the batch goes on as "full"."""
-    k = jnp.arange(state.directions.shape[0])
-    pending = (k >= state.synced) & (k < state.pick)
-    state = _apply_updates(ctx, state, jnp.where(pending[:, None], state.directions, 0.0))
+    """A lazy pick that stalls: apply every update not yet applied, `_CATCH_UP_CHUNK` per pass (a
+    pass with a few updates reads Φ once like a pass with one, with all B it would be B times the
+    arithmetic); after `_STALLS_BEFORE_FULL` of them the batch goes on as "full"."""
+    width = min(_CATCH_UP_CHUNK, state.directions.shape[0])
+
+    def apply_chunk(state: _State) -> _State:
+        k = state.synced + jnp.arange(width)
+        rows = state.directions[jnp.minimum(k, state.directions.shape[0] - 1)]
+        pending = jnp.where((k < state.pick)[:, None], rows, 0.0)
+        return _apply_updates(ctx, state, pending, jnp.minimum(state.synced + width, state.pick))
+
+    state = jax.lax.while_loop(lambda s: s.synced < s.pick, apply_chunk, state)
     return state._replace(stalls=state.stalls + 1, full=state.stalls + 1 >= _STALLS_BEFORE_FULL)
 
 
@@ -587,6 +597,9 @@ def _step(ctx: _Context, state: _State) -> _State:
     state = jax.lax.cond(state.full & (state.pick > 0), partial(_apply_latest, ctx), lambda s: s, state)
     search = jax.lax.while_loop(lambda s: ~_better(s.best, s.remaining), partial(_round, ctx), _first_search(ctx, state))
     state, best = search.state, search.best
+    # a lazy pick that needed many rounds (scores nearly tied) cost about a pass: count it as a stall
+    slow = ~state.full & (search.rounds > ctx.plan.lazy_rounds // _SLOW_FRACTION) & (state.synced < state.pick)
+    state = jax.lax.cond(slow, partial(_catch_up, ctx), lambda s: s, state)
     n = state.bounds.shape[0]
     local = best.index - ctx.comm.offset(n)
     owned = (local >= 0) & (local < n)
