@@ -49,7 +49,6 @@ _RHO_EXPONENT = 60  # ρ is clamped to [2^-60, 2^60]: beyond that float32 cannot
 _MAX_BLOCK = 64  # candidates re-scored exactly per round
 _AUTO_LAZY_ROUNDS = 8  # "auto" takes "lazy" when one pass over Φ costs at least this many rounds
 _STALLS_BEFORE_FULL = 2  # lazy picks that needed a pass before the batch goes on as "full"
-_SLOW_FRACTION = 4  # a lazy pick of more than lazy_rounds / this many rounds counts as a stall
 _CATCH_UP_CHUNK = 8  # pending updates applied per pass when a lazy pick stalls
 STRATEGIES = ("auto", "full", "lazy")
 
@@ -447,18 +446,21 @@ def _start(candidates: _Candidates, prior: Array | None, reg: Array, comm: _Comm
 
 
 class _Plan(NamedTuple):
-    """Static sizes: candidates re-scored per round, and the rounds a lazy pick may take before a
-    pass over Φ (catching up on every update so far) is cheaper."""
+    """Static sizes: candidates re-scored per round; the rounds that cost about one pass over Φ;
+    and the rounds a lazy pick may take before it stalls (catches up on every update so far): a
+    quarter of a pass, so nearly tied scores give up lazy picking early and cheaply."""
 
     block: int
     lazy_rounds: int
+    stall_rounds: int
 
 
 def _plan(count: int, dim: int, width: int, batch: int) -> _Plan:
     block = int(min(max(count // 8, 1), _MAX_BLOCK))
     k = min(batch, width)
     round_cost = block * (3 * k * width + 4 * k * k + 2 * (width - dim) * dim) + count
-    return _Plan(block, max(2, math.ceil(count * dim / round_cost)))
+    lazy_rounds = max(2, math.ceil(count * dim / round_cost))
+    return _Plan(block, lazy_rounds, max(1, lazy_rounds // 4))
 
 
 class _Context(NamedTuple):
@@ -543,7 +545,7 @@ class _Search(NamedTuple):
 def _round(ctx: _Context, search: _Search) -> _Search:
     """Re-score exactly the `block` open candidates of highest bound (on each device)."""
     state, open_ = search.state, search.open
-    stall = ~state.full & (search.rounds >= ctx.plan.lazy_rounds) & (state.synced < state.pick)
+    stall = ~state.full & (search.rounds >= ctx.plan.stall_rounds) & (state.synced < state.pick)
     state = jax.lax.cond(stall, partial(_catch_up, ctx), lambda s: s, state)
     open_ = jnp.where(stall & (open_ > -jnp.inf), jnp.minimum(open_, state.bounds), open_)
     n = open_.shape[0]
@@ -597,9 +599,6 @@ def _step(ctx: _Context, state: _State) -> _State:
     state = jax.lax.cond(state.full & (state.pick > 0), partial(_apply_latest, ctx), lambda s: s, state)
     search = jax.lax.while_loop(lambda s: ~_better(s.best, s.remaining), partial(_round, ctx), _first_search(ctx, state))
     state, best = search.state, search.best
-    # a lazy pick that needed many rounds (scores nearly tied) cost about a pass: count it as a stall
-    slow = ~state.full & (search.rounds > ctx.plan.lazy_rounds // _SLOW_FRACTION) & (state.synced < state.pick)
-    state = jax.lax.cond(slow, partial(_catch_up, ctx), lambda s: s, state)
     n = state.bounds.shape[0]
     local = best.index - ctx.comm.offset(n)
     owned = (local >= 0) & (local < n)
