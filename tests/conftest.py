@@ -1,7 +1,7 @@
 """Test-wide settings.
 
 - Float32 matmuls run at full precision: on GPUs JAX would use TF32 by default, and the parity
-  tests compare float32 numbers to 1e-5.
+  tests compare float32 numbers to a few dozen roundings of their scale (`tests/tolerance.py`).
 - XLA compiles with most optimizations off: compile time dominates these tiny-shape tests on CPU,
   and every comparison has a tolerance. (Benchmarks run outside pytest, fully optimized.)
 - Compiled programs go to a persistent cache shared by the test processes and the subprocesses

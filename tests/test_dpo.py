@@ -10,6 +10,7 @@ import jaxdpo
 from jaxdpo.sequences import Sequences
 from jaxdpo.dpo import DpoTrainer, _train_step, batched_logprobs, dpo_loss, reference_logprobs
 from tests.tiny import sequences, tiny_model, trained_lora
+from tests.tolerance import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,8 @@ def test_loss_equals_formula(logps, beta, smoothing):
 def test_batched_logprobs_match_sequence_logprobs(model, data):
     lora = jaxdpo.init_lora(model, rank=2, alpha=4.0, key=jax.random.key(0))
     expected = jaxdpo.sequence_logprobs(model, None, data.input_ids, data.response_mask, attention_mask=data.attention_mask)
-    np.testing.assert_allclose(reference_logprobs(model, data, chunk_size=3), expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(batched_logprobs(model, lora, data, chunk_size=3), expected, rtol=1e-5, atol=1e-5)
+    assert_close(reference_logprobs(model, data, chunk_size=3), expected, ulps=64)
+    assert_close(batched_logprobs(model, lora, data, chunk_size=3), expected, ulps=64)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from jaxdpo.oracles import (
     synthetic_oracle,
     torch_reward_model_oracle,
 )
+from tests.tolerance import assert_close
 
 PROMPTS = ["topic0 w01 w02 w03 :", "topic3 w04 w05 w06 :", "topic2 w07 w07 w07 :"]
 A = [" w00 w01 w02 w03", " w10 w11 w12 <eos>", " w14"]
@@ -81,8 +82,8 @@ def test_reward_model_oracle_matches_torch_adapter(reward_checkpoint):
     torch_oracle = torch_reward_model_oracle(str(folder), mode="deterministic")
     got = jax_oracle.label(requests(), seed=0)
     expected = torch_oracle.label(requests(), seed=0)
-    np.testing.assert_allclose(got.scores_a, expected.scores_a, atol=1e-4)
-    np.testing.assert_allclose(got.scores_b, expected.scores_b, atol=1e-4)
+    assert_close(got.scores_a, expected.scores_a, ulps=1024)  # vs torch's float32 order
+    assert_close(got.scores_b, expected.scores_b, ulps=1024)
     np.testing.assert_array_equal(got.prefer_a, expected.prefer_a)
     assert np.ptp(np.r_[got.scores_a, got.scores_b]) > 1e-3  # the scores are not all equal
 

@@ -24,6 +24,7 @@ from jaxdpo.projection import (
     plan_factored,
     rademacher,
 )
+from tests.tolerance import F32_EPS, assert_close
 
 
 def test_dense_projection_equals_the_explicit_matrix_for_a_pytree():
@@ -32,7 +33,7 @@ def test_dense_projection_equals_the_explicit_matrix_for_a_pytree():
     got = dense_project(grads, dim=24, key=jax.random.key(3))
     matrix = dense_projection_matrix([20, BLOCK + 7], dim=24, key=jax.random.key(3))
     flat = np.concatenate([grads["a"].reshape(3, -1), grads["b"]], axis=1)
-    np.testing.assert_allclose(got, flat @ matrix.T, rtol=1e-5, atol=1e-5)
+    assert_close(got, flat @ matrix.T, ulps=1024)  # sums of ~2000 ±x terms
     assert set(np.unique(np.abs(matrix) * np.sqrt(24)).round(6)) == {1.0}  # Rademacher, scaled 1/√dim
 
 
@@ -92,7 +93,7 @@ def test_kronecker_projection_equals_projecting_the_formed_gradient():
     got = kronecker_project(jnp.asarray(left), jnp.asarray(right), p_left, p_right, token_mask=mask)
     gradient = np.einsum("nta,ntb,nt->nab", left, right, mask)  # G = Σ_t x_t δ_tᵀ
     expected = np.einsum("ka,nab,jb->nkj", p_left, gradient, p_right)  # vec(P_l G P_rᵀ) = (P_l ⊗ P_r) vec(G)
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert_close(got, expected, ulps=256)
 
 
 def test_factored_features_are_unbiased_and_match_jl_error():
@@ -149,10 +150,10 @@ mesh = Mesh(np.array(jax.devices()), ("n",))
 sharded = jax.device_put(g, NamedSharding(mesh, PartitionSpec("n")))
 one = np.asarray(dense_project(jax.device_put(g, jax.devices()[0]), dim=64, key=3))
 many = dense_project(sharded, dim=64, key=3)
-print(json.dumps({"devices": len(jax.devices()), "max_diff": float(np.abs(np.asarray(many) - one).max())}))
+print(json.dumps({"devices": len(jax.devices()), "max_diff": float(np.abs(np.asarray(many) - one).max() / np.abs(one).max())}))
 '''
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["devices"] == 4 and result["max_diff"] < 1e-5
+    assert result["devices"] == 4 and result["max_diff"] < 1024 * F32_EPS  # relative to the largest feature

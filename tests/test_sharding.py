@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from jaxdpo.sharding import param_spec
+from tests.tolerance import F32_EPS
 
 
 @pytest.mark.slow
@@ -23,8 +24,8 @@ def test_every_stage_on_a_mesh_equals_one_device():
     for mesh, model_axis in (("8x1", 1), ("4x2", 2), ("2x4", 4)):
         got = result[mesh]
         assert got["same_tokens"] and got["same_picks"], (mesh, got)
-        for key in ("logprob_diff", "feature_diff", "loss_diff", "lora_diff"):
-            assert got[key] < 1e-5, (mesh, key, got)
+        for key in ("logprob_diff", "feature_diff", "loss_diff", "lora_diff"):  # relative to each quantity's scale
+            assert got[key] < 1024 * F32_EPS, (mesh, key, got)
         assert got["gate_shard"] == [2, 16, 24 // model_axis]  # [layers, hidden, intermediate] split over "model"
         assert got["param_fraction"] <= got["bound"] + 1e-9, (mesh, got)  # 1/model of the weights + replicated norms
         assert not got["gathers_a_weight"], mesh  # no program gathers a split weight whole

@@ -12,6 +12,7 @@ import transformers  # noqa: E402
 
 from jaxdpo.models import LORA_TARGETS, LoRA, default_lora_fn, init_lora, load_pretrained, save_pretrained
 from tests.models.conftest import torch_logits
+from tests.tolerance import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_custom_lora_fn_sees_each_layers_slice(model, batch, trained_lora):
 
     extra = LoRA({t: {**p, "probe": jnp.zeros((model.config.num_layers, 5))} for t, p in trained_lora.params.items()}, 4, 8.0)
     out = model(ids, attention_mask=mask, lora=extra, lora_fn=spy)
-    np.testing.assert_allclose(out, forward(model, ids, mask, trained_lora), atol=1e-6)
+    assert_close(out, forward(model, ids, mask, trained_lora), ulps=64)
     by_target = {t: (x, p, s) for t, x, p, s in seen}
     x, params, scale = by_target["q"]
     assert x == (2, 7, 32) and scale == 2.0
@@ -94,11 +95,11 @@ def test_merged_export_loads_into_transformers_with_the_same_logits(tmp_path, fa
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager")
     assert hf.dtype == torch.float32
     valid = mask.astype(bool)
-    np.testing.assert_allclose(torch_logits(hf.eval(), ids, mask)[valid], expected[valid], atol=1e-4)
+    assert_close(torch_logits(hf.eval(), ids, mask)[valid], expected[valid], ulps=1024)  # another library's float32 order
     save_pretrained(model, tmp_path / "sharded", lora=trained_lora, max_shard_size=20_000)
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     reloaded = load_pretrained(tmp_path / "sharded")
-    np.testing.assert_allclose(forward(reloaded, ids, mask, None), expected, atol=1e-5)
+    assert_close(forward(reloaded, ids, mask, None), expected, ulps=256)  # merged weights W + BA: rounded once more
 
 
 def test_bad_lora_arguments(model):

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from jaxdpo.models import load_reward_model
 from tests.models.conftest import VOCAB, build
+from tests.tolerance import assert_close
 
 PAD = 0
 
@@ -28,13 +29,13 @@ def test_scores_match_transformers(tmp_path, family):
     with torch.no_grad():
         expected = torch_model(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 0].numpy()
     score = jax.jit(lambda rm, ids, mask: rm(ids, attention_mask=mask))
-    np.testing.assert_allclose(score(rm, ids, mask), expected, atol=1e-4)
+    assert_close(score(rm, ids, mask), expected, ulps=1024)  # vs torch's float32 order
     # left padding gives the score of the unpadded sequence
     left = np.full((1, 6), PAD, np.int32)
     left[0, 2:] = ids[1, :4]
     left_mask = (np.arange(6) >= 2).astype(np.int32)[None]
     alone = rm(jnp.asarray(ids[1:2, :4]))
-    np.testing.assert_allclose(rm(jnp.asarray(left), attention_mask=jnp.asarray(left_mask)), alone, atol=1e-5)
+    assert_close(rm(jnp.asarray(left), attention_mask=jnp.asarray(left_mask)), alone, ulps=256)
 
 
 def test_more_than_one_label_is_rejected(tmp_path):

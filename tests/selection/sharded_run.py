@@ -36,7 +36,7 @@ for name, kwargs in [("full", {"strategy": "full"}), ("lazy", {"strategy": "lazy
     out[name] = {
         "shards": len(sharded_phi.sharding.device_set),
         "same_picks": bool(np.array_equal(one.indices, many.indices)),
-        "max_score_diff": float(np.max(np.abs(np.asarray(one.scores) - np.asarray(many.scores)))),
+        "max_score_diff": float(np.max(np.abs(np.asarray(one.scores) - np.asarray(many.scores))) / np.max(np.abs(np.asarray(one.scores)))),
     }
 # The explicit path never gathers Φ: per round it moves only per-device leaders and the row φ*.
 from jaxdpo.selection._greedy import _greedy_sharded  # noqa: E402
@@ -52,6 +52,6 @@ many = jaxdpo.select_batch(jax.device_put(g, rows), batch, pairs=jax.device_put(
 out["pairs"] = {
     "shards": 4,
     "same_picks": bool(np.array_equal(one.indices, many.indices)),
-    "max_score_diff": float(np.max(np.abs(np.asarray(one.scores) - np.asarray(many.scores)))),
+    "max_score_diff": float(np.max(np.abs(np.asarray(one.scores) - np.asarray(many.scores))) / np.max(np.abs(np.asarray(one.scores)))),
 }
 print(json.dumps(out))

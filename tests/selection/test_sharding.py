@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.tolerance import F32_EPS
+
 
 def test_sharded_selection_matches_one_device():
     script = Path(__file__).with_name("sharded_run.py")
@@ -18,4 +20,4 @@ def test_sharded_selection_matches_one_device():
     for mode in ("full", "lazy", "lazy_prior", "pairs"):
         assert result[mode]["shards"] == 4
         assert result[mode]["same_picks"], result
-        assert result[mode]["max_score_diff"] < 1e-5, result
+        assert result[mode]["max_score_diff"] < 64 * F32_EPS, result  # relative to the largest score
