@@ -16,7 +16,7 @@ from flax import nnx
 from _common import add_model_args, benchmark_model
 
 import jaxdpo
-from jaxdpo.dpo import DpoTrainer, _train_step, reference_logprobs
+from jaxdpo.dpo import DpoTrainer, train_step, reference_logprobs
 from jaxdpo.sequences import Sequences
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     ref = reference_logprobs(model, data)
     ref_s = time.perf_counter() - start
     state, _ = trainer.train(model, trainer.init(lora), data, pairs[: args.batch * args.grad_accum], ref, seed=0)  # compile
-    compiles = _train_step._cache_size()
+    compiles = train_step._cache_size()
     start = time.perf_counter()
     state, losses = trainer.train(model, state, data, pairs, ref, seed=1)
     jax.block_until_ready(state.lora)
@@ -54,7 +54,7 @@ def main() -> None:
         lora_params=sum(x.size for x in jax.tree.leaves(lora)), seq=args.seq, batch=args.batch, grad_accum=args.grad_accum,
         steps=len(losses), steps_per_s=round(len(losses) / seconds, 3),
         pairs_per_s=round(args.pairs / seconds, 2), reference_logprobs_s=round(ref_s, 3),
-        step_compilations=compiles, step_compilations_after=_train_step._cache_size(),
+        step_compilations=compiles, step_compilations_after=train_step._cache_size(),
     )), flush=True)
 
 

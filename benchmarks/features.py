@@ -41,9 +41,9 @@ from flax import nnx
 
 from _common import add_model_args, benchmark_model, best_time
 
-from jaxdpo.features import _features
+from jaxdpo.features import features_program
 from jaxdpo.models import Decoder, LoRA, init_lora
-from jaxdpo.projection import _dense_project, as_key
+from jaxdpo.projection import project_leaves, as_key
 from jaxdpo.rewards import per_example_grads, sequence_logprobs
 from jaxdpo.sequences import response_window
 
@@ -94,7 +94,7 @@ def jax_methods(model, lora, batch, args):
             flat = jnp.concatenate([leaf.reshape(1, -1) for leaf in jax.tree.leaves(grads)], axis=1)
             buffer.append(flat / jnp.linalg.norm(flat))
             if len(buffer) == args.less_interval or i == batch[0].shape[0] - 1:
-                out.append(_dense_project([jnp.concatenate(buffer)], key, args.dim))
+                out.append(project_leaves([jnp.concatenate(buffer)], key, args.dim))
                 buffer = []
         return jnp.concatenate(out)
 
@@ -102,14 +102,14 @@ def jax_methods(model, lora, batch, args):
     flat_size = sum(leaf.size for leaf in jax.tree.leaves(lora))
     less_peak = max(
         peak_bytes(single_grad.lower(lora, example).compile()),
-        peak_bytes(_dense_project.lower([jnp.zeros((args.less_interval, flat_size))], key, dim=args.dim).compile()),
+        peak_bytes(project_leaves.lower([jnp.zeros((args.less_interval, flat_size))], key, dim=args.dim).compile()),
     )
     return {
         "fwd_bwd": (lambda: plain(lora, batch), peak_bytes(plain.lower(lora, batch).compile())),
         **{
             f"{method}{suffix}": (
-                lambda method=method, width=width: _features(*feature_args, **feature_kwargs(method, width)),
-                peak_bytes(_features.lower(*feature_args, **feature_kwargs(method, width)).compile()),
+                lambda method=method, width=width: features_program(*feature_args, **feature_kwargs(method, width)),
+                peak_bytes(features_program.lower(*feature_args, **feature_kwargs(method, width)).compile()),
             )
             for method in ("dense", "factored")
             for suffix, width in (("", window), ("_every_position", every_position))

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdpo import _checks
+from jaxdpo import checks
 from jaxdpo.experiment.pool import triplets
 from jaxdpo.selection._greedy import _Candidates, _greedy
 
@@ -147,7 +147,7 @@ def _rows(kind: str, rows: int, d: int, seed: int, dtype) -> jax.Array:
 
 
 def _require_fits(what: str, nbytes: int) -> None:
-    free = _checks.free_device_bytes()
+    free = checks.free_device_bytes()
     if free is not None and nbytes > free:
         raise SystemExit(
             f"{what} needs {nbytes / 2**30:.2f} GiB ({nbytes} bytes) on {jax.devices()[0]}, "

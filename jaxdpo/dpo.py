@@ -24,7 +24,7 @@ from flax import struct
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from jaxdpo import _checks
+from jaxdpo import checks
 from jaxdpo.models import LoRA
 from jaxdpo.rewards import sequence_logprobs
 from jaxdpo.sequences import Sequences, map_in_chunks, response_window
@@ -102,15 +102,15 @@ class DpoTrainer:
     nll_weight: float = 0.0
 
     def __post_init__(self):
-        _checks.require(self.beta > 0, f"beta must be > 0, got {self.beta}")
-        _checks.require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+        checks.require(self.beta > 0, f"beta must be > 0, got {self.beta}")
+        checks.require(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
         for name in ("epochs", "batch_size", "grad_accum"):
             value = getattr(self, name)
-            _checks.require(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
-        _checks.require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        _checks.require(self.nll_weight >= 0, f"nll_weight must be >= 0, got {self.nll_weight}")
-        _checks.require(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        _checks.require(
+            checks.require(isinstance(value, int) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+        checks.require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        checks.require(self.nll_weight >= 0, f"nll_weight must be >= 0, got {self.nll_weight}")
+        checks.require(0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        checks.require(
             self.schedule in ("constant", "linear", "cosine"),
             f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}",
         )
@@ -155,11 +155,11 @@ class DpoTrainer:
         are split over its "data" axis (and the adapter may be split over "model")."""
         sequences.check()
         pairs = np.asarray(pairs)
-        _checks.check_ndim("pairs", pairs, 2, "[n, 2] (chosen, rejected)")
-        _checks.require(pairs.shape[1] == 2 and len(pairs) >= 1, f"pairs must be [n >= 1, 2], got {pairs.shape}")
-        _checks.check_index_range("pairs", pairs, sequences.input_ids.shape[0], "sequences")
-        _checks.check_shape("ref_logprobs", ref_logprobs, (sequences.input_ids.shape[0],))
-        _checks.check_finite("ref_logprobs", ref_logprobs)
+        checks.check_ndim("pairs", pairs, 2, "[n, 2] (chosen, rejected)")
+        checks.require(pairs.shape[1] == 2 and len(pairs) >= 1, f"pairs must be [n >= 1, 2], got {pairs.shape}")
+        checks.check_index_range("pairs", pairs, sequences.input_ids.shape[0], "sequences")
+        checks.check_shape("ref_logprobs", ref_logprobs, (sequences.input_ids.shape[0],))
+        checks.check_finite("ref_logprobs", ref_logprobs)
         rng = np.random.default_rng(seed)
         per_step = self.batch_size * self.grad_accum
         total = self.epochs * self.steps_per_epoch(len(pairs))
@@ -178,7 +178,7 @@ class DpoTrainer:
                 picked = pairs[np.resize(rows, per_step)].reshape(self.grad_accum, self.batch_size, 2).transpose(0, 2, 1)
                 picked = picked.reshape(self.grad_accum, 2 * self.batch_size)
                 opt_state = _set_learning_rate(state.opt_state, self.learning_rate_at(state.step, total))
-                lora, opt_state, loss = _train_step(
+                lora, opt_state, loss = train_step(
                     model, state.lora, opt_state, put_rows(Sequences(*(x[picked] for x in host)), mesh, axis=1), put_rows(ref[picked], mesh, axis=1),
                     weights.reshape(self.grad_accum, self.batch_size), trainer=self, window=window,
                 )
@@ -196,7 +196,7 @@ def _set_learning_rate(opt_state, value: float):
 
 
 @partial(jax.jit, static_argnames=("trainer", "window"))
-def _train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, trainer: DpoTrainer, window: int):
+def train_step(model, lora, opt_state, batch: Sequences, ref, weights, *, trainer: DpoTrainer, window: int):
     """One optimizer step over `grad_accum` micro-batches: `batch` rows `[accum, 2·batch_size, s]`
     hold the chosen responses then the rejected ones, `ref` their reference log-probs; the loss is
     the `weights`-weighted mean over pairs. Log-probs read `window` positions per row

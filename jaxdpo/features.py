@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from jaxdpo import _checks
+from jaxdpo import checks
 from jaxdpo.models import LoRA
-from jaxdpo.projection import FactoredPlan, _dense_project, as_key, plan_factored
+from jaxdpo.projection import FactoredPlan, project_leaves, as_key, plan_factored
 from jaxdpo.rewards import per_example_grads, sequence_logprobs
 from jaxdpo.sequences import check_sequences, pad_rows, response_window
 
@@ -123,7 +123,9 @@ def _in_groups(fn, batch, size: int) -> Array:
 
 
 @partial(jax.jit, static_argnames=("dim", "normalize", "method", "chunk_size", "projection_batch", "window"))
-def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch, window):
+def features_program(model, lora, batch, beta, key, *, dim, normalize, method, chunk_size, projection_batch, window):
+    """The jitted program behind `gradient_features` (inputs already checked); public so that memory
+    plans and benchmarks lower exactly what a run executes."""
     def logprob(lora, example, lora_fn=None):
         ids, response, attention = (x[None] for x in example)
         return beta * sequence_logprobs(model, lora, ids, response, attention_mask=attention, lora_fn=lora_fn, window=window)[0]
@@ -133,7 +135,7 @@ def _features(model, lora, batch, beta, key, *, dim, normalize, method, chunk_si
         def project_group(examples):
             grads = per_example_grads(logprob, lora, examples, chunk_size)
             grads = jax.vmap(_tree_unit)(grads) if normalize else grads
-            return _dense_project(jax.tree.leaves(grads), key, dim)
+            return project_leaves(jax.tree.leaves(grads), key, dim)
 
         return _in_groups(project_group, batch, projection_batch)
 
@@ -171,11 +173,11 @@ def gradient_features(
     different rounds and devices live in the same space. `normalize` scales each gradient to unit
     L2 norm (paper §3.3; see the module docstring for the factored method). `chunk_size` examples
     share one vmapped backward pass; `projection_batch` (dense only) examples one projection pass."""
-    _checks.require(method in METHODS, f"method must be one of {list(METHODS)}, got {method!r}")
-    _checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
-    _checks.require(beta > 0, f"beta must be > 0, got {beta}")
-    _checks.require(isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size!r}")
-    _checks.require(
+    checks.require(method in METHODS, f"method must be one of {list(METHODS)}, got {method!r}")
+    checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
+    checks.require(beta > 0, f"beta must be > 0, got {beta}")
+    checks.require(isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size!r}")
+    checks.require(
         isinstance(projection_batch, (int, np.integer)) and projection_batch >= 1,
         f"projection_batch must be >= 1, got {projection_batch!r}",
     )
@@ -184,7 +186,7 @@ def gradient_features(
     if attention_mask is None:
         attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)
     batch = (jnp.asarray(input_ids), jnp.asarray(response_mask), jnp.asarray(attention_mask))
-    return _features(
+    return features_program(
         model, lora, batch, jnp.float32(beta), as_key(seed),
         dim=int(dim), normalize=bool(normalize), method=method, chunk_size=int(min(chunk_size, n)),
         projection_batch=int(min(projection_batch, n)), window=response_window(response_mask),

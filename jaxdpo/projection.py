@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
-from jaxdpo import _checks
+from jaxdpo import checks
 
 BLOCK = 2048  # gradient coordinates per generated block of the dense projection (part of the seed contract)
 
@@ -79,15 +79,15 @@ def _project_leaf(key: Array, flat: Float[Array, "n k"], dim: int) -> Float[Arra
 
 def _check_batch(grads) -> tuple[list[ArrayLike], int]:
     leaves = jax.tree.leaves(grads)
-    _checks.require(len(leaves) > 0, "grads has no arrays")
+    checks.require(len(leaves) > 0, "grads has no arrays")
     sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
-    _checks.require(
+    checks.require(
         len(sizes) == 1 and None not in sizes,
         f"every leaf of grads needs the same leading (example) axis, got leading sizes {sorted(map(str, sizes))}",
     )
     for i, leaf in enumerate(leaves):
-        _checks.check_floating(f"grads leaf {i}", leaf)
-        _checks.check_finite(f"grads leaf {i}", leaf)
+        checks.check_floating(f"grads leaf {i}", leaf)
+        checks.check_finite(f"grads leaf {i}", leaf)
     return leaves, sizes.pop()
 
 
@@ -95,13 +95,15 @@ def dense_project(grads, *, dim: int, key) -> Float[Array, "n dim"]:
     """Project a batch of gradients — a `[n, k]` array or a pytree whose leaves share a leading n
     axis — to `[n, dim]` float32 features P g / √dim (see the module docstring for the seed contract).
     """
-    _checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
+    checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
     leaves, n = _check_batch(grads)
-    return _dense_project(leaves, as_key(key), int(dim))
+    return project_leaves(leaves, as_key(key), int(dim))
 
 
 @partial(jax.jit, static_argnames="dim")
-def _dense_project(leaves: list[Array], key: Array, dim: int) -> Float[Array, "n dim"]:
+def project_leaves(leaves: list[Array], key: Array, dim: int) -> Float[Array, "n dim"]:
+    """The dense projection of per-example gradient leaves `[n, ...]` (no input checks: the jitted
+    programs call it; `dense_project` is the checked entry point)."""
     n = leaves[0].shape[0]
     total = jnp.zeros((n, dim), jnp.float32)
     for i, leaf in enumerate(leaves):
@@ -171,10 +173,10 @@ class FactoredPlan:
 def plan_factored(shapes: Sequence[tuple[str, int, int, int]], *, num_layers: int, dim: int) -> FactoredPlan:
     """Plan for blocks given as (name, rows, cols, rank_side) with rank_side 0 or 1 marking the
     LoRA-rank axis (kept at most `rank` wide, since more rows there only repeat information)."""
-    _checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
-    _checks.require(len(shapes) > 0 and num_layers >= 1, "a factored projection needs at least one block")
+    checks.require(isinstance(dim, (int, np.integer)) and dim >= 1, f"dim must be a positive int, got {dim!r}")
+    checks.require(len(shapes) > 0 and num_layers >= 1, "a factored projection needs at least one block")
     count = num_layers * len(shapes)
-    _checks.require(dim >= count, f"dim={dim} is below the number of projected blocks ({count}); use dim >= {count}")
+    checks.require(dim >= count, f"dim={dim} is below the number of projected blocks ({count}); use dim >= {count}")
     per_block = np.full(count, dim // count)
     per_block[: dim % count] += 1
     widest = int(per_block.max())

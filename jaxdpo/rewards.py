@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, Int
 
-from jaxdpo import _checks
+from jaxdpo import checks
 from jaxdpo.models import LoRA, LoraFn
 from jaxdpo.sequences import check_sequences, response_span, response_window
 
@@ -32,12 +32,12 @@ def _window_width(response_mask, window: int | None) -> int:
     seq = np.shape(response_mask)[1]
     if window is None:
         return response_window(response_mask)
-    _checks.require(
+    checks.require(
         isinstance(window, (int, np.integer)) and 1 <= window <= seq - 1, f"window must be an int in [1, {seq - 1}], got {window!r}"
     )
-    if _checks.is_concrete(response_mask):
+    if checks.is_concrete(response_mask):
         span = response_span(response_mask)
-        _checks.require(window >= span, f"window {window} is shorter than a response span of {span} positions")
+        checks.require(window >= span, f"window {window} is shorter than a response span of {span} positions")
     return int(window)
 
 
@@ -77,7 +77,7 @@ def sequence_logprobs(
 
 def implicit_reward(model, lora: LoRA, input_ids, response_mask, *, beta: float, attention_mask=None) -> Float[Array, " n"]:
     """r(x, y) = β (log π_lora(y|x) − log π_ref(y|x)), π_ref being the model without the adapter."""
-    _checks.require(beta > 0, f"beta must be > 0, got {beta}")
+    checks.require(beta > 0, f"beta must be > 0, got {beta}")
     policy = sequence_logprobs(model, lora, input_ids, response_mask, attention_mask=attention_mask)
     reference = sequence_logprobs(model, None, input_ids, response_mask, attention_mask=attention_mask)
     return beta * (policy - reference)
@@ -96,8 +96,8 @@ def reward_gradients(
 ) -> LoRA:
     """Per-example ∇_θ r(x, y) = β ∇_θ log π_θ(y|x) over the LoRA parameters: a LoRA whose leaves
     have a leading n axis."""
-    _checks.require(beta > 0, f"beta must be > 0, got {beta}")
-    _checks.require(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    checks.require(beta > 0, f"beta must be > 0, got {beta}")
+    checks.require(chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     check_sequences(input_ids, response_mask, attention_mask)
     if attention_mask is None:
         attention_mask = jnp.ones(np.shape(input_ids), jnp.int32)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxdpo import _checks
+from jaxdpo import checks
 from jaxdpo.models import KVCache, LoRA
 from jaxdpo.sequences import Sequences
 
@@ -163,7 +163,7 @@ def _eos_tuple(eos_token_id) -> tuple[int, ...]:
     if eos_token_id is None:
         return ()
     ids = (eos_token_id,) if np.ndim(eos_token_id) == 0 else tuple(np.ravel(eos_token_id))
-    _checks.require(all(float(i) == int(i) and int(i) >= 0 for i in ids), f"eos_token_id must be non-negative ints, got {eos_token_id!r}")
+    checks.require(all(float(i) == int(i) and int(i) >= 0 for i in ids), f"eos_token_id must be non-negative ints, got {eos_token_id!r}")
     return tuple(sorted({int(i) for i in ids}))
 
 
@@ -192,21 +192,21 @@ def generate(
 
     Returns `Sequences` `[batch·num_samples, prompt_len + max_new_tokens]`; rows
     `i·num_samples … (i+1)·num_samples − 1` answer prompt i."""
-    _checks.check_ndim("prompt_ids", prompt_ids, 2, "[batch, prompt_len]")
-    _checks.check_integer("prompt_ids", prompt_ids)
-    _checks.check_shape("prompt_mask", prompt_mask, np.shape(prompt_ids))
-    _checks.require(np.shape(prompt_ids)[0] >= 1, "prompt_ids has no rows (empty batch)")
+    checks.check_ndim("prompt_ids", prompt_ids, 2, "[batch, prompt_len]")
+    checks.check_integer("prompt_ids", prompt_ids)
+    checks.check_shape("prompt_mask", prompt_mask, np.shape(prompt_ids))
+    checks.require(np.shape(prompt_ids)[0] >= 1, "prompt_ids has no rows (empty batch)")
     for name, value in [("max_new_tokens", max_new_tokens), ("num_samples", num_samples)]:
-        _checks.require(isinstance(value, (int, np.integer)) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
-    _checks.require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
-    _checks.require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
-    _checks.require(isinstance(top_k, (int, np.integer)) and top_k >= 0, f"top_k must be an int >= 0, got {top_k!r}")
-    if _checks.is_concrete(prompt_mask):
+        checks.require(isinstance(value, (int, np.integer)) and value >= 1, f"{name} must be an int >= 1, got {value!r}")
+    checks.require(temperature >= 0, f"temperature must be >= 0, got {temperature}")
+    checks.require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
+    checks.require(isinstance(top_k, (int, np.integer)) and top_k >= 0, f"top_k must be an int >= 0, got {top_k!r}")
+    if checks.is_concrete(prompt_mask):
         mask = np.asarray(prompt_mask)
         empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
-        _checks.require(empty.size == 0, f"prompt_mask is all padding in rows {empty[:10].tolist()} (empty prompt)")
+        checks.require(empty.size == 0, f"prompt_mask is all padding in rows {empty[:10].tolist()} (empty prompt)")
         right_padded = np.flatnonzero(mask[:, -1] == 0)
-        _checks.require(right_padded.size == 0, f"prompts must be left-padded; rows {right_padded[:10].tolist()} end in padding")
+        checks.require(right_padded.size == 0, f"prompts must be left-padded; rows {right_padded[:10].tolist()} end in padding")
     return _generate(
         model,
         lora,

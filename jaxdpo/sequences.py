@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
-from jaxdpo import _checks
+from jaxdpo import checks
 
 
 class Sequences(NamedTuple):
@@ -52,28 +52,28 @@ class Sequences(NamedTuple):
 def check_sequences(input_ids, response_mask, attention_mask=None) -> None:
     """Shapes and dtypes of a batch of (prompt + response) sequences; with concrete values, that
     every row has a response and no response token sits at position 0 (it would have no context)."""
-    _checks.check_ndim("input_ids", input_ids, 2, "[n, seq]")
-    _checks.check_integer("input_ids", input_ids)
-    _checks.check_shape("response_mask", response_mask, np.shape(input_ids))
+    checks.check_ndim("input_ids", input_ids, 2, "[n, seq]")
+    checks.check_integer("input_ids", input_ids)
+    checks.check_shape("response_mask", response_mask, np.shape(input_ids))
     if attention_mask is not None:
-        _checks.check_shape("attention_mask", attention_mask, np.shape(input_ids))
-    _checks.require(np.shape(input_ids)[0] >= 1, "input_ids has no rows (empty batch)")
-    if _checks.is_concrete(response_mask):
+        checks.check_shape("attention_mask", attention_mask, np.shape(input_ids))
+    checks.require(np.shape(input_ids)[0] >= 1, "input_ids has no rows (empty batch)")
+    if checks.is_concrete(response_mask):
         mask = np.asarray(response_mask) != 0
         empty = np.flatnonzero(~mask.any(axis=1))
-        _checks.require(empty.size == 0, f"response_mask has no response token in rows {empty[:10].tolist()} (empty response)")
+        checks.require(empty.size == 0, f"response_mask has no response token in rows {empty[:10].tolist()} (empty response)")
         first = np.flatnonzero(mask[:, 0])
-        _checks.require(first.size == 0, f"response_mask marks position 0 in rows {first[:10].tolist()}; a response token needs a prompt before it")
+        checks.require(first.size == 0, f"response_mask marks position 0 in rows {first[:10].tolist()}; a response token needs a prompt before it")
         if attention_mask is not None:
             outside = np.flatnonzero((mask & (np.asarray(attention_mask) == 0)).any(axis=1))
-            _checks.require(outside.size == 0, f"response_mask marks padding (attention_mask = 0) in rows {outside[:10].tolist()}")
+            checks.require(outside.size == 0, f"response_mask marks padding (attention_mask = 0) in rows {outside[:10].tolist()}")
 
 
 def response_window(response_mask) -> int:
     """The static number of positions log-probs read per row: the widest row's response span (first
     to last response token) rounded up to a power of two ≥ 16, so a run compiles a handful of
     shapes, at most seq − 1. A traced mask (inside `jit`) has no values to read: every position."""
-    if not _checks.is_concrete(response_mask):
+    if not checks.is_concrete(response_mask):
         return np.shape(response_mask)[1] - 1
     rounded = max(16, 1 << (response_span(response_mask) - 1).bit_length())
     return min(rounded, np.shape(response_mask)[1] - 1)

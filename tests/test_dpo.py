@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import jaxdpo
 from jaxdpo.sequences import Sequences
-from jaxdpo.dpo import DpoTrainer, _train_step, batched_logprobs, dpo_loss, reference_logprobs
+from jaxdpo.dpo import DpoTrainer, train_step, batched_logprobs, dpo_loss, reference_logprobs
 from tests.tiny import sequences, tiny_model, trained_lora
 from tests.tolerance import assert_close
 
@@ -91,13 +91,13 @@ def test_base_weights_never_change(model, trained):
 
 def test_step_does_not_recompile_across_rounds(model, data, trained):
     trainer, lora, _, ref, state, _ = trained
-    size = _train_step._cache_size()
+    size = train_step._cache_size()
     more = Sequences(*(np.concatenate([x, x[:3]]) for x in data))  # the labeled set grows between rounds
     for round_ in range(2):  # a new round: other pairs, fewer of them, a reset adapter
         fresh = trainer.init(jax.tree.map(lambda x: x * (round_ + 1), lora))
         trainer.train(model, fresh, data, PAIRS[: 3 - round_], ref, seed=round_)
         trainer.train(model, state, more, PAIRS + 3, np.r_[ref, ref[:3]], seed=round_)
-    assert _train_step._cache_size() == size
+    assert train_step._cache_size() == size
 
 
 def test_learning_rate_schedule():

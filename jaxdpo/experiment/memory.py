@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdpo.dpo import _train_step
+from jaxdpo.dpo import train_step
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.setup import Setup
 from jaxdpo.features import gradient_features
@@ -151,7 +151,7 @@ def _dpo_bytes(setup: Setup, lora: LoRA, seq: int) -> int:
     state = trainer.init(lora)
 
     def step(model, lora, opt_state, ids, response, attention, ref, weights):
-        return _train_step(model, lora, opt_state, Sequences(ids, response, attention), ref, weights, trainer=trainer, window=seq - 1)
+        return train_step(model, lora, opt_state, Sequences(ids, response, attention), ref, weights, trainer=trainer, window=seq - 1)
 
     return _program_bytes(step, setup.model, lora, state.opt_state, tokens, tokens, tokens, ref, weights)
 

@@ -12,8 +12,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.flax import save_file
 
-from jaxdpo.models.config import DecoderConfig, _as_pretrained_config
-from jaxdpo.models.decoder import Decoder, _layer_shapes
+from jaxdpo.models.config import DecoderConfig, as_pretrained_config
+from jaxdpo.models.decoder import Decoder, layer_shapes
 from jaxdpo.models.lora import LoRA, merged_delta
 from jaxdpo.models.reward_model import RewardModel
 
@@ -88,7 +88,7 @@ def _load_decoder(path: Path, hf_config: dict, dtype, remat: bool, tensors: _Ten
     config = DecoderConfig.from_hf(hf_config)
     model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0), dtype=dtype, remat=remat, hf_config=hf_config))
     prefix = _prefix(tensors)
-    for name, shape in _layer_shapes(config).items():
+    for name, shape in layer_shapes(config).items():
         hf_name, transpose = _hf_layer_name(name, config)
         per_layer = [
             tensors.get(f"{prefix}layers.{i}.{hf_name}", shape, dtype, transpose) for i in range(config.num_layers)
@@ -112,7 +112,7 @@ def load_reward_model(path, dtype=jnp.float32, *, remat: bool = False) -> Reward
     """A `RewardModel` from an HF `*ForSequenceClassification` checkpoint with one label."""
     path = Path(path)
     hf_config = _read_config(path)
-    num_labels = _as_pretrained_config(hf_config).num_labels
+    num_labels = as_pretrained_config(hf_config).num_labels
     if num_labels != 1:
         raise ValueError(f"{path}: a reward model must have exactly one label, the config has {num_labels}")
     tensors = _Tensors(path)

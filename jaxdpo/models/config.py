@@ -73,7 +73,7 @@ class DecoderConfig:
     def from_hf(cls, hf: PretrainedConfig | Mapping[str, Any]) -> DecoderConfig:
         """From a transformers config object or a `config.json` dict (defaults resolved by
         transformers' own config class for that `model_type`)."""
-        hf = _as_pretrained_config(hf)
+        hf = as_pretrained_config(hf)
         family = hf.model_type
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -174,7 +174,8 @@ def _gemma2_fields(hf: PretrainedConfig) -> dict[str, Any]:
     )
 
 
-def _as_pretrained_config(hf: PretrainedConfig | Mapping[str, Any]) -> PretrainedConfig:
+def as_pretrained_config(hf: PretrainedConfig | Mapping[str, Any]) -> PretrainedConfig:
+    """`hf` as a transformers `PretrainedConfig` of its model type (a dict is read as a config.json)."""
     if isinstance(hf, PretrainedConfig):
         model_type = hf.model_type
     else:

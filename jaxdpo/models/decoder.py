@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxdpo import _checks
+from jaxdpo import checks
 from jaxdpo.models.config import DecoderConfig
 from jaxdpo.models.lora import LoRA, LoraFn, default_lora_fn, target_shapes
 
@@ -150,7 +150,7 @@ def _attention(q: Array, keys: Float[Array, "b kv hd S"], values: Float[Array, "
     return jnp.matmul(probs, values).transpose(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
 
 
-def _layer_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
+def layer_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
     """Per-layer parameter shapes (without the leading layer axis), in [in, out] layout."""
     shapes = {"attn_norm": (config.hidden_size,), "mlp_norm": (config.hidden_size,)}
     if config.sandwich_norms:
@@ -190,7 +190,7 @@ class Decoder(nnx.Module):
         normal = nnx.initializers.normal(0.02)
         norm_value = 0.0 if config.norm_offset else 1.0
         layers = {}
-        for name, shape in _layer_shapes(config).items():
+        for name, shape in layer_shapes(config).items():
             full = (config.num_layers, *shape)
             if _is_norm(name):
                 layers[name] = jnp.full(full, norm_value, self.dtype)
@@ -252,7 +252,7 @@ class Decoder(nnx.Module):
         `index … index + t − 1`. `weights`: `self.decode_weights()`, made once outside a decode
         loop (made here when omitted)."""
         valid = self._valid(input_ids, attention_mask)
-        _checks.require(
+        checks.require(
             input_ids.shape[0] == cache.key_mask.shape[0],
             f"input_ids has batch {input_ids.shape[0]} but the cache was made for {cache.key_mask.shape[0]}",
         )
@@ -287,11 +287,11 @@ class Decoder(nnx.Module):
 
     @staticmethod
     def _valid(input_ids, attention_mask) -> Int[Array, "b s"]:
-        _checks.check_ndim("input_ids", input_ids, 2, "[batch, seq]")
-        _checks.check_integer("input_ids", input_ids)
+        checks.check_ndim("input_ids", input_ids, 2, "[batch, seq]")
+        checks.check_integer("input_ids", input_ids)
         if attention_mask is None:
             return jnp.ones(input_ids.shape, jnp.int32)
-        _checks.check_shape("attention_mask", attention_mask, input_ids.shape)
+        checks.check_shape("attention_mask", attention_mask, input_ids.shape)
         return jnp.asarray(attention_mask).astype(jnp.int32)
 
     def _head(self) -> Float[Array, "h vocab"]:

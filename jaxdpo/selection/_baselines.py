@@ -17,37 +17,37 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxdpo import _checks
+from jaxdpo import checks
 from jaxdpo.selection._greedy import SelectionResult, v_inv_norms
 
 
 def _eligible(mask, count: int, batch_size: int) -> Array:
     """Validate batch_size against the pool and the mask; return the mask (all True if None)."""
-    _checks.require(
+    checks.require(
         isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool),
         f"batch_size must be a Python int, got {type(batch_size).__name__}",
     )
-    _checks.require(count >= 1, "the candidate pool is empty")
-    _checks.require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-    _checks.require(batch_size <= count, f"batch_size {batch_size} is larger than the pool of {count} candidates")
+    checks.require(count >= 1, "the candidate pool is empty")
+    checks.require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    checks.require(batch_size <= count, f"batch_size {batch_size} is larger than the pool of {count} candidates")
     if mask is None:
         return jnp.ones((count,), bool)
-    _checks.check_shape("mask", mask, (count,))
-    _checks.require(jnp.result_type(mask) == jnp.bool_, f"mask must be boolean, got dtype {jnp.result_type(mask)}")
-    if _checks.is_concrete(mask):
+    checks.check_shape("mask", mask, (count,))
+    checks.require(jnp.result_type(mask) == jnp.bool_, f"mask must be boolean, got dtype {jnp.result_type(mask)}")
+    if checks.is_concrete(mask):
         eligible = int(np.sum(np.asarray(mask)))
-        _checks.require(
+        checks.require(
             batch_size <= eligible, f"batch_size {batch_size} is larger than the {eligible} eligible candidates in mask"
         )
     return jnp.asarray(mask)
 
 
 def _vector(name: str, x, length: int | None = None) -> Array:
-    _checks.check_ndim(name, x, 1, "[n]")
-    _checks.check_floating(name, x)
-    _checks.check_finite(name, x)
+    checks.check_ndim(name, x, 1, "[n]")
+    checks.check_floating(name, x)
+    checks.check_finite(name, x)
     if length is not None:
-        _checks.check_shape(name, x, (length,))
+        checks.check_shape(name, x, (length,))
     return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
 
 
@@ -84,8 +84,8 @@ def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int)
     `logprobs` holds the sequence log-probs of N samples per prompt, prompt-major: the samples of
     prompt i are rows i·N … (i+1)·N − 1 (APLP's public code averages rows i … i+N−1 instead)."""
     logprobs = _vector("logprobs", logprobs)
-    _checks.require(num_samples >= 1, f"num_samples must be >= 1, got {num_samples}")
-    _checks.require(
+    checks.require(num_samples >= 1, f"num_samples must be >= 1, got {num_samples}")
+    checks.require(
         logprobs.shape[0] % num_samples == 0 and logprobs.shape[0] > 0,
         f"logprobs has {logprobs.shape[0]} rows, not a positive multiple of num_samples={num_samples}",
     )
@@ -94,9 +94,9 @@ def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int)
 
 def _prompt_inputs(prompt_entropy, pair_prompt_ids) -> tuple[Array, Array]:
     prompt_entropy = _vector("prompt_entropy", prompt_entropy)
-    _checks.check_ndim("pair_prompt_ids", pair_prompt_ids, 1, "[n]")
-    _checks.check_integer("pair_prompt_ids", pair_prompt_ids)
-    _checks.check_index_range("pair_prompt_ids", pair_prompt_ids, prompt_entropy.shape[0], "the prompts")
+    checks.check_ndim("pair_prompt_ids", pair_prompt_ids, 1, "[n]")
+    checks.check_integer("pair_prompt_ids", pair_prompt_ids)
+    checks.check_index_range("pair_prompt_ids", pair_prompt_ids, prompt_entropy.shape[0], "the prompts")
     return prompt_entropy, jnp.asarray(pair_prompt_ids, jnp.int32)
 
 
@@ -140,7 +140,7 @@ def select_hybrid(
     pair), then the top B of their pairs by certainty |margin|. Scores are |margin|."""
     prompt_entropy, pair_prompt_ids = _prompt_inputs(prompt_entropy, pair_prompt_ids)
     margins = _vector("margins", margins, pair_prompt_ids.shape[0])
-    _checks.require(ogf >= 1, f"ogf (over-generation factor) must be >= 1, got {ogf}")
+    checks.require(ogf >= 1, f"ogf (over-generation factor) must be >= 1, got {ogf}")
     mask = _eligible(mask, pair_prompt_ids.shape[0], batch_size)
     num_prompts = prompt_entropy.shape[0]
     prompt_has_pair = jax.ops.segment_max(mask.astype(jnp.int32), pair_prompt_ids, num_prompts) > 0
@@ -180,7 +180,7 @@ def select_near_tie(
     confidence interval for the reward difference straddles zero by the widest margin."""
     norms = v_inv_norms(features, reg=reg, prior=prior, pairs=pairs)
     margins = _vector("margins", margins, norms.shape[0])
-    _checks.require(nu >= 0, f"nu must be >= 0, got {nu}")
+    checks.require(nu >= 0, f"nu must be >= 0, got {nu}")
     mask = _eligible(mask, norms.shape[0], batch_size)
     gap = jnp.abs(margins) - nu * norms
     return _top(-gap, gap, mask, batch_size)

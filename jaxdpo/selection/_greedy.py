@@ -41,7 +41,7 @@ from jax.scipy.linalg import solve_triangular
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxdpo import _checks
+from jaxdpo import checks
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _CHUNK = 1024  # candidate rows whitened at once for the initial scores (and pair differences)
@@ -710,7 +710,7 @@ def _as_array(name: str, x):
         array = np.asarray(x)
     except ValueError:
         raise ValueError(f"{name} must be a rectangular array; got a ragged nested {type(x).__name__}") from None
-    _checks.require(
+    checks.require(
         array.dtype.kind in "biuf", f"{name} must hold numbers; got a {type(x).__name__} of {array.dtype.name} values"
     )
     return array
@@ -720,41 +720,41 @@ def _validated(features, *, reg, prior, mask, pairs):
     """Check and canonicalize the inputs shared by the ‖φ‖_{V⁻¹} functions. Checks that read every
     value of `features` run only after a result came back invalid (see `_diagnose`)."""
     features, prior, mask, pairs = (_as_array(n, x) for n, x in [("features", features), ("prior", prior), ("mask", mask), ("pairs", pairs)])
-    _checks.check_ndim("features", features, 2, "[n, d]" if pairs is None else "[responses, d]")
-    _checks.check_floating("features", features)
-    _checks.check_fits_device("features", features)
+    checks.check_ndim("features", features, 2, "[n, d]" if pairs is None else "[responses, d]")
+    checks.check_floating("features", features)
+    checks.check_fits_device("features", features)
     features = jnp.asarray(features)
     dtype = jnp.promote_types(features.dtype, jnp.float32)
     rows, dim = features.shape
-    _checks.require(dim >= 1, f"features must have at least one column, got shape {features.shape}")
+    checks.require(dim >= 1, f"features must have at least one column, got shape {features.shape}")
     if pairs is not None:
-        _checks.check_ndim("pairs", pairs, 2, "[n, 2]")
-        _checks.check_shape("pairs", pairs, (None, 2))
-        _checks.check_integer("pairs", pairs)
-        _checks.check_index_range("pairs", pairs, rows, "the rows of features")
+        checks.check_ndim("pairs", pairs, 2, "[n, 2]")
+        checks.check_shape("pairs", pairs, (None, 2))
+        checks.check_integer("pairs", pairs)
+        checks.check_index_range("pairs", pairs, rows, "the rows of features")
         pairs = jnp.asarray(pairs, jnp.int32)
     count = rows if pairs is None else pairs.shape[0]
-    _checks.require(count >= 1, "the candidate pool is empty (no rows in features / pairs)")
+    checks.require(count >= 1, "the candidate pool is empty (no rows in features / pairs)")
     if prior is not None:
-        _checks.check_ndim("prior", prior, 2, "[p, d]")
-        _checks.require(
+        checks.check_ndim("prior", prior, 2, "[p, d]")
+        checks.require(
             prior.shape[1] == dim,
             f"prior must have the width of features ({dim}), got shape {tuple(prior.shape)}",
         )
-        _checks.check_floating("prior", prior)
-        _checks.check_finite("prior", prior)
+        checks.check_floating("prior", prior)
+        checks.check_finite("prior", prior)
         prior = jnp.asarray(prior, dtype)
     if mask is not None:
-        _checks.check_shape("mask", mask, (count,))
-        _checks.require(
+        checks.check_shape("mask", mask, (count,))
+        checks.require(
             jnp.result_type(mask) == jnp.bool_, f"mask must be boolean, got dtype {jnp.result_type(mask)}"
         )
-    _checks.require(np.ndim(reg) == 0, f"reg must be a scalar, got shape {np.shape(reg)}")
-    if _checks.is_concrete(reg):
-        _checks.require(bool(np.isfinite(reg)) and float(reg) > 0, f"reg must be > 0 and finite, got {reg}")
+    checks.require(np.ndim(reg) == 0, f"reg must be a scalar, got shape {np.shape(reg)}")
+    if checks.is_concrete(reg):
+        checks.require(bool(np.isfinite(reg)) and float(reg) > 0, f"reg must be > 0 and finite, got {reg}")
         with np.errstate(over="ignore"):
             representable = bool(np.isfinite(np.asarray(reg, dtype)))
-        _checks.require(
+        checks.require(
             representable,
             f"reg = {reg} overflows {np.dtype(dtype).name}, the precision of the features; scale reg and features down together "
             "(the picks only depend on reg / |features|^2)",
@@ -766,17 +766,17 @@ def _diagnose(features, pairs) -> None:
     """An eager call whose result came back invalid: name the bad values (a full read of Φ, paid
     only on this path)."""
     if pairs is None:
-        _checks.check_finite("features", features)
+        checks.check_finite("features", features)
     else:
         used = np.unique(np.asarray(pairs))
-        _checks.check_finite("features (rows used by pairs)", np.asarray(features)[used])
+        checks.check_finite("features (rows used by pairs)", np.asarray(features)[used])
     raise ValueError("select_batch produced non-finite scores from finite inputs; please report this")
 
 
 def _strategy(strategy: str, count: int, dim: int, prior, batch_size: int, shards: int) -> bool:
     """Whether to run lazily. "auto": lazy when one pass over Φ costs at least
     `_AUTO_LAZY_ROUNDS` rounds of exact re-scoring (so lazy picks have room to widen)."""
-    _checks.require(strategy in STRATEGIES, f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    checks.require(strategy in STRATEGIES, f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     if strategy != "auto":
         return strategy == "lazy"
     p = 0 if prior is None else prior.shape[0]
@@ -836,18 +836,18 @@ def select_batch(
     `jax.jit(select_batch, static_argnames=("batch_size", "strategy"))` and with `features`
     sharded over devices along the candidate axis (each device re-scores its own top candidates).
     """
-    _checks.require(
+    checks.require(
         isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool),
         f"batch_size must be a Python int, got {type(batch_size).__name__}",
     )
     features, reg, prior, mask, pairs, count = _validated(features, reg=reg, prior=prior, mask=mask, pairs=pairs)
-    _checks.require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-    _checks.require(batch_size <= count, f"batch_size {batch_size} is larger than the pool of {count} candidates")
+    checks.require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
+    checks.require(batch_size <= count, f"batch_size {batch_size} is larger than the pool of {count} candidates")
     if mask is None:
         mask = jnp.ones((count,), bool)
-    elif _checks.is_concrete(mask):
+    elif checks.is_concrete(mask):
         eligible = int(np.sum(np.asarray(mask)))
-        _checks.require(
+        checks.require(
             batch_size <= eligible,
             f"batch_size {batch_size} is larger than the {eligible} eligible candidates in mask",
         )
@@ -861,7 +861,7 @@ def select_batch(
         result, _ = _greedy_sharded(features, prior, mask, reg, int(batch_size), lazy, mesh, axis)
     else:
         result, _ = _greedy(features, pairs, prior, mask, reg, int(batch_size), lazy)
-    if _checks.is_concrete(result.indices) and int(jnp.min(result.indices)) < 0:
+    if checks.is_concrete(result.indices) and int(jnp.min(result.indices)) < 0:
         _diagnose(features, pairs)
     return result
 
@@ -878,6 +878,6 @@ def v_inv_norms(
     Same input rules as `select_batch`; under `jit`, invalid input gives all-NaN norms."""
     features, reg, prior, _, pairs, _ = _validated(features, reg=reg, prior=prior, mask=None, pairs=pairs)
     norms = _one_shot_norms(features, pairs, prior, reg)
-    if _checks.is_concrete(norms) and not bool(jnp.all(jnp.isfinite(norms))):
+    if checks.is_concrete(norms) and not bool(jnp.all(jnp.isfinite(norms))):
         _diagnose(features, pairs)
     return norms
