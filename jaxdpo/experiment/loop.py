@@ -262,7 +262,7 @@ def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, resp
             prefs = setup.oracle.label(requests, seed=zlib.crc32(f"{track.name}/{round_}".encode()))
         answered = [
             LabelRecord(**row, preferred=_preferred(prefs, i), score_a=_score(prefs.scores_a, i), score_b=_score(prefs.scores_b, i),
-                        votes=None if prefs.votes is None else prefs.votes[i])
+                        votes=_at(prefs.votes, i), no_preference=_at(prefs.no_preference, i), left=_at(prefs.left, i))
             for i, row in enumerate(ask)
         ]
         current.log.append(answered)
@@ -279,6 +279,11 @@ def _preferred(prefs: Preferences, i: int) -> str | None:
 
 def _score(scores: np.ndarray | None, i: int) -> float | None:
     return None if scores is None else float(scores[i])
+
+
+def _at(values: tuple | None, i: int):
+    """Answer i's entry of an optional per-answer field of `Preferences`."""
+    return None if values is None else values[i]
 
 
 def _train(current: TrackRun, records: list[LabelRecord], round_: int, stages: Stages) -> np.ndarray | None:

@@ -21,7 +21,7 @@ import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -30,7 +30,7 @@ from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import TrainState
 from jaxdpo.errors import UserError
 from jaxdpo.models import LoRA
-from jaxdpo.oracles import Votes, write_jsonl_atomic
+from jaxdpo.oracles import NoPreference, Side, Votes, write_jsonl_atomic
 from jaxdpo.sequences import Sequences
 
 LABELS, METRICS, CONFIG = "labels.jsonl", "metrics.jsonl", "config.json"
@@ -61,9 +61,10 @@ class LabelRecord:
     """One labeled triplet (x, y_a, y_b): where it came from (track, round, pick order, candidate
     index in the round's pool), the texts the oracle saw, the token rows DPO trains on (prompt
     left-padded to `prompt_len`, then the response), and the preference (None: the oracle gave
-    none — a tie or a skip; the pair was paid for but is not trained on), with the oracle's scores
-    when it has them and, from oracles that collect them, the annotators' votes behind the
-    preference (`Votes`; "votes" in JSON: {annotator: "a" | "b" | "skip"})."""
+    none — a tie or a skip, said by `no_preference` where the oracle told (labels of older runs do
+    not); the pair was paid for but is not trained on), with the oracle's scores when it has them
+    and, from oracles that collect them, the annotators' votes behind the preference (`Votes`;
+    "votes" in JSON: {annotator: "a" | "b" | "skip"}) and which response they saw on the `left`."""
 
     method: str
     seed: int
@@ -78,10 +79,16 @@ class LabelRecord:
     attention_mask_a: tuple[int, ...]
     input_ids_b: tuple[int, ...]
     attention_mask_b: tuple[int, ...]
-    preferred: Literal["a", "b"] | None
+    preferred: Side | None
     score_a: float | None = None
     score_b: float | None = None
     votes: Votes | None = None
+    no_preference: NoPreference | None = None
+    left: Side | None = None
+
+    def __post_init__(self):
+        if self.no_preference is not None and self.preferred is not None:
+            raise ValueError(f"a label with a preference ({self.preferred!r}) cannot also be a {self.no_preference!r}")
 
     @property
     def track(self) -> Track:
@@ -115,7 +122,8 @@ class LabelRecord:
 
 _TOKEN_FIELDS = ("input_ids_a", "attention_mask_a", "input_ids_b", "attention_mask_b")
 _INT_FIELDS = ("seed", "round", "pick", "candidate", "prompt_len")
-_OPTIONAL_FIELDS = ("score_a", "score_b", "votes")  # left out of the JSON when None
+_OPTIONAL_FIELDS = ("score_a", "score_b", "votes", "no_preference", "left")  # left out of the JSON when None
+_CHOICES = {"preferred": ("a", "b"), "left": ("a", "b"), "no_preference": ("tie", "skip")}  # or null
 
 
 def _parse_field(name: str, value):
@@ -127,9 +135,9 @@ def _parse_field(name: str, value):
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"field {name!r} must be an integer, got {value!r}")
         return value
-    if name == "preferred":
-        if value not in ("a", "b", None):
-            raise ValueError(f"field 'preferred' must be \"a\", \"b\" or null, got {value!r}")
+    if name in _CHOICES:
+        if value is not None and value not in _CHOICES[name]:
+            raise ValueError(f"field {name!r} must be {', '.join(map(json.dumps, _CHOICES[name]))} or null, got {value!r}")
         return value
     if name == "votes":
         if value is not None and not (isinstance(value, dict) and all(isinstance(k, str) and v in ("a", "b", "skip") for k, v in value.items())):

@@ -5,7 +5,17 @@ one response (`can_score`) also serve evaluation (`Oracle.scores`). Score-based 
 (`scores`) answer at once; people answer later (`AsyncOracle`: `human`, files, and Label Studio).
 """
 
-from jaxdpo.oracles._base import AsyncOracle, LabelsPending, Oracle, PairRequest, Preferences, Votes, write_jsonl_atomic
+from jaxdpo.oracles._base import (
+    AsyncOracle,
+    LabelsPending,
+    NoPreference,
+    Oracle,
+    PairRequest,
+    Preferences,
+    Side,
+    Votes,
+    write_jsonl_atomic,
+)
 from jaxdpo.oracles.human import HumanOracle, LabelFileError, read_answers
 from jaxdpo.oracles.scores import (
     Mode,
@@ -22,10 +32,12 @@ __all__ = [
     "LabelFileError",
     "LabelsPending",
     "Mode",
+    "NoPreference",
     "Oracle",
     "PairRequest",
     "Preferences",
     "ScoreOracle",
+    "Side",
     "Votes",
     "preferences_from_scores",
     "read_answers",

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -27,16 +27,27 @@ Votes = tuple[tuple[str, str], ...]
 """Who answered one pair and how: (annotator, "a" | "b" | "skip") per annotator, by annotator."""
 
 
+NoPreference = Literal["tie", "skip"]
+"""Why an answer holds no preference: the responses were judged equal, or the pair was skipped."""
+
+Side = Literal["a", "b"]
+
+
 class Preferences(NamedTuple):
     """The answers, one per request: `prefer_a` [n] bool; `valid` [n] bool, False where the oracle
     gave no preference (a tie or a skip; None: every answer is a preference); the scores of score-
-    based oracles; the `votes` behind each answer of oracles with several annotators."""
+    based oracles; the `votes` behind each answer of oracles with several annotators. Oracles that
+    show pairs to people also say, per answer, why it has no preference (`no_preference`: "tie" or
+    "skip", None where it has one) and which response was shown on the left (`left`: "a" or "b",
+    None where unknown)."""
 
     prefer_a: np.ndarray
     valid: np.ndarray | None = None
     scores_a: np.ndarray | None = None
     scores_b: np.ndarray | None = None
     votes: tuple[Votes, ...] | None = None
+    no_preference: tuple[NoPreference | None, ...] | None = None
+    left: tuple[Side | None, ...] | None = None
 
 
 @runtime_checkable

@@ -8,6 +8,8 @@ track needs at that point, one JSON object per line (`PairRequest` fields: "id",
     {"id": "...", "preferred": "a" | "b" | "tie" | "skip"}     (optional: "left", "annotator", "time")
     {"id": "...", "undo": true}                               (withdraws the id's answer)
 
+("left": the response, "a" or "b", that the annotator saw on the left; it is kept with the label.)
+
 An id's answer is its last line; "tie" and "skip" are answers without a preference (the pair is
 not asked again and is not trained on). `--resume` reads every answer file, continues each track
 whose pairs are all answered, and asks for the rest in a new batch if anything new is needed.
@@ -80,6 +82,8 @@ def _answer_problem(row, expected: set[str]) -> str | None:
         return None
     if row.get("preferred") not in ANSWERS:
         return f'"preferred" must be one of {list(ANSWERS)}, got {row.get("preferred")!r}'
+    if row.get("left") not in (None, "a", "b"):
+        return f'"left" (the response shown on the left) must be "a" or "b", got {row.get("left")!r}'
     return None
 
 
@@ -122,7 +126,11 @@ class HumanOracle:
         answers, requested = self.answers()
         if all(r.id in answers for r in requests):
             chosen = [answers[r.id]["preferred"] for r in requests]
-            return Preferences(np.array([c == "a" for c in chosen]), valid=np.array([c in ("a", "b") for c in chosen]))
+            return Preferences(
+                np.array([c == "a" for c in chosen]), valid=np.array([c in ("a", "b") for c in chosen]),
+                no_preference=tuple(c if c in ("tie", "skip") else None for c in chosen),
+                left=tuple(answers[r.id].get("left") for r in requests),
+            )
         self.queued += [r for r in requests if r.id not in requested and r.id not in {q.id for q in self.queued}]
         raise LabelsPending(f"{sum(r.id not in answers for r in requests)} pairs of {requests[0].track} await labels")
 

@@ -13,7 +13,8 @@ and where the pair comes from: "run" (run.name), "run_id", "track", "round", "pa
   "right" (answer2) is "b", a skip or no choice is "skip";
 - the label is the majority of "a" and "b" votes; a tie (skips do not count) is no label: the
   pair is paid for and not trained on, like a skip in the file-based oracle. Every label records
-  its votes (`LabelRecord.votes`).
+  its votes (`LabelRecord.votes`), why it has no preference ("tie", or "skip" when every vote is a
+  skip) and that response a was shown on the left.
 
 `label-studio-tasks.jsonl` in the run folder maps each pair to its task (first line: the project
 and the run's id), rewritten atomically after every change. Pairs are never imported twice: before
@@ -196,6 +197,14 @@ def majority(votes: Votes) -> str | None:
     return "a" if a > b else "b" if b > a else None
 
 
+def no_preference(votes: Votes) -> str | None:
+    """Why `votes` give no label: "tie" (as many a as b votes), "skip" (no a or b vote at all);
+    None when they give one."""
+    if majority(votes) is not None:
+        return None
+    return "tie" if any(choice in ("a", "b") for _, choice in votes) else "skip"
+
+
 def is_answered(task: dict, votes: Votes) -> bool:
     """As many annotators answered (or skipped) as the task's overlap asks for."""
     return len(votes) >= max(1, int(task.get("overlap") or 1))
@@ -270,7 +279,8 @@ class LabelStudioOracle:
         if len(answered) == len(requests):
             chosen = [majority(answered[r.id]) for r in requests]
             return Preferences(
-                np.array([c == "a" for c in chosen]), valid=np.array([c is not None for c in chosen]), votes=tuple(answered[r.id] for r in requests)
+                np.array([c == "a" for c in chosen]), valid=np.array([c is not None for c in chosen]), votes=tuple(answered[r.id] for r in requests),
+                no_preference=tuple(no_preference(answered[r.id]) for r in requests), left=("a",) * len(requests),  # answer1 (a) is on the left
             )
         queued = {q.id for q in self.queued}
         self.queued += [r for r in requests if r.id not in tasks and r.id not in queued]

@@ -42,6 +42,21 @@ def test_votes_round_trip_and_are_checked(tmp_path):
         LabelRecord.from_json({**voted.to_json(), "votes": {"alice": "left"}})
 
 
+def test_tie_skip_and_left_round_trip_and_are_checked(tmp_path):
+    log = LabelLog(tmp_path / "labels.jsonl")
+    tie = dataclasses.replace(record(1, 0, None), no_preference="tie", left="b")
+    shown = dataclasses.replace(record(1, 1), left="a")
+    log.append([tie, shown, record(1, 2, None)])  # the last: an older log's no-preference label, reason not recorded
+    assert log.read() == [tie, shown, record(1, 2, None)]
+    assert '"no_preference"' not in log.path.read_text().splitlines()[2]
+    with pytest.raises(ValueError, match="a label with a preference \\('a'\\) cannot also be a 'skip'"):
+        LabelRecord.from_json({**shown.to_json(), "no_preference": "skip"})
+    with pytest.raises(ValueError, match="field 'left' must be \"a\", \"b\" or null, got 'right'"):
+        LabelRecord.from_json({**shown.to_json(), "left": "right"})
+    with pytest.raises(ValueError, match="field 'no_preference' must be \"tie\", \"skip\" or null"):
+        LabelRecord.from_json({**tie.to_json(), "no_preference": "both bad"})
+
+
 @pytest.mark.parametrize("damage, why", [
     (lambda line: line.replace(b'"pick": 1', b'"pick": 7'), "the checksum does not match"),
     (lambda line: line[:20] + b"\n", "not valid JSON"),

@@ -13,7 +13,15 @@ from jaxdpo import experiment as loop
 from jaxdpo.cli import EXIT_LABELS_PENDING, main
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
 from jaxdpo.oracles import LabelsPending, PairRequest
-from jaxdpo.oracles.label_studio import LABELING_CONFIG, TASKS_FILE, connect, is_personal_access_token, majority, pairwise_problem
+from jaxdpo.oracles.label_studio import (
+    LABELING_CONFIG,
+    TASKS_FILE,
+    connect,
+    is_personal_access_token,
+    majority,
+    no_preference,
+    pairwise_problem,
+)
 from tests.test_loop import TINY, new_run, sft_dir, write_toml  # noqa: F401 (sft_dir: a fixture)
 
 TOKEN_ENV = "JAXDPO_TEST_LABEL_STUDIO_TOKEN"
@@ -41,18 +49,20 @@ def task_ids(oracle) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "votes, expected",
+    "votes, expected, why_none",
     [
-        ((("1", "a"),), "a"),
-        ((("1", "b"), ("2", "b"), ("3", "a")), "b"),
-        ((("1", "a"), ("2", "b")), None),  # a tie between annotators is no label
-        ((("1", "a"), ("2", "b"), ("3", "skip")), None),
-        ((("1", "skip"), ("2", "a")), "a"),  # skips are no votes
-        ((("1", "skip"),), None),
+        ((("1", "a"),), "a", None),
+        ((("1", "b"), ("2", "b"), ("3", "a")), "b", None),
+        ((("1", "a"), ("2", "b")), None, "tie"),  # a tie between annotators is no label
+        ((("1", "a"), ("2", "b"), ("3", "skip")), None, "tie"),
+        ((("1", "skip"), ("2", "a")), "a", None),  # skips are no votes
+        ((("1", "skip"),), None, "skip"),
+        ((("1", "skip"), ("2", "skip")), None, "skip"),
     ],
 )
-def test_majority_rule(votes, expected):
+def test_majority_rule(votes, expected, why_none):
     assert majority(votes) == expected
+    assert no_preference(votes) == why_none
 
 
 def test_labeling_config_and_token_kinds():
@@ -96,6 +106,7 @@ def test_one_round_end_to_end(tmp_path, sft_dir, label_studio, monkeypatch, caps
     assert [r.preferred for r in labels] == ["a", "b", None, "b"]  # left is answer1 is response a
     assert [(r.prompt, r.response_a, r.response_b) for r in labels] == [(t["data"]["prompt"], t["data"]["answer1"], t["data"]["answer2"]) for t in tasks]
     assert [r.votes for r in labels] == [(("1", choice),) for choice in ("a", "b", "skip", "b")]
+    assert [(r.no_preference, r.left) for r in labels] == [(None, "a"), (None, "a"), ("skip", "a"), (None, "a")]
     rows = [json.loads(line) for line in (out / loop.METRICS).read_text().splitlines()]
     assert [r["labels"] for r in rows] == [0, 3]
 
