@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -47,6 +48,14 @@ class Track:
     @property
     def name(self) -> str:
         return f"{self.method}-seed{self.seed}"
+
+    @classmethod
+    def from_name(cls, name: str) -> Track:
+        """The track called `name` ("activedpo-seed0"); ValueError when it is not METHOD-seedS."""
+        method, separator, seed = name.rpartition("-seed")
+        if not (method and separator and seed.isdigit()):
+            raise ValueError(f"a track is named METHOD-seedS (e.g. activedpo-seed0), got {name!r}")
+        return cls(method, int(seed))
 
     def request_id(self, round_: int, pick: int) -> str:
         """The id a pick is asked under (`PairRequest.id`), e.g. "activedpo-seed0-round003-pick017"."""
@@ -280,16 +289,27 @@ class Checkpoint(NamedTuple):
 
 class TrackCheckpoints:
     """The orbax checkpoints of one track, step t = round t; the last two are kept. A step that
-    cannot be restored is moved to `checkpoints/damaged/` and the one before it is used."""
+    cannot be restored is moved to `checkpoints/damaged/` and the one before it is used.
+    `read_only`: for readers beside the run (exports), which never write or create anything."""
 
-    def __init__(self, out_dir: Path, track: Track):
+    def __init__(self, out_dir: Path, track: Track, *, read_only: bool = False):
         self.folder = (Path(out_dir) / "checkpoints" / track.name).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        )
+        options = ocp.CheckpointManagerOptions(read_only=True) if read_only else ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.folder, options=options)
 
     def latest_round(self) -> int | None:
         return self.manager.latest_step()
+
+    def rounds(self) -> list[int]:
+        """The rounds whose checkpoints are kept, in order."""
+        return sorted(self.manager.all_steps())
+
+    def restore_lora(self, round_: int, *, alpha: float) -> LoRA:
+        """The adapter after round `round_` (host arrays; its optimizer state is read but not
+        rebuilt, so no trainer is needed); `alpha` is the run's `lora.alpha`."""
+        restored = self.manager.restore(round_, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        params = jax.tree.map(np.asarray, restored["state"]["lora"])
+        return LoRA(params=params, rank=int(next(iter(params.values()))["a"].shape[-1]), alpha=float(alpha))
 
     def save(self, round_: int, checkpoint: Checkpoint) -> None:
         meta = {
@@ -393,6 +413,14 @@ def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) ->
     if before["run"]["rounds"] > now["run"]["rounds"] or not set(before["run"]["seeds"]) <= set(now["run"]["seeds"]):
         raise UserError(f"{out_dir}: a resumed run may add rounds and seeds, not remove them (it has rounds = {before['run']['rounds']}, seeds = {before['run']['seeds']})")
     return bool(changed)
+
+
+def saved_config(out_dir: Path) -> dict:
+    """The config the run in `out_dir` was started with, as `config.json` holds it."""
+    path = Path(out_dir) / CONFIG
+    if not path.is_file():
+        raise UserError(f"{out_dir} holds no run (no {CONFIG}); name the --out folder of a run")
+    return json.loads(path.read_text())
 
 
 def save_config(config: ExperimentConfig, out_dir: Path) -> None:

@@ -34,6 +34,12 @@ _LAYER_NAMES = {
 }
 
 
+def hf_module_name(target: str) -> str:
+    """HF's module path, inside a decoder layer, of the projection a LoRA `target` adapts
+    ("q" → "self_attn.q_proj"); the same in every supported family."""
+    return _LAYER_NAMES[target][0].removesuffix(".weight")
+
+
 def _hf_layer_name(name: str, config: DecoderConfig) -> tuple[str, bool]:
     """HF's name and layout of our per-layer tensor `name`; Gemma-2 norms the MLP input with
     `pre_feedforward_layernorm` and uses `post_attention_layernorm` on the attention output."""
