@@ -104,3 +104,14 @@ def test_jsonl_prompts_and_errors(tmp_path):
         load_prompts("tldr", tmp_path / "missing.jsonl")
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a"}, {"prompt": "b"}, {"prompt": "a"}])
     assert load_prompts("jsonl", tmp_path / "q.jsonl") == ["a", "b"]
+
+
+def test_loading_prints_no_progress_bars_and_leaves_them_as_they_were(tmp_path, capfd, monkeypatch):
+    from datasets.utils import are_progress_bars_disabled
+
+    monkeypatch.delenv("HF_DATASETS_DISABLE_PROGRESS_BARS", raising=False)
+    write_jsonl(tmp_path / "fresh.jsonl", [{"prompt": f"p{i}"} for i in range(3)])  # never cached: datasets generates its split
+    assert load_prompts("jsonl", tmp_path / "fresh.jsonl") == ["p0", "p1", "p2"]
+    printed = capfd.readouterr()
+    assert "Generating train split" not in printed.err + printed.out
+    assert not are_progress_bars_disabled()  # the user's own datasets calls keep their bars

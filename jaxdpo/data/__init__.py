@@ -8,8 +8,10 @@ files with the hub dataset's schema, so the same code runs offline.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import datasets
@@ -17,6 +19,23 @@ import numpy as np
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 SOURCES = ("tldr", "webgpt", "hh_rlhf", "jsonl")
+
+
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """`datasets` without its progress bars ("Generating train split", "Map", "Saving the dataset"):
+    they would land in the middle of a run's output. `HF_DATASETS_DISABLE_PROGRESS_BARS`, when
+    the user set it, has the last word."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if "HF_DATASETS_DISABLE_PROGRESS_BARS" in os.environ or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
 
 
 def _load(path: str | Path | None, hub_name: str, hub_config: str | None, split: str) -> datasets.Dataset:
@@ -105,14 +124,12 @@ def load_jsonl(path: str | Path, prompt_field: str = "prompt") -> datasets.Datas
 def load_prompts(source: str, path: str | Path | None = None, split: str = "train") -> list[str]:
     """The distinct prompts of `source` ("tldr", "webgpt", "hh_rlhf" or "jsonl"), in first-seen order."""
     loaders = {"tldr": load_tldr, "webgpt": load_webgpt, "hh_rlhf": load_hh_rlhf}
-    if source == "jsonl":
-        if path is None:
-            raise ValueError("data source 'jsonl' needs a path")
-        data = load_jsonl(path)
-    elif source in loaders:
-        data = loaders[source](path, split)
-    else:
+    if source == "jsonl" and path is None:
+        raise ValueError("data source 'jsonl' needs a path")
+    if source != "jsonl" and source not in loaders:
         raise ValueError(f"unknown data source {source!r}; known sources: {', '.join(SOURCES)}")
+    with quiet_progress():
+        data = load_jsonl(path) if source == "jsonl" else loaders[source](path, split)
     return list(dict.fromkeys(data["prompt"]))
 
 
