@@ -2,6 +2,8 @@
 `jaxdpo rehearse CONFIG --out DIR [--scale S]`: one round of CONFIG on random-weight stand-ins.
 `jaxdpo report DIR [DIR...] [--out FILE]`: re-render runs' summary tables and curves from their metrics.jsonl.
 `jaxdpo annotate DIR [--port P]`: label the pairs a run waits for, on a page at 127.0.0.1:P.
+`jaxdpo export DIR dataset --out PATH [--format F]`: every label as a Hugging Face dataset (TRL's preference format).
+`jaxdpo export DIR adapter --track METHOD-seedS [--round N] --out PATH [--merged]`: a track's LoRA as a PEFT adapter.
 
 Exit codes: 0 done; `EXIT_USER_ERROR` (2) a problem with the config, data, files or run folder,
 told in one line; `EXIT_LABELS_PENDING` (3) the run waits for human labels (resume when they are
@@ -39,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     annotate = commands.add_parser("annotate", help="label the pairs a run waits for, in the browser")
     annotate.add_argument("out", metavar="DIR", type=Path, help="the --out folder of a run waiting for human labels")
     annotate.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the page on 127.0.0.1 (default {DEFAULT_PORT}; 0: any free one)")
+    _add_export(commands)
     args = parser.parse_args(argv)
 
     from rich.console import Console
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     handler = _log_to(console)
     try:
-        return {"run": _run, "rehearse": _rehearse, "report": _report, "annotate": _annotate}[args.command](args, console)
+        return {"run": _run, "rehearse": _rehearse, "report": _report, "annotate": _annotate, "export": _export}[args.command](args, console)
     except UserError as error:
         _say(console, f"error: {error}", "red")
         return EXIT_USER_ERROR
@@ -113,6 +116,42 @@ def _run(args, console) -> int:
 
 def _annotate(args, console) -> int:
     serve(args.out, args.port, say=lambda message: _say(console, message, "green"))
+    return 0
+
+
+def _add_export(commands) -> None:
+    from jaxdpo.export import FORMATS
+
+    export = commands.add_parser("export", help="a run's labels as a Hugging Face dataset, or a track's LoRA as a PEFT adapter")
+    export.add_argument("out", metavar="DIR", type=Path, help="a run folder (the --out of jaxdpo run)")
+    what = export.add_subparsers(dest="what", required=True)
+    dataset = what.add_parser("dataset", help="every label as a datasets.Dataset: prompt, chosen, rejected (TRL's DPO format) and where each came from")
+    dataset.add_argument("--out", dest="to", required=True, type=Path, help="where to write it")
+    dataset.add_argument("--format", choices=FORMATS, help="disk: a save_to_disk folder for datasets.load_from_disk (default, unless --out ends in .jsonl or .parquet); jsonl; parquet")
+    adapter = what.add_parser("adapter", help="a track's LoRA as a PEFT adapter folder (peft, vLLM, TGI), or merged into the base model")
+    adapter.add_argument("--track", required=True, help="METHOD-seedS, e.g. activedpo-seed0")
+    adapter.add_argument("--round", type=int, help="after which round (default: the track's latest checkpoint; a run keeps the last two)")
+    adapter.add_argument("--out", dest="to", required=True, type=Path, help="the folder to write")
+    adapter.add_argument("--merged", action="store_true", help="the base model with the adapter merged in, as a whole HF checkpoint (weights, config, tokenizer)")
+
+
+def _export(args, console) -> int:
+    """`jaxdpo export`: write the labels or an adapter, and say what was written."""
+    from rich.console import Console
+
+    from jaxdpo import export
+
+    if args.what == "dataset":
+        fmt = export.format_of(args.to, args.format)
+        counts = export.export_labels(args.out, args.to, fmt)
+        kinds = ", ".join(f"{count} {kind}" for kind, count in counts.items())
+        how = "datasets.load_from_disk" if fmt == "disk" else f'datasets.load_dataset("{"json" if fmt == "jsonl" else fmt}", data_files=...)'
+        message = f"{sum(counts.values())} labels ({kinds or 'none yet'}) written to {args.to} (read it with {how})"
+    else:
+        round_, base = export.export_adapter(args.out, args.track, args.to, round_=args.round, merged=args.merged)
+        what = "the base model with the adapter merged in" if args.merged else "a PEFT adapter"
+        message = f"{args.track} after round {round_}: {what}, written to {args.to} (base model: {base})"
+    Console().print(message, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Experiment configuration: typed sections, strict TOML/YAML parsing, errors that name the key.
 
 A config file mirrors `ExperimentConfig`: one table per section (`[run]`, `[model]`, `[data]`,
-`[generation]`, `[features]`, `[selection]`, `[lora]`, `[dpo]`, `[oracle]`, `[eval]`, `[mesh]`). Every key
+`[generation]`, `[features]`, `[selection]`, `[lora]`, `[dpo]`, `[oracle]`, `[eval]`, `[mesh]`, `[log]`). Every key
 is optional; a missing key takes the default documented on its field. An unknown key, a value of
 the wrong type or out of range fails at load time with the dotted key in the message.
 """
@@ -15,6 +15,7 @@ from jaxdpo.config.sections import (
     ExperimentConfig,
     FeatureConfig,
     GenerationConfig,
+    LogConfig,
     LoraConfig,
     MeshConfig,
     ModelConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "ExperimentConfig",
     "FeatureConfig",
     "GenerationConfig",
+    "LogConfig",
     "LoraConfig",
     "MeshConfig",
     "ModelConfig",

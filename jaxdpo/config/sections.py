@@ -4,6 +4,7 @@ on its field with its default; `ExperimentConfig` holds them and checks across s
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -243,6 +244,27 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Live metrics (off by default), one run per track, step = labels collected: every numeric
+    field of each metrics row as it is written. `tensorboard`: TensorBoard scalars under
+    DIR/tensorboard/<track>/ (tensorboardX); `wandb_project`: that Weights & Biases project
+    (needs `pip install wandb` and a `wandb login`, or WANDB_MODE=offline). Both may be switched
+    on or off when a run is resumed."""
+
+    tensorboard: bool = False
+    wandb_project: str | None = None
+
+    def check(self, key: str) -> None:
+        if self.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+            fail(f"{key}.tensorboard", "needs tensorboardX: pip install tensorboardX")
+        if self.wandb_project is not None:
+            if not self.wandb_project.strip():
+                fail(f"{key}.wandb_project", "must name a Weights & Biases project")
+            if importlib.util.find_spec("wandb") is None:
+                fail(f"{key}.wandb_project", "needs wandb, which is not installed: pip install wandb")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -255,6 +277,7 @@ class ExperimentConfig:
     oracle: OracleConfig = dataclasses.field(default_factory=OracleConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
 
     @property
     def embedded(self) -> bool:

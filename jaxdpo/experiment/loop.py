@@ -35,6 +35,7 @@ from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import TrainState, reference_logprobs
 from jaxdpo.experiment import memory, storage
 from jaxdpo.experiment.evaluation import evaluate
+from jaxdpo.experiment.live import LiveMetrics
 from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
 from jaxdpo.experiment.setup import Setup, build_setup, derive_key
 from jaxdpo.errors import UserError
@@ -131,17 +132,19 @@ def _run_tracks(setup: Setup, log: LabelLog, out_dir: Path, progress) -> list[di
     def on_round(track: Track, history: list[dict]) -> None:
         histories[track.name] = list(history)
         storage.write_metrics(out_dir, [row for rows in histories.values() for row in rows])
+        live.report(track, history)
         if progress is not None:
             progress.update(overall, completed=sum(len(h) for h in histories.values()))
 
     waiting = False
-    for track in tracks:
-        if progress is not None:
-            progress.update(overall, description=track.name)
-        try:
-            run_track(setup, track, log, labels=labels, progress=progress, on_round=on_round)
-        except LabelsPending:
-            waiting = True
+    with LiveMetrics(config, out_dir) as live:
+        for track in tracks:
+            if progress is not None:
+                progress.update(overall, description=track.name)
+            try:
+                run_track(setup, track, log, labels=labels, progress=progress, on_round=on_round)
+            except LabelsPending:
+                waiting = True
     if waiting:
         raise LabelsPending(setup.oracle.submit_pending())
     return [row for rows in histories.values() for row in rows]

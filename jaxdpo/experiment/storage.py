@@ -387,15 +387,18 @@ class RunLock:
 
 
 _GROWABLE = {("run", "rounds"), ("run", "seeds")}
-_MOVABLE = {("oracle", "url"), ("oracle", "token_env")}  # where the annotation server is, and how to reach it
+_MOVABLE = {
+    ("oracle", "url"), ("oracle", "token_env"),  # where the annotation server is, and how to reach it
+    ("log", "tensorboard"), ("log", "wandb_project"),  # where live metrics go
+}
 
 
 def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> bool:
     """Whether `config` must be (re)written to `out_dir`: a new run, or a resumed one that grows.
 
     A resumed run must have the config it was started with, except that `run.rounds` may grow and
-    `run.seeds` may gain seeds (a finished run is extended), and `oracle.url` and `oracle.token_env`
-    may change (the Label Studio server moved). Raises UserError otherwise."""
+    `run.seeds` may gain seeds (a finished run is extended), `oracle.url` and `oracle.token_env`
+    may change (the Label Studio server moved), and so may `[log]`. Raises UserError otherwise."""
     saved = Path(out_dir) / CONFIG
     if not saved.exists():
         if resume:
@@ -409,7 +412,7 @@ def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) ->
     }
     refused = sorted(f"{section}.{key}" for section, key in changed - _GROWABLE - _MOVABLE)
     if refused:
-        raise UserError(f"{out_dir} was run with another config; these keys differ: {', '.join(refused)} (only run.rounds and run.seeds may grow, oracle.url and oracle.token_env change)")
+        raise UserError(f"{out_dir} was run with another config; these keys differ: {', '.join(refused)} (only run.rounds and run.seeds may grow, oracle.url, oracle.token_env and [log] change)")
     if before["run"]["rounds"] > now["run"]["rounds"] or not set(before["run"]["seeds"]) <= set(now["run"]["seeds"]):
         raise UserError(f"{out_dir}: a resumed run may add rounds and seeds, not remove them (it has rounds = {before['run']['rounds']}, seeds = {before['run']['seeds']})")
     return bool(changed)
