@@ -17,7 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
-from jaxdpo.annotate import DEFAULT_PORT, serve
+from jaxdpo import __version__
+from jaxdpo.annotate import DEFAULT_PORT
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
 
 EXIT_CONFIG = EXIT_USER_ERROR  # config errors are user errors
@@ -26,6 +27,7 @@ EXIT_LABELS_PENDING, EXIT_INTERRUPTED = 3, 130
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxdpo", description="ActiveDPO in JAX: active preference selection, then DPO.")
+    parser.add_argument("--version", action="version", version=f"jaxdpo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run or resume an experiment")
     run.add_argument("config", nargs="?", help="TOML or YAML config (default: the embedded CPU demo)")
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     annotate.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the page on 127.0.0.1 (default {DEFAULT_PORT}; 0: any free one)")
     _add_export(commands)
     args = parser.parse_args(argv)
+    logging.getLogger("transformers").addFilter(_not_the_missing_torch_notice)  # before anything imports transformers  # before anything imports transformers
 
     from rich.console import Console
 
@@ -108,13 +111,15 @@ def _run(args, console) -> int:
         _say(console, f"waiting for labels: {pending}", "yellow")
         return EXIT_LABELS_PENDING
     Console().print(report.summary_table(rows))
-    plot = report.plot_curves(rows, args.out / "curves.png", title=config.run.name)
+    plot = report.plot_curves(rows, args.out / "curves.png", title=str(args.out))
     curves = plot or f"not written, {report.NOTHING_TO_PLOT}"
     Console().print(f"metrics: {args.out / experiment.METRICS}\nlabels:  {args.out / experiment.LABELS}\ncurves:  {curves}", markup=False, highlight=False, soft_wrap=True)
     return 0
 
 
 def _annotate(args, console) -> int:
+    from jaxdpo.annotate import serve
+
     serve(args.out, args.port, say=lambda message: _say(console, message, "green"))
     return 0
 
@@ -157,6 +162,12 @@ def _export(args, console) -> int:
 
 def _say(console, message: str, style: str) -> None:
     console.print(message, style=style, markup=False, highlight=False, soft_wrap=True)
+
+
+def _not_the_missing_torch_notice(record: logging.LogRecord) -> bool:
+    """transformers imported without torch says "PyTorch was not found. Models won't be
+    available…"; jaxdpo uses only its tokenizers and configurations, so the notice misleads."""
+    return not record.getMessage().startswith("PyTorch was not found")
 
 
 def _log_to(console) -> logging.Handler:

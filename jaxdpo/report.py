@@ -51,6 +51,8 @@ NO_REWARD = (
     "reward, win-rate, AUC and differences to random are not available"
 )
 NOTHING_TO_PLOT = "no round has a held-out reward or a training loss yet"
+PLOT_TITLES = {REWARD: "Held-out reward against labels collected, per selection method",
+               TRAIN_LOSS: "DPO training loss against labels collected, per selection method (no held-out reward)"}
 LINE_STYLES = ("-", "--", ":", "-.")
 COMPACT = dict(box=box.SIMPLE, show_edge=False, collapse_padding=True, caption_justify="left")
 """Table style: a summary's columns fit in 80 characters."""
@@ -309,7 +311,8 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, *, title: str = "")
     method's AUC. Right (runs with `random`): each method's paired difference to random with its
     95% bootstrap band. Several runs share the axes: color = method, line style = run, legend
     "run: method". Without any held-out reward the left panel shows the DPO training loss instead;
-    with neither, nothing is written and None is returned (`NOTHING_TO_PLOT`)."""
+    with neither, nothing is written and None is returned (`NOTHING_TO_PLOT`). The figure's title
+    says which (`PLOT_TITLES`), then `title` (e.g. the run folders) on a line below."""
     key = next((key for key in (REWARD, TRAIN_LOSS) if any(points(rows, key) for rows in runs.values())), None)
     if key is None:
         return None
@@ -331,7 +334,7 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, *, title: str = "")
             if compared and RANDOM in methods and method != RANDOM:
                 _draw(axes[0, 1], _bands(differences_by_round(tracks, methods[RANDOM]), _bootstrap_band), colors[method], style, name)
     _label_axes(axes[0], key, colors.get(RANDOM))
-    fig.suptitle(title)
+    fig.suptitle(PLOT_TITLES[key] + (f"\n{title}" if title else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -340,6 +343,8 @@ def plot_runs(runs: dict[str, list[dict]], path: str | Path, *, title: str = "")
 
 def _label_axes(axes, key: str, random_color: str | None) -> None:
     """Titles, axis labels, grids and legends; the differences panel (if any) gets the zero line."""
+    from matplotlib.ticker import MaxNLocator
+
     axes[0].set_ylabel("mean oracle reward (held-out prompts)" if key == REWARD else "DPO training loss (last step of the round)")
     axes[0].set_title("reward, ±1 s.e. over seeds" if key == REWARD else "no held-out reward: DPO training loss, ±1 s.e.")
     if len(axes) > 1:
@@ -348,6 +353,7 @@ def _label_axes(axes, key: str, random_color: str | None) -> None:
         axes[1].set_title(f"difference to {RANDOM}, {CONFIDENCE:.0%} bootstrap band over seeds")
     for ax in axes:
         ax.set_xlabel("labels collected")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # a count: no 15.2 … 16.8 ticks when one round spans few labels
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
 

@@ -188,6 +188,19 @@ def test_human_labeled_run_plots_the_training_loss_not_an_empty_picture(tmp_path
     assert finite_lines(figure) == 2
 
 
+def test_one_round_run_has_integer_label_ticks_and_a_title_that_says_what_it_shows(tmp_path, saved_figures):
+    """Issue 24: one round of 16 labels drew ticks 15.2 … 16.8; the title was the config's name."""
+    rows = [row for row in make_rows({"activedpo": [[0.1, 0.3]] * 2, "random": [[0.1, 0.2]] * 2}) if row["round"] == 1]
+    report.plot_curves(rows, tmp_path / "curves.png", title="runs/one-round")
+    report.plot_curves(human_rows(), tmp_path / "human.png")
+    for figure in saved_figures:
+        for ax in figure.axes:
+            ticks = [tick for tick in ax.get_xticks() if ax.get_xlim()[0] <= tick <= ax.get_xlim()[1]]
+            assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+    titles = [figure.get_suptitle() for figure in saved_figures]
+    assert titles == [f"{report.PLOT_TITLES[report.REWARD]}\nruns/one-round", report.PLOT_TITLES[report.TRAIN_LOSS]]
+
+
 def test_nothing_to_plot_writes_nothing(tmp_path):
     rows = [dict(method="random", seed=0, round=0, labels=0, eval_reward=None)]
     assert report.plot_curves(rows, tmp_path / "curves.png") is None

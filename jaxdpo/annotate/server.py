@@ -18,10 +18,9 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
+from jaxdpo.annotate import DEFAULT_PORT
 from jaxdpo.annotate.queue import Conflict, LabelQueue, resume_command
 from jaxdpo.errors import UserError
-
-DEFAULT_PORT = 8765
 
 
 def make_server(out_dir: str | os.PathLike, port: int = DEFAULT_PORT) -> ThreadingHTTPServer:

@@ -10,6 +10,7 @@ rehearse the shape of the work: `--scale 0.02` on gemma-2b-tldr runs on 2 cores 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from importlib import resources
@@ -121,13 +122,21 @@ def write_policy(shape: dict, tokenizer, folder: Path, dtype) -> Path:
     return folder
 
 
+def require_torch() -> None:
+    """The rehearsal's reward model is a transformers PyTorch model; without torch, say what to install."""
+    if importlib.util.find_spec("torch") is None:
+        raise UserError(
+            "the rehearsal runs its reward model in PyTorch, which is not installed: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu (the CPU wheel; or a CUDA build for a GPU), or pip install 'jaxdpo[torch]'"
+        )
+
+
 def write_reward_model(shape: dict, vocab_size: int, folder: Path) -> Path:
     """A random-weight PyTorch sequence-classification checkpoint of `shape` and its tokenizer."""
-    try:
-        import torch
-        import transformers
-    except ImportError as error:
-        raise UserError("oracle.path: the rehearsal builds the PyTorch reward model; install torch") from error
+    require_torch()
+    import torch
+    import transformers
+
     torch.manual_seed(0)
     config = transformers.AutoConfig.for_model(**dict(shape, vocab_size=vocab_size))
     transformers.AutoModelForSequenceClassification.from_config(config).eval().save_pretrained(folder)
@@ -148,6 +157,7 @@ def rehearse(config_path: str | Path, out_dir: str | Path, *, scale: float = 1.0
 
     if not 0 < scale <= 1:
         raise UserError(f"--scale must be in (0, 1], got {scale}")
+    require_torch()  # before minutes of writing the policy
     out_dir = Path(out_dir)
     config = scaled_config(load_config(config_path), scale)
     policy_name = POLICY_SHAPES.get(config.model.path)

@@ -1,11 +1,13 @@
 """The rehearsal of a paper round: exact shipped shapes, scaled stand-ins, and one timed round."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from jaxdpo.cli import main
+from jaxdpo.errors import EXIT_USER_ERROR
 from jaxdpo.experiment import rehearsal
 from jaxdpo.models import DecoderConfig
 
@@ -40,3 +42,12 @@ def test_rehearsal_of_a_scaled_paper_round(tmp_path, capsys):
     policy = json.loads((tmp_path / "policy" / "config.json").read_text())
     assert (policy["model_type"], policy["num_key_value_heads"]) == ("gemma", 1)
     assert "features" in capsys.readouterr().out
+
+
+def test_rehearsal_without_torch_says_what_to_install_before_writing_anything(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)  # as on a fresh install: importlib finds no torch
+    out = tmp_path / "rehearsal"
+    assert main(["rehearse", str(CONFIGS / "gemma-2b-webgpt.toml"), "--out", str(out), "--scale", "0.01"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in err and "jaxdpo[torch]" in err
+    assert not out.exists()
