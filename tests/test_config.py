@@ -61,6 +61,9 @@ def test_default_is_valid_and_round_trips_through_toml_and_yaml(tmp_path):
         ({"oracle": {"kind": "label_studio", "url": "http://localhost:8080"}}, r"oracle\.token_env: must be the NAME of the environment variable"),
         ({"oracle": {"kind": "label_studio", "url": "http://localhost:8080", "token_env": "3f2a9c0e1b7d4a6f8e5c2b1a0d9f8e7c6b5a4d3e"}}, r"oracle\.token_env: must be the NAME .*the token itself never"),
         ({"oracle": {"kind": "label_studio", "url": "http://localhost:8080", "token_env": "LS_TOKEN", "project": 0}}, r"oracle\.project: must be > 0"),
+        ({"log": {"tensorboard": "yes"}}, r"log\.tensorboard: must be true or false"),
+        ({"log": {"wandb_project": " "}}, r"log\.wandb_project: must name a Weights & Biases project"),
+        ({"log": {"wanb_project": "x"}}, r"log\.wanb_project: unknown key; did you mean 'wandb_project'\?"),
     ],
 )
 def test_bad_configs_name_the_key(raw, match):
@@ -114,3 +117,15 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = load_config(path)
     assert config.model.path == str(folder / "model") and config.data.path == str(folder / "prompts.jsonl")
+
+
+def test_log_destinations_need_their_writers_installed(monkeypatch):
+    import importlib.util
+
+    assert config_from_dict({"log": {"tensorboard": True}}).log.tensorboard
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name in ("wandb", "tensorboardX") else find_spec(name, *args))
+    with pytest.raises(ConfigError, match=r"log\.wandb_project: needs wandb, which is not installed: pip install wandb"):
+        config_from_dict({"log": {"wandb_project": "p"}})
+    with pytest.raises(ConfigError, match=r"log\.tensorboard: needs tensorboardX: pip install tensorboardX"):
+        config_from_dict({"log": {"tensorboard": True}})

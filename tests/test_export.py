@@ -8,8 +8,6 @@ on the run's own model; TensorBoard's event files and W&B's offline run file are
 from __future__ import annotations
 
 import json
-import struct
-from pathlib import Path
 
 import datasets
 import jax
@@ -25,6 +23,7 @@ from jaxdpo.experiment.storage import LABELS, METRICS, LabelLog, LabelRecord, Tr
 from jaxdpo.export import LABEL_COLUMNS, NOT_RECORDED
 from jaxdpo.models import Decoder, init_lora, load_pretrained, save_pretrained
 from jaxdpo.oracles.human import human_folder
+from tests.experiment.test_live import tensorboard_scalars, wandb_history
 from tests.test_loop import TINY, write_toml
 from tests.tolerance import assert_close
 
@@ -185,23 +184,6 @@ def test_merged_checkpoint_loads_into_transformers_with_jaxdpos_logits(human_run
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "merged").get_vocab() == embedded.build_tokenizer().get_vocab()
 
 
-def tensorboard_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} of the event files in `folder`, in file and write order (TFRecord
-    framing: length, its checksum, the Event, its checksum)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    scalars = {}
-    for file in sorted(folder.glob("events.out.tfevents.*")):
-        data, at = file.read_bytes(), 0
-        while at < len(data):
-            (length,) = struct.unpack("<Q", data[at : at + 8])
-            event = Event.FromString(data[at + 12 : at + 12 + length])
-            at += 12 + length + 4
-            for value in event.summary.value:
-                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars
-
-
 def test_tensorboard_holds_every_row_once_after_two_resumes(human_run):
     rows = [json.loads(line) for line in (human_run / METRICS).read_text().splitlines()]
     folder = human_run / "tensorboard" / TRACK
@@ -215,26 +197,6 @@ def test_tensorboard_holds_every_row_once_after_two_resumes(human_run):
         assert [step for step, _ in scalars[tag]] == [step for step, _ in expected], tag
         assert_close([value for _, value in scalars[tag]], [value for _, value in expected], ulps=1)  # float32 events
     assert [value for _, value in scalars["labels"]] == [0, 2, 4]  # one point per round, step = labels collected
-
-
-def wandb_history(path: Path) -> list[dict]:
-    """The history rows of a W&B run file (.wandb: a header, then W&B's LevelDB-style log of
-    protobuf `Record`s in 32 KiB blocks, each chunk with a 7-byte header: checksum, length, type)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data, at, chunk, rows = path.read_bytes(), 7, b"", []
-    while at + 7 <= len(data):
-        if 32768 - at % 32768 < 7:  # a block's tail too short for a header is padding
-            at += 32768 - at % 32768
-            continue
-        _, length, kind = struct.unpack("<IHB", data[at : at + 7])
-        chunk, at = chunk + data[at + 7 : at + 7 + length], at + 7 + length
-        if kind in (1, 4):  # a whole record, or its last chunk
-            record = wandb_internal_pb2.Record.FromString(chunk)
-            chunk = b""
-            if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
-    return rows
 
 
 def test_wandb_offline_runs_continue_one_run_per_track(human_run):

@@ -73,7 +73,7 @@ def test_damage_before_the_last_line_is_reported_with_its_number(tmp_path, damag
             call()
 
 
-def test_resume_may_grow_rounds_and_seeds_and_move_the_annotation_server_only(tmp_path):
+def test_resume_may_grow_rounds_and_seeds_move_the_annotation_server_and_switch_logging_only(tmp_path):
     config = ExperimentConfig()
     assert prepare_out_dir(config, tmp_path, resume=False)
     save_config(config, tmp_path)
@@ -85,6 +85,10 @@ def test_resume_may_grow_rounds_and_seeds_and_move_the_annotation_server_only(tm
         prepare_out_dir(dataclasses.replace(config, run=dataclasses.replace(run, rounds=1)), tmp_path, resume=True)
     moved = dataclasses.replace(config.oracle, url="http://elsewhere:8080", token_env="OTHER_TOKEN")  # the annotation server moved
     assert prepare_out_dir(dataclasses.replace(config, oracle=moved), tmp_path, resume=True)
+    assert prepare_out_dir(dataclasses.replace(config, log=dataclasses.replace(config.log, tensorboard=True)), tmp_path, resume=True)
+    older = {key: value for key, value in json.loads((tmp_path / CONFIG).read_text()).items() if key != "log"}
+    (tmp_path / CONFIG).write_text(json.dumps(older))  # a run started before [log] existed resumes
+    assert prepare_out_dir(config, tmp_path, resume=True)
     with pytest.raises(UserError, match="these keys differ: dpo.beta"):
         prepare_out_dir(dataclasses.replace(config, dpo=dataclasses.replace(config.dpo, beta=0.5)), tmp_path, resume=True)
     with pytest.raises(UserError, match="already holds a run"):
