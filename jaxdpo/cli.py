@@ -131,12 +131,12 @@ def _add_export(commands) -> None:
     export.add_argument("out", metavar="DIR", type=Path, help="a run folder (the --out of jaxdpo run)")
     what = export.add_subparsers(dest="what", required=True)
     dataset = what.add_parser("dataset", help="every label as a datasets.Dataset: prompt, chosen, rejected (TRL's DPO format) and where each came from")
-    dataset.add_argument("--out", dest="to", required=True, type=Path, help="where to write it")
+    dataset.add_argument("--out", dest="to", metavar="PATH", required=True, type=Path, help="where to write it")
     dataset.add_argument("--format", choices=FORMATS, help="disk: a save_to_disk folder for datasets.load_from_disk (default, unless --out ends in .jsonl or .parquet); jsonl; parquet")
     adapter = what.add_parser("adapter", help="a track's LoRA as a PEFT adapter folder (peft, vLLM, TGI), or merged into the base model")
-    adapter.add_argument("--track", required=True, help="METHOD-seedS, e.g. activedpo-seed0")
-    adapter.add_argument("--round", type=int, help="after which round (default: the track's latest checkpoint; a run keeps the last two)")
-    adapter.add_argument("--out", dest="to", required=True, type=Path, help="the folder to write")
+    adapter.add_argument("--track", required=True, metavar="METHOD-seedS", help="the track, e.g. activedpo-seed0")
+    adapter.add_argument("--round", type=int, metavar="N", help="after which round (default: the track's latest checkpoint; a run keeps the last two)")
+    adapter.add_argument("--out", dest="to", metavar="PATH", required=True, type=Path, help="the folder to write")
     adapter.add_argument("--merged", action="store_true", help="the base model with the adapter merged in, as a whole HF checkpoint (weights, config, tokenizer)")
 
 
