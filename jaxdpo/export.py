@@ -127,7 +127,8 @@ def export_adapter(run_dir: Path, track_name: str, out: Path, *, round_: int | N
     """Write the LoRA of `track_name` ("activedpo-seed0") after `round_` (default: its latest kept
     checkpoint) to `out`: a PEFT adapter folder, or with `merged` the base model with the adapter
     merged in (plus its tokenizer). Returns (the round, the base model)."""
-    from jaxdpo.experiment.storage import Track, TrackCheckpoints, saved_config
+    from jaxdpo.experiment.checkpoints import TrackCheckpoints
+    from jaxdpo.experiment.storage import Track, saved_config
     from jaxdpo.models import save_peft_adapter
 
     run_dir = Path(run_dir)

@@ -19,7 +19,8 @@ from jaxdpo import embedded
 from jaxdpo.cli import EXIT_LABELS_PENDING, main
 from jaxdpo.config import config_from_dict
 from jaxdpo.errors import EXIT_USER_ERROR
-from jaxdpo.experiment.storage import LABELS, METRICS, LabelLog, LabelRecord, Track, TrackCheckpoints, save_config
+from jaxdpo.experiment.checkpoints import TrackCheckpoints
+from jaxdpo.experiment.storage import LABELS, METRICS, LabelLog, LabelRecord, Track, save_config
 from jaxdpo.export import LABEL_COLUMNS, NOT_RECORDED
 from jaxdpo.models import Decoder, init_lora, load_pretrained, save_pretrained
 from jaxdpo.oracles.human import human_folder

@@ -3,8 +3,8 @@
 - `setup`: what the tracks share (model, tokenizer, prompts, oracle, trainer), from the config.
 - `pool`: one round's candidate triplets and the fields its selector requires.
 - `evaluation`: held-out reward and win-rate.
-- `storage`: labels, metrics, checkpoints and the run folder.
-- `loop`: the rounds themselves.
+- `storage`: labels, metrics and the run folder; `checkpoints`: each track's orbax checkpoints.
+- `loop`: the rounds themselves; `live`: their metrics to TensorBoard or W&B as they come.
 """
 
 from jaxdpo.experiment.loop import run, run_track

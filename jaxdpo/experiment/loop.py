@@ -39,7 +39,8 @@ from jaxdpo.experiment.live import LiveMetrics
 from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
 from jaxdpo.experiment.setup import Setup, build_setup, derive_key
 from jaxdpo.errors import UserError
-from jaxdpo.experiment.storage import Checkpoint, LabelLog, LabelRecord, RunLock, Track, TrackCheckpoints
+from jaxdpo.experiment.checkpoints import Checkpoint, TrackCheckpoints
+from jaxdpo.experiment.storage import LabelLog, LabelRecord, RunLock, Track
 from jaxdpo.models import init_lora
 from jaxdpo.oracles import LabelsPending, PairRequest, Preferences
 from jaxdpo.selection import Selector, make_selector
