@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     annotate.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port of the page on 127.0.0.1 (default {DEFAULT_PORT}; 0: any free one)")
     _add_export(commands)
     args = parser.parse_args(argv)
-    logging.getLogger("transformers").addFilter(_not_the_missing_torch_notice)  # before anything imports transformers  # before anything imports transformers
+    logging.getLogger("transformers").addFilter(_not_the_missing_torch_notice)  # before anything imports transformers
 
     from rich.console import Console
 

@@ -172,8 +172,9 @@ def write_merged(base: str, lora, out: Path, *, dtype: str) -> None:
 
 
 def refuse_to_overwrite(out: Path, *protected: str | Path) -> None:
-    """An export never writes into the run folder itself or the base model's folder (its
-    config.json and weights would be replaced)."""
-    for folder in protected:
-        if Path(out).resolve() == Path(folder).resolve():
-            raise UserError(f"--out {out} is {folder} itself; name a new folder for the export")
+    """An export never writes into the run folder (its labels, config and checkpoints would be
+    replaced: `--out DIR/labels.jsonl`) or into the base model's folder."""
+    target = Path(out).resolve()
+    for folder in map(Path, protected):
+        if target == folder.resolve() or folder.resolve() in target.parents:
+            raise UserError(f"--out {out} is inside {folder}, whose files the export could replace; write it outside that folder")

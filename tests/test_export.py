@@ -103,13 +103,15 @@ def record(pick: int, preferred, **extra) -> LabelRecord:
 def test_scores_votes_and_labels_of_older_runs(tmp_path):
     """Scores follow chosen/rejected; votes become a list of records; a label without a preference
     from a run that did not record which kind it was says so instead of guessing."""
-    save_config(config_from_dict({}), tmp_path)
-    LabelLog(tmp_path / LABELS).append([
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(config_from_dict({}), run)
+    LabelLog(run / LABELS).append([
         record(0, "b", score_a=0.25, score_b=1.5),
         record(1, "a", votes=(("ann1", "a"), ("ann2", "skip"))),
         record(2, None),
     ])
-    assert main(["export", str(tmp_path), "dataset", "--out", str(tmp_path / "out.jsonl")]) == 0
+    assert main(["export", str(run), "dataset", "--out", str(tmp_path / "out.jsonl")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [(r["chosen"], r["rejected"], r["score_chosen"], r["score_rejected"]) for r in rows[:1]] == [("y", "x", 1.5, 0.25)]
     assert rows[1]["votes"] == [{"annotator": "ann1", "vote": "a"}, {"annotator": "ann2", "vote": "skip"}]
@@ -117,15 +119,18 @@ def test_scores_votes_and_labels_of_older_runs(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["dataset", "--out", "{run}"], "is {run} itself"),
+    (["dataset", "--out", "{run}"], "--out {run} is inside {run}"),
+    (["dataset", "--out", "{run}/labels.jsonl"], "--out {run}/labels.jsonl is inside {run}, whose files the export could replace"),
     (["adapter", "--track", "random", "--out", "{tmp}/a"], "a track is named METHOD-seedS"),
     (["adapter", "--track", "aplp-seed0", "--out", "{tmp}/a"], f"has no checkpoints of aplp-seed0; its tracks: {TRACK}"),
     (["adapter", "--track", TRACK, "--round", "0", "--out", "{tmp}/a"], f"--round 0: {TRACK} has checkpoints of rounds 1, 2"),
-    (["adapter", "--track", TRACK, "--merged", "--out", "{run}/sft-model"], "sft-model itself"),
+    (["adapter", "--track", TRACK, "--merged", "--out", "{run}/sft-model"], "--out {run}/sft-model is inside {run}"),
 ])
 def test_export_errors_are_one_line(human_run, tmp_path, capsys, args, message):
     args = [a.format(run=human_run, tmp=tmp_path) for a in args]
+    before = {path: path.read_bytes() for path in human_run.rglob("*") if path.is_file()}
     assert main(["export", str(human_run), *args]) == EXIT_USER_ERROR
+    assert {path: path.read_bytes() for path in human_run.rglob("*") if path.is_file()} == before  # the paid labels first
     err = capsys.readouterr().err
     assert message.format(run=human_run) in err.replace("\n", "") and err.count("error:") == 1
     assert main(["export", str(tmp_path), "dataset", "--out", str(tmp_path / "x")]) == EXIT_USER_ERROR
