@@ -40,8 +40,14 @@ class TrackCheckpoints:
 
     def __init__(self, out_dir: Path, track: Track, *, read_only: bool = False):
         self.folder = (Path(out_dir) / "checkpoints" / track.name).absolute()
-        options = ocp.CheckpointManagerOptions(read_only=True) if read_only else ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.folder, options=options)
+        if read_only:  # the state read as a plain tree: `restore_lora` needs no trainer and no devices like the run's
+            self.manager = ocp.CheckpointManager(
+                self.folder, options=ocp.CheckpointManagerOptions(read_only=True), item_handlers={"state": ocp.PyTreeCheckpointHandler()}
+            )
+        else:
+            self.manager = ocp.CheckpointManager(
+                self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
+            )
 
     def latest_round(self) -> int | None:
         return self.manager.latest_step()
@@ -51,10 +57,11 @@ class TrackCheckpoints:
         return sorted(self.manager.all_steps())
 
     def restore_lora(self, round_: int, *, alpha: float) -> LoRA:
-        """The adapter after round `round_` (host arrays; its optimizer state is read but not
-        rebuilt, so no trainer is needed); `alpha` is the run's `lora.alpha`."""
-        restored = self.manager.restore(round_, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        params = jax.tree.map(np.asarray, restored["state"]["lora"])
+        """The adapter after round `round_` as host arrays, whatever devices and sharding the run
+        had (read-only checkpoints); `alpha` is the run's `lora.alpha`."""
+        on_host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), self.manager.item_metadata(round_)["state"].tree)
+        restored = self.manager.restore(round_, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(restore_args=on_host)))
+        params = restored["state"]["lora"]
         return LoRA(params=params, rank=int(next(iter(params.values()))["a"].shape[-1]), alpha=float(alpha))
 
     def save(self, round_: int, checkpoint: Checkpoint) -> None:
