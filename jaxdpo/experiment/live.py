@@ -15,7 +15,8 @@ round. What a resumed run writes again:
 - W&B: the run is resumed under the same id (kept in DIR/wandb/run-ids.json) and a row goes out
   only if its round (the W&B step) is past the run's last step; "labels" is the x-axis of every
   chart. Offline (WANDB_MODE=offline), W&B cannot know the last step, so each process's offline
-  folder holds the whole history so far; `wandb sync` the folders in order.
+  folder holds the track's whole history so far: syncing the latest folder of each track sends
+  every point once.
 """
 
 from __future__ import annotations
