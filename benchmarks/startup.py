@@ -4,8 +4,8 @@ the same background load; prints one JSON object per checkout (best and median s
 load average.
 
     git archive <commit> | tar -x -C /tmp/before        # the checkout to compare against
-    python benchmarks/startup.py /tmp/before . --calls 10
-    python benchmarks/startup.py /tmp/before . -- --version
+    python benchmarks/startup.py --calls 10 /tmp/before .
+    python benchmarks/startup.py --calls 10 /tmp/before . --version     # the jaxdpo arguments come last
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def main() -> None:
     parser.add_argument("before")
     parser.add_argument("after")
     parser.add_argument("--calls", type=int, default=10, help="timed calls per checkout")
-    parser.add_argument("argv", nargs="*", default=["--help"], help="the jaxdpo arguments (after --)")
+    parser.add_argument("argv", nargs=argparse.REMAINDER, help="the jaxdpo arguments (default: --help)")
     args = parser.parse_args()
+    args.argv = args.argv or ["--help"]
     times = {args.before: [], args.after: []}
     for _ in range(args.calls):
         for checkout in times:
