@@ -6,7 +6,17 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from jaxdpo.data import load_hh_rlhf, load_prompts, load_tldr, load_webgpt, split_dialogue, tldr_prompt, tokenize_prompts
+from jaxdpo.data import (
+    load_hh_rlhf,
+    load_prompts,
+    load_references,
+    load_tldr,
+    load_webgpt,
+    split_dialogue,
+    tldr_prompt,
+    tokenize_prompts,
+    tokenize_references,
+)
 
 HH = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -115,3 +125,32 @@ def test_loading_prints_no_progress_bars_and_leaves_them_as_they_were(tmp_path, 
     printed = capfd.readouterr()
     assert "Generating train split" not in printed.err + printed.out
     assert not are_progress_bars_disabled()  # the user's own datasets calls keep their bars
+
+
+def test_references_are_each_prompts_first_chosen_response(tmp_path):
+    info = {"id": "t3", "post": "My cat sleeps all day.", "title": "Lazy cat", "subreddit": "cats"}
+    rows = [
+        {"info": info, "summaries": [{"text": " cat sleeps"}, {"text": " a dog"}], "choice": 1},
+        {"info": info, "summaries": [{"text": " sleepy cat"}, {"text": " a dog"}], "choice": 0},
+    ]
+    assert load_references("tldr", write_jsonl(tmp_path / "tldr.jsonl", rows)) == {tldr_prompt(info): " a dog"}
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    assert load_references("jsonl", plain) == {"a": None, "b": None}
+    answered = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "a", "chosen": "yes"}, {"prompt": "a", "chosen": "no"}])
+    assert load_references("jsonl", answered) == {"a": "yes"}
+
+
+def test_reference_rows_are_laid_out_as_generated_responses():
+    from jaxdpo import embedded
+
+    tokenizer = embedded.build_tokenizer()
+    prompts = tokenize_prompts(tokenizer, ["topic1 w00 :", "topic2 w01 w02 w03 :", "topic0 w04 :"], max_tokens=5)
+    rows = tokenize_references(tokenizer, prompts.input_ids, prompts.attention_mask, ["w05 w06", None, "w07 w08 w09 w10"], max_new_tokens=3)
+    vocab = np.asarray(embedded.VOCAB)
+    assert rows.input_ids.shape == (2, 8)  # the prompt without a response is left out
+    np.testing.assert_array_equal(rows.input_ids[:, :5], prompts.input_ids[[0, 2]])
+    assert list(vocab[rows.input_ids[0, 5:]]) == ["w05", "w06", "<eos>"]  # it fits: the end token follows
+    assert list(vocab[rows.input_ids[1, 5:]]) == ["w07", "w08", "w09"]  # cut at max_new_tokens: no end token
+    np.testing.assert_array_equal(rows.response_mask[:, 5:], 1)
+    np.testing.assert_array_equal(rows.attention_mask, np.concatenate([prompts.attention_mask[[0, 2]], np.ones((2, 3), int)], axis=1))
+    assert tokenize_references(tokenizer, prompts.input_ids, prompts.attention_mask, [None, "", None], max_new_tokens=3) is None

@@ -72,7 +72,7 @@ def assert_same_metrics(got, expected):
 
 def assert_finite_metrics(rows):
     for row in rows:
-        for key in ("eval_reward", "eval_reward_stderr", "win_rate", "train_loss"):
+        for key in ("eval_reward", "eval_reward_stderr", "win_rate", "train_loss", "ref_nll", "kl_to_ref", "kl_to_ref_stderr"):
             if key in row or key != "train_loss":
                 assert np.isfinite(row[key]), (key, row)
         assert 0 <= row["win_rate"] <= 1
@@ -98,8 +98,12 @@ def test_end_to_end(reference_run):
     assert all(r.preferred in ("a", "b") and r.response_a != "" for r in labels)
     on_disk = [json.loads(line) for line in (out / loop.METRICS).read_text().splitlines()]
     assert without_timings(on_disk) == without_timings(rows)
-    # round 0 is the same initial model for every method
+    # round 0 is the same initial model for every method: the same reward and reference NLL, no KL to itself;
+    # DPO moves both guards (their values against transformers: tests/experiment/test_evaluation.py)
     assert len({r["eval_reward"] for r in rows if r["round"] == 0}) == 1
+    [start_nll] = {r["ref_nll"] for r in rows if r["round"] == 0}
+    assert all(r["kl_to_ref"] == 0.0 for r in rows if r["round"] == 0)
+    assert all(r["ref_nll"] != start_nll and r["kl_to_ref"] != 0.0 for r in rows if r["round"] == 2)
     assert (out / "sft-model" / "tokenizer.json").exists()  # the SFT folder is a whole checkpoint: model.path can name it
 
 

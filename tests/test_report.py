@@ -250,6 +250,31 @@ def test_curves_png_draws_the_curves_and_the_differences(tmp_path, saved_figures
     assert len(figure.axes) == 2 and finite_lines(figure) >= 3  # two reward curves, one difference
 
 
+def with_guard(rows: list[dict]) -> list[dict]:
+    """`rows` with a capability guard: the NLL rises and the KL grows by round (0 at round 0)."""
+    return [dict(row, ref_nll=2.0 + 0.1 * row["round"] + 0.01 * row["seed"], kl_to_ref=0.5 * row["round"]) for row in rows]
+
+
+def test_capability_guard_in_the_table_and_its_panels(tmp_path, saved_figures):
+    rows = with_guard(make_rows({"activedpo": [[0.1, 0.3, 0.5]] * 3, "random": [[0.1, 0.2, 0.25]] * 3}))
+    text = rendered(report.summary_table(rows))
+    guard = next(line for line in text.splitlines() if line.startswith(" activedpo") and "2.210" in line)
+    assert guard.split() == ["activedpo", "2.210", "±", "0.006", "2.010", "1.000", "±", "0.000"]  # final NLL, start, final KL
+    report.plot_curves(rows, tmp_path / "curves.png")
+    [figure] = saved_figures
+    titles = [ax.get_title() for ax in figure.axes if ax.get_visible()]
+    assert len(titles) == 4 and any("reference NLL" in t for t in titles) and any("KL" in t for t in titles)
+    assert finite_lines(figure) == 2 + (1 + 1) + 2 + 2  # rewards, a difference and the zero line, NLLs, KLs
+
+
+def test_human_labeled_run_still_shows_its_capability_guard(tmp_path, saved_figures):
+    rows = with_guard(human_rows())
+    assert "capability guard" in rendered(report.summary_table(rows))
+    report.plot_curves(rows, tmp_path / "curves.png")
+    [figure] = saved_figures
+    assert sum(ax.get_visible() for ax in figure.axes) == 3  # training loss, NLL, KL
+
+
 def test_human_labeled_run_plots_the_training_loss_not_an_empty_picture(tmp_path, saved_figures):
     """Issue 18, item 10: human-oracle runs wrote an empty curves.png."""
     path = report.plot_curves(human_rows(), tmp_path / "curves.png")

@@ -224,7 +224,9 @@ class OracleConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Mean oracle reward of responses to held-out prompts (paper: 100), and the win-rate against
-    the initial model's responses to the same prompts."""
+    the initial model's responses to the same prompts; and the capability guard
+    (`jaxdpo.experiment.evaluation`): the NLL of the prompts' reference responses and a Monte
+    Carlo KL(π_θ ‖ π_ref) from the same samples, which needs `temperature` = 1 (else it is null)."""
 
     prompts: PositiveInt = 256
     samples_per_prompt: PositiveInt = 1

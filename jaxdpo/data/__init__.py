@@ -1,5 +1,6 @@
-"""Prompt sources through `datasets` (paper §4: TLDR, WebGPT; plus Anthropic HH-RLHF and local JSONL)
-and left-padded prompt tokenization that reports what it dropped or truncated.
+"""Prompt sources through `datasets` (paper §4: TLDR, WebGPT; plus Anthropic HH-RLHF and local JSONL),
+left-padded prompt tokenization that reports what it dropped or truncated, and the prompts'
+reference responses laid out as generated ones (for the capability guard).
 
 Every loader returns a `datasets.Dataset` with a `prompt` column (and `chosen` / `rejected` where the
 source has preference pairs). `path=None` loads from the hub by name; a path loads local JSON/JSONL
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+
+from jaxdpo.sequences import Sequences
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 SOURCES = ("tldr", "webgpt", "hh_rlhf", "jsonl")
@@ -123,6 +126,14 @@ def load_jsonl(path: str | Path, prompt_field: str = "prompt") -> datasets.Datas
 
 def load_prompts(source: str, path: str | Path | None = None, split: str = "train") -> list[str]:
     """The distinct prompts of `source` ("tldr", "webgpt", "hh_rlhf" or "jsonl"), in first-seen order."""
+    return list(load_references(source, path, split))
+
+
+def load_references(source: str, path: str | Path | None = None, split: str = "train") -> dict[str, str | None]:
+    """{prompt: its reference response} over the distinct prompts of `source`, in first-seen order:
+    the `chosen` response of the prompt's first row (TLDR, WebGPT, HH-RLHF; a JSONL file's
+    `chosen` field where it has one), None where the source has none. The capability guard reads
+    them (`jaxdpo.experiment.evaluation`)."""
     loaders = {"tldr": load_tldr, "webgpt": load_webgpt, "hh_rlhf": load_hh_rlhf}
     if source == "jsonl" and path is None:
         raise ValueError("data source 'jsonl' needs a path")
@@ -130,7 +141,34 @@ def load_prompts(source: str, path: str | Path | None = None, split: str = "trai
         raise ValueError(f"unknown data source {source!r}; known sources: {', '.join(SOURCES)}")
     with quiet_progress():
         data = load_jsonl(path) if source == "jsonl" else loaders[source](path, split)
-    return list(dict.fromkeys(data["prompt"]))
+    chosen = data["chosen"] if "chosen" in data.column_names else [None] * len(data)
+    references: dict[str, str | None] = {}
+    for prompt, response in zip(data["prompt"], chosen):
+        references.setdefault(prompt, response)
+    return references
+
+
+def tokenize_references(
+    tokenizer, prompt_ids: np.ndarray, prompt_mask: np.ndarray, responses: Sequence[str | None], *, max_new_tokens: int
+) -> Sequences | None:
+    """Prompt + reference response rows laid out as generated ones (`jaxdpo.sampling`): the
+    left-padded prompt, the response's first `max_new_tokens` tokens followed by the end token
+    when the whole response fits, right padding: one row per prompt whose response (`responses[i]`
+    for prompt row i) is not None or empty; None when no prompt has one."""
+    kept = [i for i, response in enumerate(responses) if response]
+    encoded = tokenizer([responses[i] for i in kept], add_special_tokens=False)["input_ids"] if kept else []
+    rows = [(i, ids if len(ids) >= max_new_tokens else [*ids, tokenizer.eos_token_id]) for i, ids in zip(kept, encoded) if ids]
+    if not rows:
+        return None
+    prompt_len = prompt_ids.shape[1]
+    input_ids = np.full((len(rows), prompt_len + max_new_tokens), tokenizer.pad_token_id, np.int32)
+    response_mask, attention = np.zeros_like(input_ids), np.zeros_like(input_ids)
+    for row, (i, ids) in enumerate(rows):
+        ids = ids[:max_new_tokens]
+        input_ids[row, :prompt_len], attention[row, :prompt_len] = prompt_ids[i], prompt_mask[i]
+        input_ids[row, prompt_len : prompt_len + len(ids)] = ids
+        response_mask[row, prompt_len : prompt_len + len(ids)] = attention[row, prompt_len : prompt_len + len(ids)] = 1
+    return Sequences(input_ids, response_mask, attention)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """A rehearsal of one paper round with no hub: random-weight checkpoints with the exact shapes of a
 config's policy and reward model, a tokenizer trained in-process, synthetic prompts with the
-dataset's lengths; then one round of the config, timed stage by stage (`jaxdpo rehearse`).
+dataset's lengths (and reference responses of the generation length, for the capability guard);
+then one round of the config, timed stage by stage (`jaxdpo rehearse`).
 
 `scale` in (0, 1] shrinks widths, depth, vocabulary and counts (prompts per round, evaluation
 prompts, the batch B, the LoRA rank and the projection dim), not sequence lengths, so a CPU can
@@ -177,7 +178,7 @@ def rehearse(config_path: str | Path, out_dir: str | Path, *, scale: float = 1.0
 
 
 def _stand_ins(config: ExperimentConfig, out_dir: Path, policy_shape: dict, reward_shape: dict) -> ExperimentConfig:
-    """Write the random-weight policy and reward model and the synthetic prompts; the config of
+    """Write the random-weight policy and reward model and the synthetic prompts and references; the config of
     one ActiveDPO round on them."""
     import jax.numpy as jnp
 
@@ -191,8 +192,9 @@ def _stand_ins(config: ExperimentConfig, out_dir: Path, policy_shape: dict, rewa
     low, high = PROMPT_TOKENS[config.data.source]
     lengths = (min(low, config.data.max_prompt_tokens), min(high, config.data.max_prompt_tokens))
     prompts = out_dir / "prompts.jsonl"
-    texts = synthetic_prompts(config.data.prompts_per_round + config.eval.prompts, lengths, policy_shape["vocab_size"] - len(SPECIAL_TOKENS))
-    prompts.write_text("".join(json.dumps({"prompt": text}) + "\n" for text in texts))
+    count, vocab, length = config.data.prompts_per_round + config.eval.prompts, policy_shape["vocab_size"] - len(SPECIAL_TOKENS), config.generation.max_new_tokens
+    texts, answers = synthetic_prompts(count, lengths, vocab), synthetic_prompts(count, (length, length), vocab, seed=1)
+    prompts.write_text("".join(json.dumps({"prompt": text, "chosen": answer}) + "\n" for text, answer in zip(texts, answers)))
     method = "activedpo" if "activedpo" in config.run.methods else config.run.methods[0]
     return dataclasses.replace(
         config,
@@ -224,13 +226,13 @@ def _report(config: ExperimentConfig, shape: dict, rows: list[dict], plan: dict)
         "features": (responses * seq, 4 * params),
         "selection": (None, None),
         "training": (dpo_rows * seq + 2 * c.selection.batch_size * seq, 4 * params),
-        "eval": (c.eval.prompts * c.eval.samples_per_prompt * c.generation.max_new_tokens, 2 * params),
+        "eval": (_eval_tokens(c, seq), 2 * params),
     }
     plan_bytes = {p["stage"]: p["bytes"] for p in plan["stages"]}
     stage_bytes = {
         "generation": max(v for k, v in plan_bytes.items() if k.startswith("generation")),
         "features": plan_bytes["features"], "selection": plan_bytes["selection"], "training": plan_bytes["DPO step"],
-        "eval": max(v for k, v in plan_bytes.items() if k.startswith("generation")),
+        "eval": max(v for k, v in plan_bytes.items() if k.startswith("generation") or k == "log-probs"),
     }
     stages = {}
     for name, (tokens, flops_per_token) in work.items():
@@ -248,6 +250,14 @@ def _report(config: ExperimentConfig, shape: dict, rows: list[dict], plan: dict)
         "device": f"{jax.device_count()} × {device.device_kind}", "params": params, "round_seconds": round(sum(s["seconds"] for s in stages.values()), 3),
         "memory_limit_bytes": plan["limit_bytes"], "stages": stages,
     }
+
+
+def _eval_tokens(config: ExperimentConfig, seq: int) -> int:
+    """Tokens the evaluation runs through the model: the samples it generates, the two log-prob passes
+    (policy, reference) over them for the KL when it is estimated, and the reference responses' NLL."""
+    e = config.eval
+    samples = e.prompts * e.samples_per_prompt
+    return samples * config.generation.max_new_tokens + (2 * samples * seq if e.temperature == 1.0 else 0) + e.prompts * seq
 
 
 def _parameter_count(config) -> int:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from jaxdpo import embedded
 from jaxdpo.config import ExperimentConfig
-from jaxdpo.data import load_prompts, tokenize_prompts
+from jaxdpo.data import load_references, tokenize_prompts, tokenize_references
 from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
@@ -56,13 +56,15 @@ class Prompts:
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What every track shares; `mesh` is None on one device."""
+    """What every track shares; `mesh` is None on one device. `references`: reference responses to
+    held-out prompts (the task's own; None when it has none), for the capability guard."""
 
     config: ExperimentConfig
     model: Decoder
     tokenizer: Any
     train: Prompts
     eval: Prompts
+    references: Sequences | None
     oracle: Oracle
     trainer: DpoTrainer
     max_new_tokens: int
@@ -103,13 +105,13 @@ class Setup:
 def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
     mesh = _mesh(config)
     oracle = _oracle(config, out_dir, mesh)  # first: an annotation server that is down fails the start at once
-    model, tokenizer, train, evaluation, max_new_tokens = (_embedded_task if config.embedded else _checkpoint_task)(config, out_dir)
+    model, tokenizer, train, evaluation, references, max_new_tokens = (_embedded_task if config.embedded else _checkpoint_task)(config, out_dir)
     if len(train.texts) < config.data.prompts_per_round:
         raise UserError(f"data.prompts_per_round: {config.data.prompts_per_round} prompts per round, but only {len(train.texts)} usable prompts")
     if mesh is not None:
         _check_splits(config, mesh)
         shard_model(model, mesh)
-    return Setup(config, model, tokenizer, train, evaluation, oracle, config.dpo.trainer(), max_new_tokens, mesh)
+    return Setup(config, model, tokenizer, train, evaluation, references, oracle, config.dpo.trainer(), max_new_tokens, mesh)
 
 
 def _check_splits(config: ExperimentConfig, mesh: Mesh) -> None:
@@ -138,7 +140,8 @@ def _prompts(tokenizer, texts, max_tokens: int) -> Prompts:
 
 def _embedded_task(config: ExperimentConfig, out_dir: Path):
     """The built-in task: its SFT model (trained once, saved with its word tokenizer as an HF
-    checkpoint in `out_dir/sft-model` and loaded from there on resume), prompts and lengths."""
+    checkpoint in `out_dir/sft-model` and loaded from there on resume), prompts, the reference
+    generator's answers to the held-out prompts, and lengths."""
     folder = out_dir / "sft-model"
     tokenizer = embedded.build_tokenizer()
     if not (folder / "config.json").exists():
@@ -149,12 +152,15 @@ def _embedded_task(config: ExperimentConfig, out_dir: Path):
     pool = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED), config.data.max_prompts or 4096)
     held_out = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED + 1), config.eval.prompts)
     train, evaluation = (_prompts(tokenizer, texts, embedded.PROMPT_TOKENS) for texts in (pool, held_out))
-    return model, tokenizer, train, evaluation, embedded.MAX_NEW_TOKENS
+    answers = embedded.sample_responses(np.random.default_rng(embedded.TASK_SEED + 2), list(evaluation.texts))
+    references = tokenize_references(tokenizer, evaluation.input_ids, evaluation.attention_mask, answers, max_new_tokens=embedded.MAX_NEW_TOKENS)
+    return model, tokenizer, train, evaluation, references, embedded.MAX_NEW_TOKENS
 
 
 def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
     """An HF checkpoint and its tokenizer, prompts from `config.data` (the held-out prompts from
-    `data.eval_split`, or the last `eval.prompts` of the split)."""
+    `data.eval_split`, or the last `eval.prompts` of the split) and the held-out prompts' reference
+    responses where the data have them (`load_references`)."""
     from transformers import AutoTokenizer
 
     path, data = config.model.path, config.data
@@ -167,12 +173,13 @@ def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
     model = _loaded("model.path", "the model", lambda: load_pretrained(path, dtype=_dtype(config), remat=config.model.remat))
     if data.path is None:
         _require_reachable("data.source", _DATASETS[data.source], repo_type="dataset")
-    texts = _loaded("data.path", f"the {data.source} prompts", lambda: load_prompts(data.source, data.path, data.split))
+    answers = _loaded("data.path", f"the {data.source} prompts", lambda: load_references(data.source, data.path, data.split))
+    texts = list(answers)
     if data.eval_split is not None:
-        held_out = _loaded("data.eval_split", "the held-out prompts", lambda: load_prompts(data.source, data.path, data.eval_split))
-        if len(held_out) < config.eval.prompts:
-            raise UserError(f"eval.prompts: {config.eval.prompts} held-out prompts asked, data.eval_split {data.eval_split!r} has {len(held_out)}")
-        held_out = held_out[: config.eval.prompts]
+        answers = _loaded("data.eval_split", "the held-out prompts", lambda: load_references(data.source, data.path, data.eval_split))
+        if len(answers) < config.eval.prompts:
+            raise UserError(f"eval.prompts: {config.eval.prompts} held-out prompts asked, data.eval_split {data.eval_split!r} has {len(answers)}")
+        held_out = list(answers)[: config.eval.prompts]
     else:
         if len(texts) <= config.eval.prompts:
             raise UserError(
@@ -182,7 +189,11 @@ def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
         texts, held_out = texts[: -config.eval.prompts], texts[-config.eval.prompts :]
     texts = texts[: data.max_prompts] if data.max_prompts else texts
     train, evaluation = (_prompts(tokenizer, t, data.max_prompt_tokens) for t in (texts, held_out))
-    return model, tokenizer, train, evaluation, config.generation.max_new_tokens
+    references = tokenize_references(
+        tokenizer, evaluation.input_ids, evaluation.attention_mask, [answers[t] for t in evaluation.texts],
+        max_new_tokens=config.generation.max_new_tokens,
+    )
+    return model, tokenizer, train, evaluation, references, config.generation.max_new_tokens
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
