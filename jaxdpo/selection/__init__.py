@@ -1,4 +1,5 @@
-"""Batch selection: the ActiveDPO greedy rule (Eq. 3-4) and the baselines, as pure functions."""
+"""Batch selection: the ActiveDPO greedy rule (Eq. 3-4) and the baselines (SHARP / W-SHARP among
+them), as pure functions."""
 
 from jaxdpo.selection._baselines import (
     predictive_entropy,
@@ -12,6 +13,7 @@ from jaxdpo.selection._baselines import (
 )
 from jaxdpo.selection._greedy import SelectionResult, select_batch, v_inv_norms
 from jaxdpo.selection._registry import SELECTORS, SelectionPool, Selector, make_selector
+from jaxdpo.selection._sharpe import select_sharpe, sharpe_ratio
 
 __all__ = [
     "SELECTORS",
@@ -27,6 +29,8 @@ __all__ = [
     "select_hybrid",
     "select_near_tie",
     "select_random",
+    "select_sharpe",
     "select_uncertainty",
+    "sharpe_ratio",
     "v_inv_norms",
 ]

@@ -18,6 +18,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo.selection import _baselines
 from jaxdpo.selection._greedy import SelectionResult, select_batch
+from jaxdpo.selection._sharpe import sharp_rule, w_sharp_rule
 
 
 class SelectionPool(NamedTuple):
@@ -123,6 +124,8 @@ _RULES: dict[str, Rule] = {
     "hybrid": Rule(_hybrid, frozenset({"prompt_entropy", "pair_prompt_ids", "margins"})),
     "apo": Rule(_apo, frozenset({"apo_features", "apo_prior"}), policy="initial"),
     "near_tie": Rule(_near_tie, frozenset({"margins", "features", "prior"})),
+    "sharp": Rule(sharp_rule, frozenset({"margins"})),
+    "w_sharp": Rule(w_sharp_rule, frozenset({"margins"})),
 }
 _ALIASES = {"aplp": "hybrid"}
 
