@@ -11,6 +11,12 @@ tells the topics apart and already gives every word its own direction in output 
 needs to re-weight words per topic — while its reward starts near 0, because style and taste are
 unrelated. (With uniformly random SFT answers the words stay indistinguishable in output space, and
 DPO can only raise the reward by also raising prompt-only tokens: it lowered the reward instead.)
+
+A second task, "redundant" (`TASKS`; design in docs/design.md), keeps all of this but draws
+prompts from `TEMPLATES_PER_TOPIC` fixed templates per topic (one context word varied with
+probability `VARY_RATE`) and answers with near-copies of `STOCK_ANSWERS` fixed answers per topic
+(each word replaced from the topic's style with probability `EDIT_RATE`), so a round's candidate
+pairs come in clusters of near-duplicates.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ TOPICS = 4
 WORDS = 16
 CONTEXT_WORDS = 3
 MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS = 4, 8
+TASKS = ("topics", "redundant")
+TEMPLATES_PER_TOPIC, VARY_RATE = 2, 0.5
+STOCK_ANSWERS, EDIT_RATE = 3, 0.2
 PAD, EOS, BOS, SEPARATOR = "<pad>", "<eos>", "<bos>", ":"
 
 TOPIC_TOKENS = tuple(f"topic{k}" for k in range(TOPICS))
@@ -61,13 +70,25 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, eos_token=EOS, bos_token=BOS)
 
 
-def sample_prompts(rng: np.random.Generator, count: int) -> list[str]:
-    """`count` prompts "topicK wAA wBB wCC :" with uniformly random topic and context words."""
-    topics = rng.integers(0, TOPICS, size=count)
-    context = rng.integers(0, WORDS, size=(count, CONTEXT_WORDS))
-    return [
-        " ".join([TOPIC_TOKENS[k], *(WORD_TOKENS[j] for j in row), SEPARATOR]) for k, row in zip(topics, context)
-    ]
+def sample_prompts(rng: np.random.Generator, count: int, task: str = "topics") -> list[str]:
+    """`count` prompts "topicK wAA wBB wCC :": uniformly random topic and context words ("topics"),
+    or a uniformly drawn template with one context word redrawn with probability `VARY_RATE`
+    ("redundant")."""
+    if _check_task(task) == "redundant":
+        rows = prompt_templates()[rng.integers(0, TOPICS * TEMPLATES_PER_TOPIC, size=count)]
+        varied = np.flatnonzero(rng.random(count) < VARY_RATE)
+        rows[varied, rng.integers(1, 1 + CONTEXT_WORDS, size=len(varied))] = rng.integers(0, WORDS, size=len(varied))
+    else:
+        rows = np.column_stack([rng.integers(0, TOPICS, size=count), rng.integers(0, WORDS, size=(count, CONTEXT_WORDS))])
+    return [" ".join([TOPIC_TOKENS[row[0]], *(WORD_TOKENS[j] for j in row[1:]), SEPARATOR]) for row in rows]
+
+
+def prompt_templates() -> np.ndarray:
+    """The redundant task's templates `[TOPICS · TEMPLATES_PER_TOPIC, 1 + CONTEXT_WORDS]`: topic,
+    then context word indices (fixed by TASK_SEED)."""
+    topics = np.repeat(np.arange(TOPICS), TEMPLATES_PER_TOPIC)
+    words = np.random.default_rng([TASK_SEED, 2]).integers(0, WORDS, size=(len(topics), CONTEXT_WORDS))
+    return np.column_stack([topics, words])
 
 
 def response_style() -> np.ndarray:
@@ -79,13 +100,39 @@ def response_style() -> np.ndarray:
 _STYLE = response_style()
 
 
-def sample_responses(rng: np.random.Generator, prompts: list[str]) -> list[str]:
-    """SFT answers to `prompts`: 4-8 content words drawn from the style of each prompt's topic."""
-    lengths = rng.integers(MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS + 1, size=len(prompts))
-    return [
-        " ".join(WORD_TOKENS[j] for j in rng.choice(WORDS, size=n, p=_STYLE[prompt_topic(prompt)]))
-        for prompt, n in zip(prompts, lengths)
-    ]
+def stock_answers() -> list[list[np.ndarray]]:
+    """The redundant task's `STOCK_ANSWERS` answers per topic: word indices, 4-8 words drawn from
+    the topic's style (fixed by TASK_SEED)."""
+    rng = np.random.default_rng([TASK_SEED, 3])
+    lengths = rng.integers(MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS + 1, size=(TOPICS, STOCK_ANSWERS))
+    return [[rng.choice(WORDS, size=n, p=_STYLE[topic]) for n in lengths[topic]] for topic in range(TOPICS)]
+
+
+_STOCK = stock_answers()
+
+
+def sample_responses(rng: np.random.Generator, prompts: list[str], task: str = "topics") -> list[str]:
+    """SFT answers to `prompts` (the task's reference generator): 4-8 content words drawn from the
+    style of each prompt's topic ("topics"), or one of the topic's stock answers with each word
+    redrawn from that style with probability `EDIT_RATE` ("redundant")."""
+    topics = [prompt_topic(prompt) for prompt in prompts]
+    if _check_task(task) == "redundant":
+        answers = []
+        for topic in topics:
+            words = _STOCK[topic][rng.integers(0, STOCK_ANSWERS)].copy()
+            edited = np.flatnonzero(rng.random(len(words)) < EDIT_RATE)
+            words[edited] = rng.choice(WORDS, size=len(edited), p=_STYLE[topic])
+            answers.append(words)
+    else:
+        lengths = rng.integers(MIN_RESPONSE_WORDS, MAX_RESPONSE_WORDS + 1, size=len(prompts))
+        answers = [rng.choice(WORDS, size=n, p=_STYLE[topic]) for topic, n in zip(topics, lengths)]
+    return [" ".join(WORD_TOKENS[j] for j in words) for words in answers]
+
+
+def _check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown embedded task {task!r}; known tasks: {', '.join(TASKS)}")
+    return task
 
 
 def prompt_topic(prompt: str) -> int:
@@ -111,15 +158,15 @@ def best_reward(prompt: str) -> float:
     return float(_VALUES[prompt_topic(prompt)].max())
 
 
-def sft_batch(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(input_ids, response_mask, attention_mask) of `count` SFT examples: prompt, a response in
-    the topic's style, the end token; right-padded to PROMPT_TOKENS + MAX_NEW_TOKENS."""
+def sft_batch(rng: np.random.Generator, count: int, task: str = "topics") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, response_mask, attention_mask) of `count` SFT examples of `task`: prompt, the
+    task's answer (`sample_responses`), the end token; right-padded to PROMPT_TOKENS + MAX_NEW_TOKENS."""
     index = {token: i for i, token in enumerate(VOCAB)}
     length = PROMPT_TOKENS + MAX_NEW_TOKENS
     ids = np.zeros((count, length), np.int32)
     response = np.zeros_like(ids)
-    prompts = sample_prompts(rng, count)
-    for row, (prompt, answer) in enumerate(zip(prompts, sample_responses(rng, prompts))):
+    prompts = sample_prompts(rng, count, task)
+    for row, (prompt, answer) in enumerate(zip(prompts, sample_responses(rng, prompts, task))):
         tokens = [index[t] for t in (*prompt.split(), *answer.split(), EOS)]
         ids[row, : len(tokens)] = tokens
         response[row, PROMPT_TOKENS : len(tokens)] = 1
@@ -127,9 +174,11 @@ def sft_batch(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndar
     return ids, response, attention
 
 
-def train_sft(*, seed: int = TASK_SEED, steps: int = 300, batch_size: int = 64, learning_rate: float = 3e-3) -> Decoder:
+def train_sft(
+    *, task: str = "topics", seed: int = TASK_SEED, steps: int = 300, batch_size: int = 64, learning_rate: float = 3e-3
+) -> Decoder:
     """The embedded task's initial policy π_SFT: `MODEL_CONFIG` trained from scratch (all weights,
-    Adam) to imitate the SFT responses, so it answers in the task's format and style and its
+    Adam) to imitate `task`'s SFT responses, so it answers in the task's format and style and its
     reward starts near 0 (paper: SFT before DPO)."""
     model = Decoder(MODEL_CONFIG, rngs=nnx.Rngs(seed))
     graphdef, params = nnx.split(model)
@@ -148,5 +197,5 @@ def train_sft(*, seed: int = TASK_SEED, steps: int = 300, batch_size: int = 64, 
     rng = np.random.default_rng(seed)
     opt_state = optimizer.init(params)
     for _ in range(steps):
-        params, opt_state, _ = step(params, opt_state, *sft_batch(rng, batch_size))
+        params, opt_state, _ = step(params, opt_state, *sft_batch(rng, batch_size, task))
     return nnx.merge(graphdef, params)

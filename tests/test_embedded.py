@@ -37,6 +37,44 @@ def test_sft_responses_follow_the_topic_style():
     assert np.abs(expected_reward).mean() < 0.5
 
 
+def test_redundant_prompts_are_templates_with_at_most_one_word_changed():
+    rows = embedded.prompt_templates()
+    assert rows.shape == (embedded.TOPICS * embedded.TEMPLATES_PER_TOPIC, 1 + embedded.CONTEXT_WORDS)
+    prompts = embedded.sample_prompts(np.random.default_rng(0), 2000, "redundant")
+    changed = []
+    for prompt in prompts:
+        words = prompt.split()
+        topic, context = embedded.TOPIC_TOKENS.index(words[0]), [embedded.WORD_TOKENS.index(w) for w in words[1:-1]]
+        distances = [np.sum(row[1:] != context) for row in rows if row[0] == topic]
+        changed.append(min(distances))
+    assert max(changed) <= 1
+    assert np.mean(np.asarray(changed) == 0) == pytest.approx(0.5 + 0.5 / embedded.WORDS, abs=0.03)  # redrawn to itself 1/16 of the time
+
+
+def test_redundant_answers_are_near_copies_of_stock_answers():
+    rng = np.random.default_rng(1)
+    prompts = embedded.sample_prompts(rng, 2000, "redundant")
+    stock = embedded.stock_answers()
+    edits = []
+    for prompt, answer in zip(prompts, embedded.sample_responses(rng, prompts, "redundant")):
+        words = np.asarray([embedded.WORD_TOKENS.index(w) for w in answer.split()])
+        edits.append(min(np.sum(s != words) if len(s) == len(words) else len(words) for s in stock[embedded.prompt_topic(prompt)]))
+    # each word is redrawn with probability 0.2 (and may come back unchanged): mostly 0-2 words differ
+    assert np.mean(np.asarray(edits) <= 2) > 0.85 and max(edits) <= embedded.MAX_RESPONSE_WORDS
+    ids, response, attention = embedded.sft_batch(np.random.default_rng(2), 8, "redundant")
+    assert ids.shape == (8, embedded.PROMPT_TOKENS + embedded.MAX_NEW_TOKENS) and (attention >= response).all()
+    with pytest.raises(ValueError, match="unknown embedded task 'templates'"):
+        embedded.sample_prompts(rng, 1, "templates")
+
+
+def test_the_topics_task_is_unchanged_by_the_second_task():
+    """The default task's prompts and answers draw from the generator exactly as before the second task."""
+    rng = np.random.default_rng(0)
+    topics, context = rng.integers(0, embedded.TOPICS, size=3), rng.integers(0, embedded.WORDS, size=(3, embedded.CONTEXT_WORDS))
+    expected = [" ".join([embedded.TOPIC_TOKENS[k], *(embedded.WORD_TOKENS[j] for j in row), ":"]) for k, row in zip(topics, context)]
+    assert embedded.sample_prompts(np.random.default_rng(0), 3) == expected
+
+
 def test_reward_of_degenerate_responses():
     prompt = "topic1 w00 w01 w02 :"
     values = embedded.word_values()[1]

@@ -66,9 +66,12 @@ class ModelConfig:
 class DataConfig:
     """Prompt source (see `jaxdpo.data`): "embedded" (the built-in task; needs the embedded model),
     "tldr", "webgpt", "hh_rlhf" (from `path`, or the hub) or "jsonl" (needs `path`).
-    `prompts_per_round` are sampled each round (paper: 1000)."""
+    `prompts_per_round` are sampled each round (paper: 1000). `embedded_task` (embedded source
+    only): "topics" (the default demo) or "redundant" (prompts from a few templates, responses
+    near-copies of a few stock answers; `jaxdpo.embedded`, docs/design.md)."""
 
     source: Literal["embedded", "tldr", "webgpt", "hh_rlhf", "jsonl"] = "embedded"
+    embedded_task: Literal["topics", "redundant"] = "topics"
     path: str | None = None
     split: str = "train"
     eval_split: str | None = None
@@ -77,6 +80,8 @@ class DataConfig:
     max_prompts: PositiveInt | None = None
 
     def check(self, key: str) -> None:
+        if self.embedded_task != "topics" and self.source != "embedded":
+            fail(f"{key}.embedded_task", f"{self.embedded_task!r} is a task of data.source = 'embedded', not of {self.source!r}")
         if self.source == "jsonl" and not self.path:
             fail(f"{key}.path", "data.source = 'jsonl' needs the path of a JSONL file (one {\"prompt\": ...} per line)")
         if self.max_prompts is not None and self.max_prompts < self.prompts_per_round:

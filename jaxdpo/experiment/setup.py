@@ -139,20 +139,20 @@ def _prompts(tokenizer, texts, max_tokens: int) -> Prompts:
 
 
 def _embedded_task(config: ExperimentConfig, out_dir: Path):
-    """The built-in task: its SFT model (trained once, saved with its word tokenizer as an HF
-    checkpoint in `out_dir/sft-model` and loaded from there on resume), prompts, the reference
-    generator's answers to the held-out prompts, and lengths."""
-    folder = out_dir / "sft-model"
+    """The built-in task (`data.embedded_task`): its SFT model (trained once, saved with its word
+    tokenizer as an HF checkpoint in `out_dir/sft-model` and loaded from there on resume), prompts,
+    the reference generator's answers to the held-out prompts, and lengths."""
+    folder, task = out_dir / "sft-model", config.data.embedded_task
     tokenizer = embedded.build_tokenizer()
     if not (folder / "config.json").exists():
-        save_pretrained(embedded.train_sft(), folder)
+        save_pretrained(embedded.train_sft(task=task), folder)
     if not (folder / "tokenizer.json").exists():
         tokenizer.save_pretrained(folder)  # the folder is then a complete checkpoint: model.path can name it
     model = load_pretrained(folder, dtype=_dtype(config), remat=config.model.remat)
-    pool = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED), config.data.max_prompts or 4096)
-    held_out = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED + 1), config.eval.prompts)
+    pool = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED), config.data.max_prompts or 4096, task)
+    held_out = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED + 1), config.eval.prompts, task)
     train, evaluation = (_prompts(tokenizer, texts, embedded.PROMPT_TOKENS) for texts in (pool, held_out))
-    answers = embedded.sample_responses(np.random.default_rng(embedded.TASK_SEED + 2), list(evaluation.texts))
+    answers = embedded.sample_responses(np.random.default_rng(embedded.TASK_SEED + 2), list(evaluation.texts), task)
     references = tokenize_references(tokenizer, evaluation.input_ids, evaluation.attention_mask, answers, max_new_tokens=embedded.MAX_NEW_TOKENS)
     return model, tokenizer, train, evaluation, references, embedded.MAX_NEW_TOKENS
 
