@@ -2,7 +2,7 @@
 
 - `setup`: what the tracks share (model, tokenizer, prompts, oracle, trainer), from the config.
 - `pool`: one round's candidate triplets and the fields its selector requires.
-- `evaluation`: held-out reward and win-rate.
+- `evaluation`: held-out reward and win-rate, and the capability guard (reference NLL, KL to π_ref).
 - `storage`: labels, metrics and the run folder; `checkpoints`: each track's orbax checkpoints.
 - `loop`: the rounds themselves; `live`: their metrics to TensorBoard or W&B as they come.
 """
