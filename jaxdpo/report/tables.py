@@ -60,7 +60,8 @@ def _final(tracks: Tracks, rows: list[dict], method: str) -> list[float]:
 
 
 def summary_table(rows: list[dict]) -> Group:
-    """Per method: the final round's labels, reward and win-rate, the start reward and the AUC; the
+    """Per method: the final round's labels, reward and win-rate, the start reward and the AUC (the
+    seeds a method lacks are counted in its cells, "(n=k)"); the
     capability guard; the labels to match random; then each method's paired difference to random
     per round and in AUC, with 95% t intervals (or a line saying why there are none)."""
     rewards, seeds = points(rows), len({row["seed"] for row in rows})
@@ -80,14 +81,14 @@ def summary_table(rows: list[dict]) -> Group:
 
 def _method_table(rows: list[dict], rewards: dict[str, Tracks], seeds: int) -> Table:
     table = Table(
-        title="final round, mean ± s.e. over seeds",
+        title=f"final round, mean ± s.e. over {seeds} seed{'s' * (seeds != 1)}",
         caption=(
             "reward: held-out eval reward; start: at round 0; win-rate: against the initial model's responses; "
             "AUC: area under reward vs labels ÷ the labels' span, per seed (the mean reward over the budget)"
         ),
         **COMPACT,
     )
-    for column in ("method", "seeds", "labels", "reward", "start", "win-rate", "AUC"):
+    for column in ("method", "labels", "reward", "start", "win-rate", "AUC"):
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=True)
     wins = points(rows, "win_rate")
     for method in dict.fromkeys(row["method"] for row in rows):
@@ -96,7 +97,6 @@ def _method_table(rows: list[dict], rewards: dict[str, Tracks], seeds: int) -> T
         start = list(at_round(reward, first).values())
         table.add_row(
             method,
-            str(len({row["seed"] for row in mine})),
             str(max(row["labels"] for row in mine if row["round"] == final)),
             format_mean_stderr(_final(reward, rows, method), seeds),
             f"{np.mean(start):.3f}" if start else "—",
@@ -108,7 +108,7 @@ def _method_table(rows: list[dict], rewards: dict[str, Tracks], seeds: int) -> T
 
 def _capability_table(rows: list[dict], seeds: int) -> Table:
     table = Table(
-        title="capability guard, final round, mean ± s.e. over seeds",
+        title=f"capability guard, final round, mean ± s.e. over {seeds} seed{'s' * (seeds != 1)}",
         caption=(
             "ref NLL: mean per-token NLL of the held-out reference responses (start: round 0, the initial model); "
             "KL: Monte Carlo estimate of KL(π_θ ‖ π_ref) per response, from the evaluation samples"
@@ -156,11 +156,12 @@ def _labels_cells(match, seeds: int) -> tuple[str, str, str, str]:
         return "—", "—", "—", "—"
     point = "not reached" if np.isinf(match.labels) else f"{match.labels:.0f}"
     share = "—" if np.isinf(match.labels) or not match.budget else f"{match.labels / match.budget:.0%}"
+    reached = np.isfinite(match.resamples).mean()
     if seeds < 2:
         return point, share, "—", "—"
     low, high = np.quantile(match.resamples, [0.025, 0.975], method="inverted_cdf")
     bounds = [f"{bound:.0f}" if np.isfinite(bound) else "not reached" for bound in (low, high)]
-    return point, share, f"[{bounds[0]}, {bounds[1]}]", f"{np.isfinite(match.resamples).mean():.0%}"
+    return point, share, "not reached" if np.isinf(low) else f"[{bounds[0]}, {bounds[1]}]", f"{reached:.0%}"
 
 
 def _difference_tables(rewards: dict[str, Tracks], seeds: int) -> list[Table]:
