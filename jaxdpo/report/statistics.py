@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
-from scipy import stats
+from scipy.special import stdtrit
 
 from jaxdpo.report.metrics import Tracks, at_round, labels_at, rounds_of
 
@@ -43,7 +43,7 @@ def t_bounds(values: np.ndarray, *, confidence: float = CONFIDENCE) -> tuple[np.
     mean ± t_{(1+confidence)/2, n−1} · s/√n, s the sample standard deviation (divisor n − 1)."""
     values = np.asarray(values, np.float64)
     n = values.shape[-1]
-    half = stats.t.ppf((1 + confidence) / 2, n - 1) * values.std(axis=-1, ddof=1) / math.sqrt(n)
+    half = stdtrit(n - 1, (1 + confidence) / 2) * values.std(axis=-1, ddof=1) / math.sqrt(n)  # the t quantile
     mean = values.mean(axis=-1)
     return np.asarray(mean - half), np.asarray(mean + half)
 
