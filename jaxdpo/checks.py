@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdpo.sharding import to_host
+
 
 def is_concrete(x) -> bool:
     """True when `x` holds actual values (not a tracer inside `jit`/`vmap`/`grad`)."""
@@ -58,7 +60,7 @@ def check_finite(name: str, x) -> None:
     """No NaN or inf in `x` (skipped under tracing, where values are unknown)."""
     if not is_concrete(x):
         return
-    values = np.asarray(x)
+    values = to_host(x)
     if not np.issubdtype(values.dtype, np.floating) and values.dtype.name != "bfloat16":
         return
     bad = ~np.isfinite(values.astype(np.float32))
@@ -72,7 +74,7 @@ def check_index_range(name: str, x, size: int, of: str) -> None:
     """Every entry of integer array `x` must index an axis of length `size` (named `of`)."""
     if not is_concrete(x) or np.size(x) == 0:
         return
-    values = np.asarray(x)
+    values = to_host(x)
     lo, hi = int(values.min()), int(values.max())
     require(lo >= 0 and hi < size, f"{name} must index {of} (0..{size - 1}), got values in [{lo}, {hi}]")
 

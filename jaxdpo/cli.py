@@ -13,6 +13,7 @@ in); `EXIT_INTERRUPTED` (130) stopped by Ctrl-C (everything collected is kept; r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -98,18 +99,25 @@ def _run(args, console) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from jaxdpo import experiment, report
+    from jaxdpo import experiment, multihost, report
     from jaxdpo.config import load_config
+    from jaxdpo.experiment.setup import start_devices
     from jaxdpo.oracles import LabelsPending
 
     config = load_config(args.config)
+    start_devices(config)
+    writer = multihost.is_writer()  # of several processes, process 0 alone reports (they all exit alike)
+    if not writer:
+        logging.getLogger("jaxdpo").setLevel(logging.ERROR)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
+        with Progress(*columns, console=console, transient=False) if writer else contextlib.nullcontext() as progress:
             rows = experiment.run(config, args.out, resume=args.resume, progress=progress)
     except LabelsPending as pending:
         _say(console, f"waiting for labels: {pending}", "yellow")
         return EXIT_LABELS_PENDING
+    if not writer:
+        return 0
     Console().print(report.summary_table(rows))
     plot = report.plot_curves(rows, args.out / "curves.png", title=str(args.out))
     curves = plot or f"not written, {report.NOTHING_TO_PLOT}"

@@ -25,6 +25,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int
 from jaxdpo import checks
 from jaxdpo.models import KVCache, LoRA
 from jaxdpo.sequences import Sequences
+from jaxdpo.sharding import to_host
 
 
 @struct.dataclass
@@ -202,7 +203,7 @@ def generate(
     checks.require(0 < top_p <= 1, f"top_p must be in (0, 1], got {top_p}")
     checks.require(isinstance(top_k, (int, np.integer)) and top_k >= 0, f"top_k must be an int >= 0, got {top_k!r}")
     if checks.is_concrete(prompt_mask):
-        mask = np.asarray(prompt_mask)
+        mask = to_host(prompt_mask)
         empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
         checks.require(empty.size == 0, f"prompt_mask is all padding in rows {empty[:10].tolist()} (empty prompt)")
         right_padded = np.flatnonzero(mask[:, -1] == 0)

@@ -24,6 +24,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Int
 
 from jaxdpo import checks
+from jaxdpo.sharding import to_host
 
 
 class Sequences(NamedTuple):
@@ -43,7 +44,7 @@ class Sequences(NamedTuple):
         return Sequences(*(x[index] for x in self))
 
     def to_host(self) -> Sequences:
-        return Sequences(*(np.asarray(x) for x in self))
+        return Sequences(*(to_host(x) for x in self))
 
     def check(self) -> None:
         check_sequences(*self)
@@ -59,13 +60,13 @@ def check_sequences(input_ids, response_mask, attention_mask=None) -> None:
         checks.check_shape("attention_mask", attention_mask, np.shape(input_ids))
     checks.require(np.shape(input_ids)[0] >= 1, "input_ids has no rows (empty batch)")
     if checks.is_concrete(response_mask):
-        mask = np.asarray(response_mask) != 0
+        mask = to_host(response_mask) != 0
         empty = np.flatnonzero(~mask.any(axis=1))
         checks.require(empty.size == 0, f"response_mask has no response token in rows {empty[:10].tolist()} (empty response)")
         first = np.flatnonzero(mask[:, 0])
         checks.require(first.size == 0, f"response_mask marks position 0 in rows {first[:10].tolist()}; a response token needs a prompt before it")
         if attention_mask is not None:
-            outside = np.flatnonzero((mask & (np.asarray(attention_mask) == 0)).any(axis=1))
+            outside = np.flatnonzero((mask & (to_host(attention_mask) == 0)).any(axis=1))
             checks.require(outside.size == 0, f"response_mask marks padding (attention_mask = 0) in rows {outside[:10].tolist()}")
 
 
@@ -81,7 +82,7 @@ def response_window(response_mask) -> int:
 
 def response_span(response_mask) -> int:
     """The widest row's response span: positions from its first response token to its last."""
-    mask = np.asarray(response_mask) != 0
+    mask = to_host(response_mask) != 0
     return int(np.max(mask.shape[1] - mask[:, ::-1].argmax(axis=1) - mask.argmax(axis=1)))
 
 
@@ -99,5 +100,5 @@ def map_in_chunks(fn: Callable, batch, chunk: int) -> np.ndarray:
     n = leaves[0].shape[0]
     total = math.ceil(n / chunk) * chunk
     padded = jax.tree.map(lambda x: pad_rows(np.asarray(x), total), batch)
-    out = [np.asarray(fn(jax.tree.map(lambda x: x[i : i + chunk], padded))) for i in range(0, total, chunk)]
+    out = [to_host(fn(jax.tree.map(lambda x: x[i : i + chunk], padded))) for i in range(0, total, chunk)]
     return np.concatenate(out)[:n]

@@ -10,8 +10,11 @@ split, FSDP-style).
   one-device run up to floating-point reassociation.
 - `select_batch`'s candidates are split over every device of the mesh (`put_candidates`).
 
-`make_mesh` builds the mesh from `[mesh] data, model`; with more than one host it first calls
-`jax.distributed.initialize()` (`initialize_distributed`).
+Several processes (multi-host): `make_mesh` spans every device of every process, and each process
+holds the same host data. `place` copies to each process's own devices only their shards
+(`jax.make_array_from_callback`); `to_host` reads a sharded result back whole on every process
+(`process_allgather`: a process can read only its own shards). `initialize_distributed` starts
+`jax.distributed` when the environment describes such a job.
 """
 
 from __future__ import annotations
@@ -22,12 +25,14 @@ import os
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdpo.errors import UserError
 
 DATA, MODEL = "data", "model"
-_MULTI_HOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_JOB_NUM_NODES", "MEGASCALE_COORDINATOR_ADDRESS")
+COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+DISTRIBUTED_ENV = "JAXDPO_DISTRIBUTED"
 
 
 MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
@@ -52,14 +57,44 @@ def limit_accelerator_memory(fraction: float | None) -> None:
 
 
 def initialize_distributed() -> bool:
-    """`jax.distributed.initialize()` when the environment describes a multi-host job (a
-    coordinator address, a multi-node SLURM job, a TPU pod slice); returns whether it did."""
-    multi_node_slurm = int(os.environ.get("SLURM_JOB_NUM_NODES", "1")) > 1
-    asked = multi_node_slurm or any(os.environ.get(name) for name in _MULTI_HOST_ENV if name != "SLURM_JOB_NUM_NODES")
-    if asked and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
-        return True
-    return False
+    """`jax.distributed.initialize()` when the environment describes a job of several processes;
+    returns whether it did. Such a job is named by
+
+    - `JAX_COORDINATOR_ADDRESS` (host:port of process 0) with `JAX_NUM_PROCESSES` and
+      `JAX_PROCESS_ID` (any launcher; the last two may come from SLURM or Open MPI instead);
+    - a SLURM step of several tasks (`srun`: SLURM_STEP_NUM_TASKS > 1);
+    - a TPU slice whose environment lists several hosts (TPU_WORKER_HOSTNAMES or
+      TPU_PROCESS_ADDRESSES, GKE) or several slices (MEGASCALE_COORDINATOR_ADDRESS);
+    - `JAXDPO_DISTRIBUTED=1` (JAX then finds the cluster itself, e.g. a Cloud TPU VM slice through
+      its metadata server); `JAXDPO_DISTRIBUTED=0` never initializes."""
+    env = os.environ
+    forced = env.get(DISTRIBUTED_ENV, "").strip().lower()
+    if forced not in ("", "0", "1"):
+        raise UserError(f"{DISTRIBUTED_ENV}={env[DISTRIBUTED_ENV]!r}: use 1 (start jax.distributed) or 0 (never)")
+    tpu_hosts = env.get("TPU_PROCESS_ADDRESSES") or env.get("TPU_WORKER_HOSTNAMES") or ""
+    asked = forced == "1" or (forced != "0" and (
+        bool(env.get(COORDINATOR_ENV)) or int(env.get("SLURM_STEP_NUM_TASKS") or 1) > 1
+        or "," in tpu_hosts or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    ))
+    if not asked or jax.distributed.is_initialized():
+        return False
+    try:
+        jax.distributed.initialize(num_processes=_env_int(NUM_PROCESSES_ENV), process_id=_env_int(PROCESS_ID_ENV))
+    except ValueError as error:  # JAX found no cluster to take the rest from
+        raise UserError(
+            f"a job of several processes needs {COORDINATOR_ENV}, {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV} "
+            f"(or a cluster manager JAX detects: SLURM, Open MPI, Cloud TPU): {error}"
+        ) from error
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit():
+        raise UserError(f"{name}={value!r} must be a non-negative integer")
+    return int(value)
 
 
 def make_mesh(data: int | None = None, model: int = 1) -> Mesh:
@@ -71,6 +106,11 @@ def make_mesh(data: int | None = None, model: int = 1) -> Mesh:
         data = len(devices) // model
     if data * model > len(devices):
         raise UserError(f"mesh: data × model = {data} × {model} = {data * model} devices, but only {len(devices)} are available")
+    if jax.process_count() > 1 and data * model != len(devices):
+        raise UserError(
+            f"mesh: data × model = {data} × {model} = {data * model} devices, but this job of {jax.process_count()} processes "
+            f"has {len(devices)}; a run of several processes uses every device (leave mesh.data unset to fill it)"
+        )
     auto = (jax.sharding.AxisType.Auto,) * 2  # XLA propagates shardings from the placed inputs
     return jax.make_mesh((data, model), (DATA, MODEL), axis_types=auto, devices=devices[: data * model])
 
@@ -89,7 +129,7 @@ def param_spec(shape: tuple[int, ...], model_size: int, *, stacked: bool) -> Par
 def shard_params(tree, mesh: Mesh, *, stacked: bool = True):
     """Every array leaf of `tree` placed by `param_spec` on `mesh`."""
     size = mesh.shape[MODEL]
-    return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(x.shape, size, stacked=stacked))), tree)
+    return jax.tree.map(lambda x: place(x, NamedSharding(mesh, param_spec(x.shape, size, stacked=stacked))), tree)
 
 
 def shard_model(model, mesh: Mesh):
@@ -103,7 +143,7 @@ def shard_model(model, mesh: Mesh):
 
 def _place(path, x, mesh: Mesh):
     stacked = any(getattr(key, "key", None) == "layers" for key in path)
-    return jax.device_put(x, NamedSharding(mesh, param_spec(x.shape, mesh.shape[MODEL], stacked=stacked)))
+    return place(x, NamedSharding(mesh, param_spec(x.shape, mesh.shape[MODEL], stacked=stacked)))
 
 
 def data_multiple(rows: int, mesh: Mesh | None) -> int:
@@ -123,17 +163,34 @@ def put_rows(tree, mesh: Mesh | None, axis: int = 0):
         return tree
     size = mesh.shape[DATA]
 
-    def place(x):
+    def split(x):
         x = np.asarray(x)
         if x.shape[axis] % size:
             raise ValueError(f"{x.shape[axis]} rows do not split over the mesh's {size} data devices")
-        return jax.device_put(x, rows_sharding(mesh, x.ndim, axis))
+        return place(x, rows_sharding(mesh, x.ndim, axis))
 
-    return jax.tree.map(place, tree)
+    return jax.tree.map(split, tree)
 
 
 def put_candidates(features, mesh: Mesh | None):
     """Selection candidates `[n, d]` split by rows over every device of the mesh when n divides."""
     if mesh is None or mesh.size == 1 or np.shape(features)[0] % mesh.size:
         return features
-    return jax.device_put(features, NamedSharding(mesh, PartitionSpec((DATA, MODEL), None)))
+    return place(features, NamedSharding(mesh, PartitionSpec((DATA, MODEL), None)))
+
+
+def place(x, sharding: NamedSharding) -> jax.Array:
+    """`x` (a host or single-device array, the same on every process) split by `sharding`: each
+    process copies only the shards of its own devices. (`jax.device_put` would first compare the
+    whole array across processes.) An array already split so is returned as it is."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: x[index])
+
+
+def to_host(x) -> np.ndarray:
+    """`x` as a NumPy array on this host. An array split over several processes' devices is
+    gathered from all of them (every process must call this at the same point)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)

@@ -1,5 +1,8 @@
 """A track's orbax checkpoints in the run folder, `checkpoints/<track>/<round>/`: the adapter and
-its optimizer state, the metrics history, the labels trained on (`Checkpoint`, `TrackCheckpoints`)."""
+its optimizer state, the metrics history, the labels trained on (`Checkpoint`, `TrackCheckpoints`).
+
+With several JAX processes every process saves and restores each checkpoint together: orbax writes
+a sharded array from every process that holds a shard, and its JSON metadata from process 0."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from jaxdpo.dpo import TrainState
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.storage import LabelRecord, Track
 from jaxdpo.models import LoRA
+from jaxdpo.multihost import any_process, from_writer
 
 _log = logging.getLogger("jaxdpo")
 
@@ -74,14 +78,21 @@ class TrackCheckpoints:
         self.manager.wait_until_finished()
 
     def restore(self, like: TrainState) -> Checkpoint:
-        """The latest checkpoint that restores (`like`: a fresh state, for the structure)."""
+        """The latest checkpoint that restores (`like`: a fresh state, for the structure). With
+        several processes, a step that fails on any of them is set aside (by process 0) for all."""
         for step in sorted(self.manager.all_steps(), reverse=True):
+            error = None
             try:
-                return self._restore(step, like)
-            except Exception as error:  # noqa: BLE001 - orbax raises many kinds; the step is set aside, not lost
-                aside = self._set_aside(step)
-                _log.warning("checkpoint %s/%d cannot be restored (%s: %s); moved it to %s and fell back to the step before it",
-                             self.folder.name, step, type(error).__name__, error, aside)
+                restored = self._restore(step, like)
+            except Exception as failure:  # noqa: BLE001 - orbax raises many kinds; the step is set aside, not lost
+                error = failure
+            if not any_process(error is not None):
+                return restored
+            aside = from_writer(self._set_aside, step)
+            self.manager.reload()
+            reason = "it failed on another process" if error is None else f"{type(error).__name__}: {error}"
+            _log.warning("checkpoint %s/%d cannot be restored (%s); moved it to %s and fell back to the step before it",
+                         self.folder.name, step, reason, aside)
         raise UserError(f"{self.folder}: no checkpoint of this track can be restored (see the messages above); move the folder aside to restart the track")
 
     def _restore(self, step: int, like: TrainState) -> Checkpoint:
@@ -98,7 +109,6 @@ class TrackCheckpoints:
         aside = self.folder.parent / "damaged" / f"{self.folder.name}-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.folder / str(step)), aside)
-        self.manager.reload()
         return aside
 
 

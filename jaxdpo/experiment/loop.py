@@ -37,11 +37,12 @@ from jaxdpo.experiment import memory, storage
 from jaxdpo.experiment.evaluation import evaluate
 from jaxdpo.experiment.live import LiveMetrics
 from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
-from jaxdpo.experiment.setup import Setup, build_setup, derive_key
+from jaxdpo.experiment.setup import Setup, build_setup, derive_key, start_devices
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.checkpoints import Checkpoint, TrackCheckpoints
 from jaxdpo.experiment.storage import LabelLog, LabelRecord, RunLock, Track
 from jaxdpo.models import init_lora
+from jaxdpo.multihost import broadcast, check_shared_folder, from_writer, held_by_writer
 from jaxdpo.oracles import LabelsPending, PairRequest, Preferences
 from jaxdpo.selection import Selector, make_selector
 from jaxdpo.sequences import Sequences
@@ -98,20 +99,26 @@ def run(
     allow; then every request still open is handed over at once and `LabelsPending` is raised with
     what to do."""
     out_dir = Path(out_dir)
-    if resume and not (out_dir / storage.CONFIG).exists():
-        raise UserError(f"{out_dir} holds no run to resume (no {storage.CONFIG}); check --out, or leave out --resume to start a new run")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(out_dir):
-        write_config = storage.prepare_out_dir(config, out_dir, resume=resume)
+    start_devices(config)
+    from_writer(_open_folder, out_dir, resume)
+    with held_by_writer(lambda: RunLock(out_dir)):
+        check_shared_folder(out_dir)
+        write_config = from_writer(storage.prepare_out_dir, config, out_dir, resume=resume)
         setup = build_setup(config, out_dir)
         if plan if plan is not None else jax.default_backend() != "cpu":
             _plan_memory(setup, out_dir)
         if write_config:
-            storage.save_config(config, out_dir)
+            from_writer(storage.save_config, config, out_dir)
         log = LabelLog(out_dir / storage.LABELS)
-        if log.repair():
+        if from_writer(log.repair):
             _log.warning("%s ended in a line cut short by an interruption; removed it (its label is asked again)", log.path)
         return _run_tracks(setup, log, out_dir, progress)
+
+
+def _open_folder(out_dir: Path, resume: bool) -> None:
+    if resume and not (out_dir / storage.CONFIG).exists():
+        raise UserError(f"{out_dir} holds no run to resume (no {storage.CONFIG}); check --out, or leave out --resume to start a new run")
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _plan_memory(setup: Setup, out_dir: Path) -> None:
@@ -120,20 +127,20 @@ def _plan_memory(setup: Setup, out_dir: Path) -> None:
     for plan in memory.plan_memory(setup):
         memory.log_plan(plan, limit)
         plans.append(plan._asdict())
-        (out_dir / "memory-plan.json").write_text(json.dumps({"limit_bytes": limit, "stages": plans}, indent=2))
+        from_writer((out_dir / "memory-plan.json").write_text, json.dumps({"limit_bytes": limit, "stages": plans}, indent=2))
         memory.check_memory(plan, limit)
 
 
 def _run_tracks(setup: Setup, log: LabelLog, out_dir: Path, progress) -> list[dict]:
-    config, labels = setup.config, log.read()
+    config, labels = setup.config, from_writer(log.read)
     histories: dict[str, list[dict]] = {}
     tracks = [Track(method, seed) for method in config.run.methods for seed in config.run.seeds]
     overall = progress.add_task("rounds", total=len(tracks) * (config.run.rounds + 1)) if progress is not None else None
 
     def on_round(track: Track, history: list[dict]) -> None:
         histories[track.name] = list(history)
-        storage.write_metrics(out_dir, [row for rows in histories.values() for row in rows])
-        live.report(track, history)
+        from_writer(storage.write_metrics, out_dir, [row for rows in histories.values() for row in rows])
+        from_writer(live.report, track, history)
         if progress is not None:
             progress.update(overall, completed=sum(len(h) for h in histories.values()))
 
@@ -173,6 +180,8 @@ def start_track(
     config = setup.config
     lora = init_lora(setup.model, rank=config.lora.rank, alpha=config.lora.alpha, targets=config.lora.targets, key=derive_key(track.seed, "lora"))
     fresh = setup.trainer.init(lora if setup.mesh is None else shard_params(lora, setup.mesh))
+    if setup.mesh is not None:  # the optimizer's scalars too: orbax saves only arrays of the mesh across processes
+        fresh = fresh.replace(opt_state=shard_params(fresh.opt_state, setup.mesh))
     selector = make_selector(track.method, **config.selection.options.get(track.method, {}))
     mine = [record for record in labels if record.track == track]
     if checkpoints.latest_round() is not None:
@@ -200,7 +209,7 @@ def _reconcile(track: Track, log: LabelLog, saved: Checkpoint, logged: list[Labe
         )
     lost = [r for r in saved.labels if (r.round, r.pick) not in by_pick]
     if lost:
-        log.append(lost)
+        from_writer(log.append, lost)
         _log.warning("%s: %d labels of %s were missing; wrote them back from its round-%d checkpoint", log.path, len(lost), track.name, done - 1)
     return saved.labels + [r for r in logged if r.round >= done]
 
@@ -224,6 +233,7 @@ def run_round(current: TrackRun, round_: int, stages: Stages) -> None:
     pool = build_pool(current.selector, inputs, stages)
     with stages.stage("selection"):
         picks = np.asarray(current.selector(pool, config.selection.batch_size, key=derive_key(track.seed, "select", round_)).indices)
+    picks = broadcast(picks)  # process 0's picks are the run's (every process computed them from the same values)
     labeled_now = [r for r in _label(current, round_, picks, prompts.texts, responses, pairs, stages) if r.preferred is not None]
     losses = _train(current, labeled_now if config.dpo.train_on == "new" else previous + labeled_now, round_, stages)
     with stages.stage("eval"):
@@ -269,7 +279,7 @@ def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, resp
                         votes=_at(prefs.votes, i), no_preference=_at(prefs.no_preference, i), left=_at(prefs.left, i))
             for i, row in enumerate(ask)
         ]
-        current.log.append(answered)
+        from_writer(current.log.append, answered)
         current.labels.extend(answered)
         logged.update({r.pick: r for r in answered})
     return [logged[pick] for pick in range(len(unlabeled))]

@@ -25,8 +25,10 @@ from jaxdpo.data import load_references, tokenize_prompts, tokenize_references
 from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
+from jaxdpo.multihost import from_writer
 from jaxdpo.oracles import HumanOracle, Oracle, label_studio, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
 from jaxdpo.oracles.human import human_folder
+from jaxdpo.oracles.shared import SharedOracle
 from jaxdpo.sampling import generate
 from jaxdpo.sequences import Sequences, pad_rows
 from jaxdpo.sharding import data_multiple, initialize_distributed, limit_accelerator_memory, make_mesh, put_rows, shard_model
@@ -121,10 +123,16 @@ def _check_splits(config: ExperimentConfig, mesh: Mesh) -> None:
         raise UserError(f"dpo.batch_size: its 2 × {config.dpo.batch_size} rows per micro-batch must split over mesh.data = {data} devices")
 
 
-def _mesh(config: ExperimentConfig) -> Mesh | None:
-    """The run's mesh, None when it has one device (the plain single-device path)."""
+def start_devices(config: ExperimentConfig) -> None:
+    """What must precede JAX's first use of a device: the accelerator memory fraction, and
+    `jax.distributed` in a job of several processes (`initialize_distributed`)."""
     limit_accelerator_memory(config.mesh.memory_fraction)
     initialize_distributed()
+
+
+def _mesh(config: ExperimentConfig) -> Mesh | None:
+    """The run's mesh, None when it has one device (the plain single-device path)."""
+    start_devices(config)
     mesh = make_mesh(config.mesh.data, config.mesh.model)
     return None if mesh.size == 1 else mesh
 
@@ -144,10 +152,7 @@ def _embedded_task(config: ExperimentConfig, out_dir: Path):
     the reference generator's answers to the held-out prompts, and lengths."""
     folder, task = out_dir / "sft-model", config.data.embedded_task
     tokenizer = embedded.build_tokenizer()
-    if not (folder / "config.json").exists():
-        save_pretrained(embedded.train_sft(task=task), folder)
-    if not (folder / "tokenizer.json").exists():
-        tokenizer.save_pretrained(folder)  # the folder is then a complete checkpoint: model.path can name it
+    from_writer(_save_embedded_sft, folder, tokenizer, task)  # trained once, by process 0; the others load it
     model = load_pretrained(folder, dtype=_dtype(config), remat=config.model.remat)
     pool = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED), config.data.max_prompts or 4096, task)
     held_out = embedded.sample_prompts(np.random.default_rng(embedded.TASK_SEED + 1), config.eval.prompts, task)
@@ -155,6 +160,13 @@ def _embedded_task(config: ExperimentConfig, out_dir: Path):
     answers = embedded.sample_responses(np.random.default_rng(embedded.TASK_SEED + 2), list(evaluation.texts), task)
     references = tokenize_references(tokenizer, evaluation.input_ids, evaluation.attention_mask, answers, max_new_tokens=embedded.MAX_NEW_TOKENS)
     return model, tokenizer, train, evaluation, references, embedded.MAX_NEW_TOKENS
+
+
+def _save_embedded_sft(folder: Path, tokenizer, task: str) -> None:
+    if not (folder / "config.json").exists():
+        save_pretrained(embedded.train_sft(task=task), folder)
+    if not (folder / "tokenizer.json").exists():
+        tokenizer.save_pretrained(folder)  # the folder is then a complete checkpoint: model.path can name it
 
 
 def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
@@ -230,6 +242,13 @@ def _require_reachable(key: str, name: str, repo_type: str = "model") -> None:
 
 
 def _oracle(config: ExperimentConfig, out_dir: Path, mesh: Mesh | None) -> Oracle:
+    """The oracle of `config`; in a job of several processes, asked by process 0 for all (`SharedOracle`)."""
+    if jax.process_count() == 1:
+        return _own_oracle(config, out_dir, mesh)
+    return SharedOracle(lambda: _own_oracle(config, out_dir, mesh), collective=config.oracle.kind == "reward_model")
+
+
+def _own_oracle(config: ExperimentConfig, out_dir: Path, mesh: Mesh | None) -> Oracle:
     o = config.oracle
     kind, mode = o.kind, o.mode
     if kind == "synthetic":

@@ -6,6 +6,11 @@
   reads it (`LabelLog`).
 - `metrics.jsonl`: one row per method, seed and round, rewritten atomically after every round.
 - `checkpoints/<track>/<round>/`: orbax checkpoints (`jaxdpo.experiment.checkpoints`).
+- `.processes`: with several JAX processes, the check that all of them see this folder
+  (`multihost.check_shared_folder`).
+
+With several processes, process 0 writes everything but the checkpoints, which orbax writes from
+every process holding a shard (`jaxdpo.multihost`).
 """
 
 from __future__ import annotations
