@@ -97,8 +97,9 @@ def test_two_processes_run_as_one_and_resume_after_a_kill(tmp_path):
     for row, reference_row in zip(got, want):
         for key in METRICS:
             if key in reference_row:
-                # the same SPMD programs on the same mesh; the two runs' all-reduces (gloo across processes, XLA's
-                # within one) may add the two data shards' partial sums in another order: a few roundings of the scale
+                # the same SPMD programs on the same mesh: equal bit for bit here (an all-reduce of two data shards is
+                # a + b, through gloo or within one process); 16 roundings of the scale allow a build that splits a
+                # cross-process all-reduce into more partial sums
                 assert_close(row[key], reference_row[key], ulps=16, err_msg=f"{row['method']} round {row['round']} {key}")
 
 
