@@ -16,20 +16,14 @@ import pytest
 
 from jaxdpo import experiment
 from jaxdpo.errors import UserError
-from jaxdpo.sharding import COORDINATOR_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV, initialize_distributed
-from tests.test_loop import write_toml
+from jaxdpo.sharding import COORDINATOR_ENV, DISTRIBUTED_ENV, NUM_PROCESSES_ENV, PROCESS_ID_ENV, initialize_distributed
+from tests.test_loop import TINY, write_toml
 from tests.tolerance import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
-    "run": {"methods": ["activedpo", "random"], "seeds": [0], "rounds": 1},
-    "data": {"prompts_per_round": 8},
-    "selection": {"batch_size": 4},
-    "features": {"dim": 256, "chunk_size": 8},
-    "lora": {"rank": 2, "alpha": 4.0},
-    "dpo": {"epochs": 2, "batch_size": 4},
-    "eval": {"prompts": 8},
-    "mesh": {"data": 2, "model": 2},
+    **TINY, "run": {"methods": ["activedpo", "random"], "seeds": [0], "rounds": 1}, "mesh": {"data": 2, "model": 2},
+    "eval": {"prompts": 8, "samples_per_prompt": 3},  # evaluation then runs the program that generates the round's responses
 }
 METRICS = ("eval_reward", "eval_reward_stderr", "win_rate", "train_loss")
 
@@ -46,6 +40,8 @@ def start(config: Path, out: Path, *, processes: int, devices: int, resume: bool
     env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if processes > 1:
         env.update({COORDINATOR_ENV: f"127.0.0.1:{free_port()}", NUM_PROCESSES_ENV: str(processes)})
+    else:
+        env[DISTRIBUTED_ENV] = "0"  # one process, even inside a cluster job
     started = []
     for i in range(processes):
         log = out.parent / f"{out.name}.{i}.{'resume' if resume else 'start'}.log"
@@ -115,7 +111,7 @@ def test_a_coordinator_without_the_job_size_is_a_user_error():
     assert proc.returncode != 0 and f"needs {COORDINATOR_ENV}, {NUM_PROCESSES_ENV} and {PROCESS_ID_ENV}" in proc.stderr, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("name, value", [("JAXDPO_DISTRIBUTED", "yes"), (PROCESS_ID_ENV, "first")])
+@pytest.mark.parametrize("name, value", [(DISTRIBUTED_ENV, "yes"), (PROCESS_ID_ENV, "first")])
 def test_malformed_job_variables_are_user_errors(monkeypatch, name, value):
     monkeypatch.setenv(COORDINATOR_ENV, "127.0.0.1:1")
     monkeypatch.setenv(name, value)
