@@ -241,8 +241,8 @@ class EvalConfig:
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """The devices (see `jaxdpo.sharding`): `data` × `model` of them, batches split over `data`,
-    parameters over `model` (FSDP-style). `data` unset: every local device left over on `data`.
-    `memory_fraction`: the share of each accelerator JAX may take (it preallocates 75% by default);
+    parameters over `model` (FSDP-style). `data` unset: every device (of every process) left over
+    on `data`. `memory_fraction`: the share of each accelerator JAX may take (it preallocates 75% by default);
     set it below 1 − what a PyTorch reward model on the same GPU needs."""
 
     data: PositiveInt | None = None
