@@ -50,11 +50,25 @@ def start(config: Path, out: Path, *, processes: int, devices: int, resume: bool
     return started
 
 
+def logs(out: Path) -> str:
+    return "\n".join(f"{path.name}:\n{path.read_text()[-3000:]}" for path in sorted(out.parent.glob(f"{out.name}.*.log")))
+
+
 def finish(processes: list[subprocess.Popen], out: Path) -> None:
     for i, process in enumerate(processes):
         code = process.wait(timeout=600)
-        logs = "\n".join(path.read_text()[-3000:] for path in sorted(out.parent.glob(f"{out.name}.*.log")))
-        assert code == 0, f"process {i} exited with {code}:\n{logs}"
+        assert code == 0, f"process {i} exited with {code}:\n{logs(out)}"
+
+
+@pytest.fixture
+def started():
+    """The processes a test starts; any still running when it ends (a failure) is killed."""
+    processes: list[subprocess.Popen] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def metrics(out: Path) -> list[dict]:
@@ -62,7 +76,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_run_as_one_and_resume_after_a_kill(tmp_path):
+def test_two_processes_run_as_one_and_resume_after_a_kill(tmp_path, started):
     from flax import nnx
 
     from jaxdpo import embedded
@@ -74,15 +88,18 @@ def test_two_processes_run_as_one_and_resume_after_a_kill(tmp_path):
     shutil.copytree(one / "sft-model", two / "sft-model")
     reference = start(config, one, processes=1, devices=4)
     job = start(config, two, processes=2, devices=2)
+    started += reference + job
     deadline = time.time() + 600
     while time.time() < deadline and all(p.poll() is None for p in job) and not experiment.read_labels(two / experiment.LABELS):
         time.sleep(0.05)
-    assert all(p.poll() is None for p in job), "the two-process run ended before it could be killed"
+    assert all(p.poll() is None for p in job), f"the two-process run ended before it could be killed:\n{logs(two)}"
     for process in job:  # a preempted job: every process dies at once, after the first labels were logged
         process.send_signal(signal.SIGKILL)
         process.wait()
     before = experiment.read_labels(two / experiment.LABELS)
-    finish(start(config, two, processes=2, devices=2, resume=True), two)
+    resumed = start(config, two, processes=2, devices=2, resume=True)
+    started += resumed
+    finish(resumed, two)
     finish(reference, one)
 
     after, expected = experiment.read_labels(two / experiment.LABELS), experiment.read_labels(one / experiment.LABELS)
