@@ -25,7 +25,6 @@ CONFIG = {
     **TINY, "run": {"methods": ["activedpo", "random"], "seeds": [0], "rounds": 1}, "mesh": {"data": 2, "model": 2},
     "eval": {"prompts": 8, "samples_per_prompt": 3},  # evaluation then runs the program that generates the round's responses
 }
-METRICS = ("eval_reward", "eval_reward_stderr", "win_rate", "train_loss")
 
 
 def free_port() -> int:
@@ -105,16 +104,20 @@ def test_two_processes_run_as_one_and_resume_after_a_kill(tmp_path, started):
     after, expected = experiment.read_labels(two / experiment.LABELS), experiment.read_labels(one / experiment.LABELS)
     assert before and after[: len(before)] == before  # nothing logged before the kill is lost or rewritten
     assert after == expected  # same picks, texts, token rows and preferences; nothing asked twice
-    got, want = metrics(two), metrics(one)
-    assert [(r["method"], r["round"], r["labels"]) for r in got] == [(r["method"], r["round"], r["labels"]) for r in want]
+    got, want = metrics(two), metrics(one)  # seconds left out: the resumed round took its labels from the log
+    assert [sorted(k for k in r if not k.endswith("_s")) for r in got] == [sorted(k for k in r if not k.endswith("_s")) for r in want]
     for row, reference_row in zip(got, want):
-        for key in METRICS:
-            if key in reference_row:
-                # the same SPMD programs on the same mesh: equal bit for bit here (an all-reduce of two data shards is
-                # a + b, through gloo or within one process); 16 roundings of the scale allow a build that splits a
-                # cross-process all-reduce into more partial sums
-                assert_close(row[key], reference_row[key], ulps=16, err_msg=f"{row['method']} round {row['round']} {key}")
-
+        for key, value in reference_row.items():
+            if key.endswith("_s"):
+                continue
+            if not isinstance(value, float):
+                assert row[key] == value, (row, key)
+                continue
+            # the same SPMD programs on the same mesh: equal bit for bit here (an all-reduce of two data shards is
+            # a + b, through gloo or within one process). The metrics are means of float32 values of order 1 (rewards,
+            # losses, per-token NLLs, differences of sequence log-probs): 64 roundings of max(|value|, 1) allow a
+            # build that splits a cross-process all-reduce into more partial sums
+            assert_close(row[key], value, ulps=64, scale=max(abs(value), 1.0), err_msg=f"{row['method']} round {row['round']} {key}")
 
 
 @pytest.mark.slow
