@@ -7,7 +7,8 @@
 
 Exit codes: 0 done; `EXIT_USER_ERROR` (2) a problem with the config, data, files or run folder,
 told in one line; `EXIT_LABELS_PENDING` (3) the run waits for human labels (resume when they are
-in); `EXIT_INTERRUPTED` (130) stopped by Ctrl-C (everything collected is kept; resume); 1 a bug.
+in); `EXIT_INTERRUPTED` (130) stopped by Ctrl-C, `EXIT_TERMINATED` (143) stopped by SIGTERM
+(everything collected is kept; the message says how to resume; `jaxdpo.interrupts`); 1 a bug.
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 
-from jaxdpo import __version__
+from jaxdpo import __version__, interrupts
 from jaxdpo.annotate import DEFAULT_PORT
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
 
 EXIT_CONFIG = EXIT_USER_ERROR  # config errors are user errors
-EXIT_LABELS_PENDING, EXIT_INTERRUPTED = 3, 130
+EXIT_LABELS_PENDING, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,15 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     handler = _log_to(console)
     try:
-        return {"run": _run, "rehearse": _rehearse, "report": _report, "annotate": _annotate, "export": _export}[args.command](args, console)
-    except UserError as error:
-        _say(console, f"error: {error}", "red")
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        _say(console, f"interrupted: every label collected so far is saved; continue with --resume --out {args.out}", "yellow")
-        return EXIT_INTERRUPTED
+        with interrupts.stop_on_signals():  # SIGTERM too: handlers kept while the message is printed
+            try:
+                return {"run": _run, "rehearse": _rehearse, "report": _report, "annotate": _annotate, "export": _export}[args.command](args, console)
+            except UserError as error:
+                _say(console, f"error: {error}", "red")
+                return EXIT_USER_ERROR
+            except KeyboardInterrupt as interrupt:
+                code = interrupt.exit_code if isinstance(interrupt, interrupts.Interrupted) else EXIT_INTERRUPTED
+                _say(console, f"interrupted ({signal.Signals(code - 128).name}): {_how_to_continue(args)}", "yellow")
+                return code
     finally:
         logging.getLogger("jaxdpo").removeHandler(handler)
+
+
+def entry() -> None:
+    """The `jaxdpo` command: `main`; stopped by a signal, it leaves by `interrupts.leave` (no
+    interpreter teardown under XLA threads still running), with the same exit code every time."""
+    code = main()
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        interrupts.leave(code)
+    sys.exit(code)
+
+
+def _how_to_continue(args) -> str:
+    if args.command != "run":
+        return "run the same command again"
+    words = ["jaxdpo", "run", *([args.config] if args.config else []), "--resume", "--out", str(args.out)]
+    return f"every label collected so far is saved; continue with: {shlex.join(words)}"
 
 
 def _report(args, console) -> int:
@@ -112,7 +134,7 @@ def _run(args, console) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console, transient=False) if writer else contextlib.nullcontext() as progress:
-            rows = experiment.run(config, args.out, resume=args.resume, progress=progress)
+            rows = experiment.run(config, args.out, resume=args.resume, progress=progress, config_file=args.config)
     except LabelsPending as pending:
         _say(console, f"waiting for labels: {pending}", "yellow")
         return EXIT_LABELS_PENDING
@@ -191,4 +213,4 @@ def _log_to(console) -> logging.Handler:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

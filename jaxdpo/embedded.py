@@ -28,6 +28,7 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from jaxdpo import interrupts
 from jaxdpo.models import Decoder, DecoderConfig
 from jaxdpo.rewards import sequence_logprobs
 
@@ -197,5 +198,6 @@ def train_sft(
     rng = np.random.default_rng(seed)
     opt_state = optimizer.init(params)
     for _ in range(steps):
+        interrupts.check()  # a safe point: Ctrl-C stops the training between steps
         params, opt_state, _ = step(params, opt_state, *sft_batch(rng, batch_size, task))
     return nnx.merge(graphdef, params)

@@ -97,7 +97,8 @@ def export_labels(run_dir: Path, out: Path, fmt: Format) -> dict[str, int]:
     """Write the labels of the run in `run_dir` to `out` in `fmt`; returns how many labels of each
     kind ("preference", "tie", "skip", NOT_RECORDED) were written."""
     from jaxdpo.data import quiet_progress
-    from jaxdpo.experiment.storage import LABELS, read_labels, saved_config
+    from jaxdpo.experiment.folder import saved_config
+    from jaxdpo.experiment.storage import LABELS, read_labels
 
     saved_config(run_dir)  # a run folder, or a clear error
     records = read_labels(Path(run_dir) / LABELS)
@@ -128,7 +129,8 @@ def export_adapter(run_dir: Path, track_name: str, out: Path, *, round_: int | N
     checkpoint) to `out`: a PEFT adapter folder, or with `merged` the base model with the adapter
     merged in (plus its tokenizer). Returns (the round, the base model)."""
     from jaxdpo.experiment.checkpoints import TrackCheckpoints
-    from jaxdpo.experiment.storage import Track, saved_config
+    from jaxdpo.experiment.folder import saved_config
+    from jaxdpo.experiment.storage import Track
     from jaxdpo.models import save_peft_adapter
 
     run_dir = Path(run_dir)

@@ -269,6 +269,11 @@ def waiting_run(tmp_path_factory) -> tuple[Path, Path]:
     return path, root / "run"
 
 
+def test_the_page_gives_the_whole_resume_command(waiting_run):
+    config, out = waiting_run
+    assert LabelQueue(out).state()["resume"] == f"jaxdpo run {config.resolve()} --resume --out {out}"
+
+
 def test_labeling_a_round_in_the_browser_then_resume(waiting_run, browser):
     config, out = waiting_run
     ids = pair_ids(4)
@@ -296,7 +301,7 @@ def test_labeling_a_round_in_the_browser_then_resume(waiting_run, browser):
         assert "labeled meanwhile" in tab.text("message")
         tab.press("s")
         tab.shows("4 / 4", None)
-        assert f"jaxdpo run CONFIG --resume --out {out}" in tab.text("resume")
+        assert tab.text("resume") == f"jaxdpo run {config.resolve()} --resume --out {out}"  # the command to paste, config file included
         other.press("BACKSPACE")  # in the tab still showing pair 3: undoes the skip made in the first
         other.shows("3 / 4", ids[3])
         other.press("ARROW_LEFT")

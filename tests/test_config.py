@@ -132,3 +132,23 @@ def test_log_destinations_need_their_writers_installed(monkeypatch):
         config_from_dict({"log": {"wandb_project": "p"}})
     with pytest.raises(ConfigError, match=r"log\.tensorboard: needs tensorboardX: pip install tensorboardX"):
         config_from_dict({"log": {"tensorboard": True}})
+
+
+def test_relative_paths_never_fall_back_to_the_working_directory(tmp_path, monkeypatch):
+    folder, elsewhere = tmp_path / "configs", tmp_path / "cwd"
+    folder.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "prompts.jsonl").write_text('{"prompt": "hi"}\n')  # only in the working directory
+    (elsewhere / "org").mkdir()
+    (elsewhere / "org" / "model").mkdir()
+    monkeypatch.chdir(elsewhere)
+    path = folder / "c.toml"
+    path.write_text('[model]\npath = "org/model"\n[data]\nsource = "jsonl"\npath = "prompts.jsonl"\n[oracle]\nkind = "human"\n')
+    with pytest.raises(ConfigError, match=f"model.path: 'org/model' is not next to the config file \\({folder / 'org/model'} does not exist\\) but is in the current directory"):
+        load_config(path)
+    path.write_text('[model]\npath = "org/model-on-the-hub"\n[data]\nsource = "jsonl"\npath = "prompts.jsonl"\n[oracle]\nkind = "human"\n')
+    with pytest.raises(ConfigError, match=f"data.path: {folder / 'prompts.jsonl'} does not exist"):
+        load_config(path)
+    (folder / "prompts.jsonl").write_text('{"prompt": "hi"}\n')
+    config = load_config(path)
+    assert config.data.path == str(folder / "prompts.jsonl") and config.model.path == "org/model-on-the-hub"  # a hub name stays one

@@ -1,3 +1,4 @@
+import gzip
 import json
 from pathlib import Path
 
@@ -154,3 +155,37 @@ def test_reference_rows_are_laid_out_as_generated_responses():
     np.testing.assert_array_equal(rows.response_mask[:, 5:], 1)
     np.testing.assert_array_equal(rows.attention_mask, np.concatenate([prompts.attention_mask[[0, 2]], np.ones((2, 3), int)], axis=1))
     assert tokenize_references(tokenizer, prompts.input_ids, prompts.attention_mask, [None, "", None], max_new_tokens=3) is None
+
+
+GOOD = '{"prompt": "first"}\n'
+
+
+@pytest.mark.parametrize(
+    "name, text, problem",
+    [
+        ("not-json.jsonl", GOOD + "not json\n" + GOOD, r"line 2 is not valid JSON: Expecting value \(column 1\)"),
+        ("truncated.jsonl", GOOD + GOOD + '{"prompt": "cut sh', r"line 3 is not valid JSON: Unterminated string"),
+        ("no-prompt.jsonl", GOOD + '{"text": "no prompt"}\n', r"line 2 has no 'prompt' field"),
+        ("number.jsonl", '{"prompt": 7}\n{"prompt": 8}\n', r"line 1 has 'prompt' = 7, not a string"),
+        ("list.jsonl", GOOD + '["a", "b"]\n', r"line 2 is not a JSON object"),
+        ("empty.jsonl", "", r"is empty"),
+        ("blank.jsonl", "\n  \n", r"is empty"),
+        ("array.json", '[{"prompt": "a"},\n {"prompt" "b"}]\n', r"line 2 is not valid JSON: Expecting ':' delimiter"),
+    ],
+)
+def test_a_bad_prompt_file_is_named_with_its_line(tmp_path, name, text, problem):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"^{path}:? {problem}") as error:  # one line, the file and its line
+        load_prompts("jsonl", path)
+    assert "\n" not in str(error.value)
+
+
+def test_bad_files_of_hub_schemas_and_compressed_files_are_named_too(tmp_path):
+    rows = write_jsonl(tmp_path / "tldr.jsonl", [{"info": {"post": "p", "title": "t", "subreddit": "s"}, "summaries": [], "choice": 0}, {"info": None}])
+    with pytest.raises(ValueError, match=f"^{rows}: line 2 has no 'info' field$"):
+        load_prompts("tldr", rows)
+    packed = tmp_path / "hh.jsonl.gz"
+    packed.write_bytes(gzip.compress(b'{"chosen": "x", "rejected": "y"}\n{"chosen": \n'))
+    with pytest.raises(ValueError, match=f"^{packed}: line 2 is not valid JSON"):
+        load_prompts("hh_rlhf", packed)

@@ -20,7 +20,8 @@ from jaxdpo.cli import EXIT_LABELS_PENDING, main
 from jaxdpo.config import config_from_dict
 from jaxdpo.errors import EXIT_USER_ERROR
 from jaxdpo.experiment.checkpoints import TrackCheckpoints
-from jaxdpo.experiment.storage import LABELS, METRICS, LabelLog, LabelRecord, Track, save_config
+from jaxdpo.experiment.folder import save_config
+from jaxdpo.experiment.storage import LABELS, METRICS, LabelLog, LabelRecord, Track
 from jaxdpo.export import LABEL_COLUMNS, NOT_RECORDED
 from jaxdpo.models import Decoder, init_lora, load_pretrained, save_pretrained
 from jaxdpo.oracles.human import human_folder

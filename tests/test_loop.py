@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from jaxdpo import experiment as loop
-from jaxdpo.cli import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LABELS_PENDING, main
+from jaxdpo.cli import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_LABELS_PENDING, EXIT_TERMINATED, main
 from jaxdpo.config import config_from_dict
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
-from jaxdpo.experiment.storage import RunLock
+from jaxdpo.experiment.folder import RunLock
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -159,7 +159,8 @@ def test_damaged_folder_resumes_to_the_uninterrupted_result(tmp_path, reference_
     after = loop.read_labels(out / loop.LABELS)
     assert sorted(after, key=str) == sorted(loop.read_labels(reference / loop.LABELS), key=str)  # every label, once
     messages = caplog.text
-    assert "cut short" in messages and "activedpo-seed0/2 cannot be restored" in messages
+    assert "cut short" in messages and "checkpoint activedpo-seed0/2 is damaged (state/" in messages and "continued from step 1" in messages
+    assert all(len(record.getMessage().splitlines()) <= 2 for record in caplog.records)  # no spec dumps
     assert "2 labels of activedpo-seed0 were missing" in messages and "4 labels of aplp-seed0 were missing" in messages
     assert list((out / "checkpoints" / "damaged").iterdir())  # the damaged step is set aside, not deleted
     assert loop.run(config_from_dict(TINY), out, resume=True) == rows  # and the folder is whole again
@@ -211,13 +212,25 @@ def test_errors_after_start_are_one_line_and_leave_nothing_that_blocks_a_rerun(t
     assert main(["run", str(path), "--out", str(tmp_path / "bare")]) == EXIT_USER_ERROR
     assert "holds no tokenizer" in capsys.readouterr().err
 
+    prompts.write_text(prompts.read_text() + '{"prompt": "cut sh')  # a line cut short
+    write_toml(path, {**base, "eval": {"prompts": 4}})
+    assert main(["run", str(path), "--out", str(tmp_path / "torn")]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert f"data.path: cannot load the jsonl prompts: {prompts}: line 21 is not valid JSON: Unterminated string" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
     def unreachable(*args, **kwargs):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr("socket.getaddrinfo", unreachable)
-    write_toml(path, {**base, "model": {"path": "someone/some-model"}, "eval": {"prompts": 4}})
+    hub = {**base, "model": {"path": "someone/some-model"}, "oracle": {"kind": "reward_model", "path": "someone/reward-model"},
+           "data": {"source": "tldr", "prompts_per_round": 8}, "eval": {"prompts": 4}}
+    write_toml(path, hub)
     assert main(["run", str(path), "--out", str(tmp_path / "hub")]) == EXIT_USER_ERROR
-    assert "model.path: 'someone/some-model' is not a local folder" in capsys.readouterr().err
+    assert (  # every name at once, before anything is loaded
+        "model.path 'someone/some-model', oracle.path 'someone/reward-model', data.source 'openai/summarize_from_feedback': "
+        "not local folders, not in the Hugging Face cache, and the hub"
+    ) in capsys.readouterr().err
 
 
 def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
@@ -227,36 +240,70 @@ def test_ctrl_c_says_how_to_continue(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(loop, "run", interrupted)
     assert main(["run", "--out", str(tmp_path / "x")]) == EXIT_INTERRUPTED
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "--resume" in err
+    assert "Traceback" not in err and f"interrupted (SIGINT): every label collected so far is saved; continue with: jaxdpo run --resume --out {tmp_path / 'x'}" in err
 
 
-def test_sigkill_mid_round_then_resume_matches_uninterrupted(tmp_path, sft_dir, reference_run):
-    _, expected = reference_run
-    out = new_run(tmp_path, sft_dir, "killed")
-    config = write_toml(tmp_path / "tiny.toml", TINY)
-    command = [sys.executable, "-m", "jaxdpo.cli", "run", str(config), "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def launch(args: list[str], log: Path) -> subprocess.Popen:
+    """`jaxdpo ARGS` in a subprocess, SIGINT at its default (not ignored as in a background job)."""
+    entry = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from jaxdpo.cli import entry; entry()"
+    with log.open("w") as stream:
+        return subprocess.Popen([sys.executable, "-c", entry, *args], env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=stream, stderr=stream)
+
+
+def wait_until(condition, process: subprocess.Popen) -> None:
     deadline = time.time() + 300
-    # kill once the second track has labeled its first round (labels on disk, its checkpoint not yet)
-    while time.time() < deadline and process.poll() is None:
-        rows = loop.read_labels(out / loop.LABELS)
-        if any(r.method == "random" for r in rows):
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    labels_before = loop.read_labels(out / loop.LABELS)
-    assert subprocess.run([*command, "--resume"], env=env, capture_output=True).returncode == 0
-    labels_after = loop.read_labels(out / loop.LABELS)
-    assert labels_after[: len(labels_before)] == labels_before  # nothing lost or rewritten
-    keys = [(r.method, r.seed, r.round, r.pick) for r in labels_after]
-    assert len(keys) == len(set(keys)) == 24  # nothing collected twice
-    reference = loop.read_labels(reference_run[0] / loop.LABELS)
-    assert sorted(labels_after, key=str) == sorted(reference, key=str)
-    resumed = [json.loads(line) for line in (out / loop.METRICS).read_text().splitlines()]
-    assert_same_metrics(resumed, expected)  # the test process compiles with XLA optimizations off: float noise
+    while time.time() < deadline and process.poll() is None and not condition():
+        time.sleep(0.01)
+    assert process.poll() is None, "the run ended before the signal"
+
+
+def test_signals_then_resume_match_uninterrupted(tmp_path, sft_dir, reference_run):
+    """A restart loop that always passes --resume: SIGKILL before config.json exists (the next start
+    is a fresh one), SIGINT once labels are on disk, SIGTERM once the second track has labels (each:
+    its exit code and message, nothing else), then a run to the end: every label once, the same
+    labels and metrics as the uninterrupted run."""
+    reference, expected = reference_run
+    out = new_run(tmp_path, sft_dir, "signals")
+    config = write_toml(tmp_path / "tiny.toml", TINY)
+    args, log = ["run", str(config), "--out", str(out), "--resume"], tmp_path / "log"
+    killed = launch(args, log)
+    wait_until(lambda: (out / ".lock").exists(), killed)
+    killed.kill()
+    killed.wait()
+    assert not (out / loop.CONFIG).exists()
+    labeled = {signal.SIGINT: lambda: loop.read_labels(out / loop.LABELS), signal.SIGTERM: lambda: any(r.method == "random" for r in loop.read_labels(out / loop.LABELS))}
+    for signum, code in ((signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)):
+        process = launch(args, log)
+        wait_until(labeled[signum], process)
+        process.send_signal(signum)
+        assert process.wait(timeout=120) == code, log.read_text()
+        err = log.read_text()
+        assert f"interrupted ({signal.Signals(signum).name}): every label collected so far is saved; continue with: jaxdpo run {config} --resume --out {out}" in err
+        assert "Traceback" not in err and "Fatal Python error" not in err
+    assert launch(args, log).wait() == 0, log.read_text()
+    labels = loop.read_labels(out / loop.LABELS)
+    assert len({(r.method, r.seed, r.round, r.pick) for r in labels}) == len(labels) == 24  # nothing collected twice
+    assert sorted(labels, key=str) == sorted(loop.read_labels(reference / loop.LABELS), key=str)
+    assert_same_metrics([json.loads(line) for line in (out / loop.METRICS).read_text().splitlines()], expected)
+
+
+def test_flipped_bytes_in_a_checkpoint_fall_back_to_the_step_before(tmp_path, reference_run, caplog):
+    reference, expected = reference_run
+    out = tmp_path / "flipped"
+    shutil.copytree(reference, out)
+    step = out / "checkpoints" / "random-seed0" / "2"
+    data = max((path for path in (step / "state").rglob("*") if path.is_file() and path.parent.name == "d"), key=lambda path: path.stat().st_size)
+    content = bytearray(data.read_bytes())
+    for i in range(len(content) // 4, len(content) // 4 + min(400, len(content) // 2)):
+        content[i] ^= 0xFF
+    data.write_bytes(content)  # the same size and structure: only the values are wrong
+    with caplog.at_level("WARNING", logger="jaxdpo"):
+        rows = loop.run(config_from_dict(TINY), out, resume=True)
+    [warning] = [record.getMessage() for record in caplog.records if "damaged" in record.getMessage()]
+    assert f"checkpoint random-seed0/2 is damaged ({data.relative_to(step)} differs from what was written (SHA-256 mismatch)); moved it to {out / 'checkpoints' / 'damaged'}" in warning
+    assert warning.endswith("continued from step 1") and "\n" not in warning
+    assert_same_metrics(rows, expected)
+    assert sorted(loop.read_labels(out / loop.LABELS), key=str) == sorted(loop.read_labels(reference / loop.LABELS), key=str)
 
 
 def test_human_oracle_asks_every_track_at_once_and_resumes(tmp_path, sft_dir):

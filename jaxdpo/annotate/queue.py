@@ -16,12 +16,12 @@ import dataclasses
 import fcntl
 import hashlib
 import os
-import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from jaxdpo.errors import UserError
+from jaxdpo.experiment.folder import resume_command
 from jaxdpo.experiment.storage import LABELS, read_labels
 from jaxdpo.oracles import PairRequest
 from jaxdpo.oracles.human import HumanOracle, append_answer, human_folder, read_answers, read_requests
@@ -157,10 +157,6 @@ class LabelQueue:
 def collected_ids(out_dir: Path) -> set[str]:
     """The pairs whose answers a resumed run has already taken into its `labels.jsonl` (and trained on)."""
     return {record.request_id for record in read_labels(out_dir / LABELS)}
-
-
-def resume_command(out_dir: Path) -> str:
-    return f"jaxdpo run CONFIG --resume --out {shlex.quote(str(out_dir))}"
 
 
 def _other(response: str) -> str:

@@ -19,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
 from jaxdpo.annotate import DEFAULT_PORT
-from jaxdpo.annotate.queue import Conflict, LabelQueue, resume_command
+from jaxdpo.annotate.queue import Conflict, LabelQueue
+from jaxdpo.experiment.folder import resume_command
 from jaxdpo.errors import UserError
 
 

@@ -127,11 +127,15 @@ def load_config(path: str | Path | None = None) -> ExperimentConfig:
 
 
 _PATH_KEYS = (("model", "path"), ("oracle", "path"), ("data", "path"))
+_HUB_KEYS = {("model", "path"), ("oracle", "path")}  # may name a hub repository instead of a folder
 
 
 def _paths_relative_to(raw: Any, folder: Path) -> Any:
-    """A config file's relative paths name files next to it, wherever the command runs: a relative
-    path that looks local, or exists next to the file, is made absolute against `folder`."""
+    """A config file's relative paths name files next to it, wherever the command runs: every
+    relative `data.path`, and a relative `model.path` / `oracle.path` that looks local or exists
+    next to the file, is made absolute against `folder`. Any other `model.path` / `oracle.path` is a
+    hub name ("name" or "org/name"); one that also names something in the current directory is
+    refused, since the loaders would silently read that instead of the hub."""
     if not isinstance(raw, dict):
         return raw
     raw = {key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()}
@@ -139,6 +143,14 @@ def _paths_relative_to(raw: Any, folder: Path) -> Any:
         value = raw.get(section, {}).get(key) if isinstance(raw.get(section), dict) else None
         if not isinstance(value, str) or value == "embedded" or Path(value).expanduser().is_absolute():
             continue
-        if is_local(value) or (folder / value).exists():
-            raw[section][key] = str((folder / value).resolve())
+        beside = (folder / value).resolve()
+        if (section, key) in _HUB_KEYS and not is_local(value) and not beside.exists():
+            if Path(value).exists():
+                fail(
+                    f"{section}.{key}", f"{value!r} is not next to the config file ({beside} does not exist) but is in the current "
+                    f"directory ({Path(value).resolve()}); relative paths are relative to the config file: write the path from "
+                    f"{folder}, or an absolute one"
+                )
+            continue  # a hub name
+        raw[section][key] = str(beside)
     return raw

@@ -321,5 +321,5 @@ class ExperimentConfig:
         if self.oracle.kind == "synthetic" and not self.embedded:
             fail("oracle.kind", "the synthetic oracle scores the embedded task only; use a reward model or human labels")
         for key, path in [("model.path", self.model.path), ("oracle.path", self.oracle.path), ("data.path", self.data.path)]:
-            if path and is_local(path) and not Path(path).expanduser().exists():
-                fail(key, f"{path} does not exist")
+            if path and (key == "data.path" or is_local(path)) and not Path(path).expanduser().exists():
+                fail(key, f"{Path(path).expanduser().absolute()} does not exist")

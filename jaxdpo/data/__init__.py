@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import datasets
+import fsspec
 import numpy as np
 
 from jaxdpo.sequences import Sequences
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 SOURCES = ("tldr", "webgpt", "hh_rlhf", "jsonl")
+HUB_DATASETS = {"tldr": ("openai/summarize_from_feedback", "comparisons"), "webgpt": ("openai/webgpt_comparisons", None), "hh_rlhf": ("Anthropic/hh-rlhf", None)}
+Schema = Mapping[str, type | tuple[type, ...]]  # a record's fields → the JSON type(s) each value must have
 
 
 @contextlib.contextmanager
@@ -41,16 +45,105 @@ def quiet_progress() -> Iterator[None]:
         enable_progress_bars()
 
 
-def _load(path: str | Path | None, hub_name: str, hub_config: str | None, split: str) -> datasets.Dataset:
+def _load(path: str | Path | None, source: str, split: str, schema: Schema) -> datasets.Dataset:
+    """The hub dataset of `source` (`HUB_DATASETS`), or the local JSON / JSON Lines file(s) at `path`,
+    whose records must have the `schema` fields: a local file that is empty, not JSON, or has a
+    record without one of them raises ValueError naming the file and line (`find_bad_record`)."""
     if path is None:
-        return datasets.load_dataset(hub_name, hub_config, split=split)
+        return datasets.load_dataset(*HUB_DATASETS[source], split=split)
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise FileNotFoundError(f"data file not found: {path.absolute()}")
     files = sorted(str(p) for p in path.glob("*.json*")) if path.is_dir() else [str(path)]
     if not files:
-        raise FileNotFoundError(f"no .json/.jsonl files in {path}")
-    return datasets.load_dataset("json", data_files=files, split="train")
+        raise FileNotFoundError(f"no .json/.jsonl files in {path.absolute()}")
+    try:
+        with _no_error_log():
+            data = datasets.load_dataset("json", data_files=files, split="train")
+    except Exception as error:  # noqa: BLE001 - datasets raises DatasetGenerationError, StopIteration, ValueError...
+        problem = _first_bad_record(files, schema)
+        if problem is None:
+            raise
+        raise ValueError(problem) from error
+    if not _fits(data, schema):
+        raise ValueError(_first_bad_record(files, schema) or f"{path}: the records lack the fields {list(schema)}")
+    return data
+
+
+@contextlib.contextmanager
+def _no_error_log() -> Iterator[None]:
+    """`datasets` logs an error of its own for a file it cannot parse; `find_bad_record` tells it once."""
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _fits(data: datasets.Dataset, schema: Schema) -> bool:
+    """Every schema field is a column without nulls (strings: a string column)."""
+    for field, kind in schema.items():
+        if field not in data.column_names or data.data.column(field).null_count:
+            return False
+        if kind is str and data.features[field] not in (datasets.Value("string"), datasets.Value("large_string")):
+            return False
+    return True
+
+
+def _first_bad_record(files: Sequence[str], schema: Schema) -> str | None:
+    return next((problem for file in files if (problem := find_bad_record(file, schema)) is not None), None)
+
+
+def find_bad_record(file: str | Path, schema: Schema) -> str | None:
+    """The first problem of a local JSON Lines file (or JSON array) as one line — "FILE is empty",
+    "FILE: line N is not valid JSON (…)", "FILE: line N has no 'prompt' field" — or None when every
+    record has the `schema` fields. Compressed files (.gz, .zst, …) are read as `datasets` reads them."""
+    records = 0
+    with fsspec.open(str(file), "rb", compression="infer") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip(b"\r\n"))
+            except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+                if records == 0 and line.lstrip()[:1] in (b"[", b"{"):
+                    return _bad_document(file, schema)  # perhaps one JSON document over several lines
+                return f"{file}: line {number} is not valid JSON: {_why(error)}"
+            records += 1
+            problem = _record_problem(record, schema)
+            if problem:
+                return f"{file}: line {number} {problem}"
+    return None if records else f"{file} is empty"
+
+
+def _bad_document(file: str | Path, schema: Schema) -> str | None:
+    with fsspec.open(str(file), "rb", compression="infer") as f:
+        try:
+            document = json.load(f)
+        except ValueError as error:
+            where = f"line {error.lineno} " if isinstance(error, json.JSONDecodeError) else ""
+            return f"{file}: {where}is not valid JSON: {_why(error)}"
+    items = document if isinstance(document, list) else []
+    return next((f"{file}: item {i} {problem}" for i, item in enumerate(items) if (problem := _record_problem(item, schema))), None)
+
+
+def _record_problem(record, schema: Schema) -> str | None:
+    if not isinstance(record, dict):
+        return f"is not a JSON object but {json.dumps(record)[:40]}"
+    for field, kind in schema.items():
+        if record.get(field) is None:
+            return f"has no {field!r} field"
+        if not isinstance(record[field], kind) or isinstance(record[field], bool):
+            return f"has {field!r} = {json.dumps(record[field])[:40]}, not {_JSON_NAMES.get(kind, 'a number')}"
+    return None
+
+
+_JSON_NAMES = {str: "a string", dict: "an object", list: "a list", int: "an integer"}
+
+
+def _why(error: ValueError) -> str:
+    return f"{error.msg} (column {error.colno})" if isinstance(error, json.JSONDecodeError) else str(error)
 
 
 def split_dialogue(text: str) -> tuple[str, str]:
@@ -83,7 +176,7 @@ def _hh_row(row: Mapping) -> dict:
 def load_hh_rlhf(path: str | Path | None = None, split: str = "test") -> datasets.Dataset:
     """Anthropic HH-RLHF (`Anthropic/hh-rlhf`): prompt = the dialogue up to the last assistant turn,
     chosen / rejected = the two final replies."""
-    return _load(path, "Anthropic/hh-rlhf", None, split).map(_hh_row, remove_columns=["chosen", "rejected"])
+    return _load(path, "hh_rlhf", split, {"chosen": str, "rejected": str}).map(_hh_row, remove_columns=["chosen", "rejected"])
 
 
 def tldr_prompt(info: dict) -> str:
@@ -99,7 +192,7 @@ def _tldr_row(row: Mapping) -> dict:
 
 def load_tldr(path: str | Path | None = None, split: str = "train") -> datasets.Dataset:
     """TLDR comparisons (`openai/summarize_from_feedback`, "comparisons"): one row per comparison."""
-    data = _load(path, "openai/summarize_from_feedback", "comparisons", split)
+    data = _load(path, "tldr", split, {"info": dict, "summaries": list, "choice": int})
     return data.map(_tldr_row, remove_columns=data.column_names)
 
 
@@ -109,18 +202,19 @@ def _webgpt_row(row: Mapping) -> dict:
     return {"prompt": row["question"]["full_text"], "chosen": a if first_better else b, "rejected": b if first_better else a}
 
 
+_WEBGPT_SCHEMA = {"question": dict, "answer_0": str, "answer_1": str, "score_0": (int, float), "score_1": (int, float)}
+
+
 def load_webgpt(path: str | Path | None = None, split: str = "train") -> datasets.Dataset:
     """WebGPT comparisons (`openai/webgpt_comparisons`); ties (equal scores) are dropped."""
-    data = _load(path, "openai/webgpt_comparisons", None, split)
+    data = _load(path, "webgpt", split, _WEBGPT_SCHEMA)
     data = data.filter(lambda row: row["score_0"] != row["score_1"])
     return data.map(_webgpt_row, remove_columns=data.column_names)
 
 
 def load_jsonl(path: str | Path, prompt_field: str = "prompt") -> datasets.Dataset:
     """Local JSONL with one prompt per line under `prompt_field`."""
-    data = _load(path, "", None, "train")
-    if prompt_field not in data.column_names:
-        raise ValueError(f"{path}: no {prompt_field!r} field; fields are {data.column_names}")
+    data = _load(path, "jsonl", "train", {prompt_field: str})
     return data.rename_column(prompt_field, "prompt") if prompt_field != "prompt" else data
 
 

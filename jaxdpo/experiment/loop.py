@@ -31,16 +31,18 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxdpo import interrupts
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import TrainState, reference_logprobs
-from jaxdpo.experiment import memory, storage
+from jaxdpo.experiment import folder, memory, storage
 from jaxdpo.experiment.evaluation import evaluate
 from jaxdpo.experiment.live import LiveMetrics
 from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
 from jaxdpo.experiment.setup import Setup, build_setup, derive_key, start_devices
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.checkpoints import Checkpoint, TrackCheckpoints
-from jaxdpo.experiment.storage import LabelLog, LabelRecord, RunLock, Track
+from jaxdpo.experiment.folder import RunLock
+from jaxdpo.experiment.storage import LabelLog, LabelRecord, Track
 from jaxdpo.models import init_lora
 from jaxdpo.multihost import broadcast, check_shared_folder, from_writer, held_by_writer
 from jaxdpo.oracles import LabelsPending, PairRequest, Preferences
@@ -52,21 +54,30 @@ _log = logging.getLogger("jaxdpo")
 
 
 class Stages:
-    """Seconds per stage of a round, and progress reporting (`progress`: a rich Progress or None)."""
+    """Seconds per stage of a round, and progress reporting (`progress`: a rich Progress or None).
+    The start and end of a stage and each of its progress ticks are safe points (`interrupts.check`)."""
 
     def __init__(self, progress=None):
         self.progress, self.seconds = progress, {}
 
     @contextlib.contextmanager
     def stage(self, name: str, total: int | None = None):
+        interrupts.check()
         task = self.progress.add_task(f"  {name}", total=total) if self.progress is not None else None
         start = time.perf_counter()
+
+        def advance(steps: int = 1) -> None:
+            interrupts.check()
+            if task is not None:
+                self.progress.advance(task, steps)
+
         try:
-            yield (lambda advance=1: self.progress.advance(task, advance)) if task is not None else (lambda advance=1: None)
+            yield advance
         finally:
             self.seconds[f"{name}_s"] = round(self.seconds.get(f"{name}_s", 0.0) + time.perf_counter() - start, 3)
             if task is not None:
                 self.progress.remove_task(task)
+        interrupts.check()
 
 
 @dataclasses.dataclass
@@ -89,36 +100,32 @@ class TrackRun:
 
 
 def run(
-    config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress=None, plan: bool | None = None
+    config: ExperimentConfig, out_dir: str | os.PathLike, *, resume: bool = False, progress=None, plan: bool | None = None,
+    config_file: str | os.PathLike | None = None,
 ) -> list[dict]:
     """Run (or resume) every track of `config`; returns all metrics rows (also in `metrics.jsonl`).
 
-    Holds the folder's lock throughout. Before the first round, `plan` (default: on accelerators)
-    checks every stage's memory against the device (`memory.plan_memory`; written to
-    `memory-plan.json`). With an asynchronous oracle (people), each track goes as far as its labels
-    allow; then every request still open is handed over at once and `LabelsPending` is raised with
-    what to do."""
+    Holds the folder's lock throughout (`folder`: what may be a run folder, what may be resumed).
+    Before the first round, `plan` (default: on accelerators) checks every stage's memory against
+    the device (`memory.plan_memory`; written to `memory-plan.json`). `config_file`, the file
+    `config` was read from, is recorded for the resume command. With an asynchronous oracle
+    (people), each track goes as far as its labels allow; then every request still open is handed
+    over at once and `LabelsPending` is raised with what to do."""
     out_dir = Path(out_dir)
     start_devices(config)
-    from_writer(_open_folder, out_dir, resume)
+    from_writer(folder.make_out_dir, out_dir, resume=resume)
     with held_by_writer(lambda: RunLock(out_dir)):
         check_shared_folder(out_dir)
-        write_config = from_writer(storage.prepare_out_dir, config, out_dir, resume=resume)
+        write_config = from_writer(folder.prepare_out_dir, config, out_dir, resume=resume, config_file=config_file)
         setup = build_setup(config, out_dir)
         if plan if plan is not None else jax.default_backend() != "cpu":
             _plan_memory(setup, out_dir)
-        if write_config:
-            from_writer(storage.save_config, config, out_dir)
+        if write_config or config_file is not None:
+            from_writer(folder.save_config, config, out_dir, config_file)
         log = LabelLog(out_dir / storage.LABELS)
         if from_writer(log.repair):
             _log.warning("%s ended in a line cut short by an interruption; removed it (its label is asked again)", log.path)
         return _run_tracks(setup, log, out_dir, progress)
-
-
-def _open_folder(out_dir: Path, resume: bool) -> None:
-    if resume and not (out_dir / storage.CONFIG).exists():
-        raise UserError(f"{out_dir} holds no run to resume (no {storage.CONFIG}); check --out, or leave out --resume to start a new run")
-    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _plan_memory(setup: Setup, out_dir: Path) -> None:
@@ -166,7 +173,8 @@ def run_track(setup: Setup, track: Track, log: LabelLog, *, labels: list[LabelRe
         on_round(track, current.history)
     for round_ in range(len(current.history), setup.config.run.rounds + 1):
         run_round(current, round_, Stages(progress))
-        checkpoints.save(round_, current.checkpoint())
+        with interrupts.deferred():
+            checkpoints.save(round_, current.checkpoint())
         if on_round:
             on_round(track, current.history)
     return current.history
@@ -192,7 +200,8 @@ def start_track(
     with stages.stage("eval"):
         initial = evaluate(setup, None, track.seed, 0, None)
     current = TrackRun(setup, log, track, selector, fresh, fresh, [_metrics_row(track, 0, 0, initial, stages)], mine, initial["scores"])
-    checkpoints.save(0, current.checkpoint())
+    with interrupts.deferred():
+        checkpoints.save(0, current.checkpoint())
     return current
 
 
@@ -279,7 +288,8 @@ def _label(current: TrackRun, round_: int, picks: np.ndarray, prompt_texts, resp
                         votes=_at(prefs.votes, i), no_preference=_at(prefs.no_preference, i), left=_at(prefs.left, i))
             for i, row in enumerate(ask)
         ]
-        from_writer(current.log.append, answered)
+        with interrupts.deferred():  # paid for: never a line cut short by Ctrl-C
+            from_writer(current.log.append, answered)
         current.labels.extend(answered)
         logged.update({r.pick: r for r in answered})
     return [logged[pick] for pick in range(len(unlabeled))]

@@ -154,7 +154,7 @@ def rehearse(config_path: str | Path, out_dir: str | Path, *, scale: float = 1.0
     round of its first ActiveDPO track there, and return (and write to `rehearsal.json`) the
     per-stage seconds, peak bytes per device (the memory plan), tokens/s and MFU."""
     from jaxdpo.config import load_config
-    from jaxdpo.experiment import loop
+    from jaxdpo.experiment import folder, loop
 
     if not 0 < scale <= 1:
         raise UserError(f"--scale must be in (0, 1], got {scale}")
@@ -167,7 +167,7 @@ def rehearse(config_path: str | Path, out_dir: str | Path, *, scale: float = 1.0
     reward_name = REWARD_SHAPES.get(config.oracle.path or "", "deberta-v3-large")
     policy_shape = scaled_shape(shipped_shape(policy_name), scale)
     reward_shape = scaled_shape(shipped_shape(reward_name), scale)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder.make_out_dir(out_dir, resume=False)
     stand_in = _stand_ins(config, out_dir, policy_shape, reward_shape)
     run_dir = out_dir / "run"
     rows = loop.run(stand_in, run_dir, resume=(run_dir / "config.json").exists(), progress=progress, plan=True)

@@ -8,6 +8,7 @@ the model, tokenizer and prompts come from, and how long a response may be.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import socket
 import zlib
 from pathlib import Path
@@ -21,7 +22,7 @@ from jax.sharding import Mesh
 
 from jaxdpo import embedded
 from jaxdpo.config import ExperimentConfig
-from jaxdpo.data import load_references, tokenize_prompts, tokenize_references
+from jaxdpo.data import HUB_DATASETS, load_references, tokenize_prompts, tokenize_references
 from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
@@ -105,6 +106,7 @@ class Setup:
 
 
 def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
+    _require_reachable(config)  # every hub name at once, before anything loads
     mesh = _mesh(config)
     oracle = _oracle(config, out_dir, mesh)  # first: an annotation server that is down fails the start at once
     model, tokenizer, train, evaluation, references, max_new_tokens = (_embedded_task if config.embedded else _checkpoint_task)(config, out_dir)
@@ -163,8 +165,15 @@ def _embedded_task(config: ExperimentConfig, out_dir: Path):
 
 
 def _save_embedded_sft(folder: Path, tokenizer, task: str) -> None:
+    """Written to `sft-model.partial` and renamed once whole, so a kill never leaves a half-written
+    `sft-model` (one without its config.json is such a leftover, and replaced)."""
     if not (folder / "config.json").exists():
-        save_pretrained(embedded.train_sft(task=task), folder)
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_pretrained(embedded.train_sft(task=task), partial)
+        tokenizer.save_pretrained(partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
     if not (folder / "tokenizer.json").exists():
         tokenizer.save_pretrained(folder)  # the folder is then a complete checkpoint: model.path can name it
 
@@ -176,15 +185,12 @@ def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
     from transformers import AutoTokenizer
 
     path, data = config.model.path, config.data
-    _require_reachable("model.path", path)
     if Path(path).is_dir() and not any((Path(path) / name).exists() for name in _TOKENIZER_FILES):
         raise UserError(f"model.path: {path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); save the model's tokenizer next to its weights")
     tokenizer = _loaded("model.path", "the tokenizer", lambda: AutoTokenizer.from_pretrained(path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = _loaded("model.path", "the model", lambda: load_pretrained(path, dtype=_dtype(config), remat=config.model.remat))
-    if data.path is None:
-        _require_reachable("data.source", _DATASETS[data.source], repo_type="dataset")
     answers = _loaded("data.path", f"the {data.source} prompts", lambda: load_references(data.source, data.path, data.split))
     texts = list(answers)
     if data.eval_split is not None:
@@ -209,7 +215,6 @@ def _checkpoint_task(config: ExperimentConfig, out_dir: Path):
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_DATASETS = {"tldr": "openai/summarize_from_feedback", "webgpt": "openai/webgpt_comparisons", "hh_rlhf": "Anthropic/hh-rlhf"}
 
 
 def _loaded(key: str, what: str, load):
@@ -221,23 +226,40 @@ def _loaded(key: str, what: str, load):
         raise UserError(f"{key}: cannot load {what}: {first}") from error
 
 
-def _require_reachable(key: str, name: str, repo_type: str = "model") -> None:
-    """A name that is not a local folder must be in the Hugging Face cache or on a reachable hub;
-    fail at once instead of after a minute of retries."""
-    if Path(name).expanduser().exists():
-        return
+def _hub_names(config: ExperimentConfig) -> list[tuple[str, str, str]]:
+    """(config key, name, "model" | "dataset") of everything the run loads by name: the policy, a
+    reward-model oracle, and the prompts of a hub dataset without `data.path`."""
+    names = []
+    if not config.embedded:
+        names.append(("model.path", config.model.path, "model"))
+    if config.oracle.kind in ("reward_model", "torch_reward_model"):
+        names.append(("oracle.path", config.oracle.path, "model"))
+    if config.data.path is None and config.data.source in HUB_DATASETS:
+        names.append(("data.source", HUB_DATASETS[config.data.source][0], "dataset"))
+    return names
+
+
+def _require_reachable(config: ExperimentConfig) -> None:
+    """Each name of `_hub_names` must be a local folder, in the Hugging Face cache, or on a reachable
+    hub; one message names every one that is not, at once instead of after a minute of retries."""
     import huggingface_hub
     from huggingface_hub import constants
 
-    if isinstance(huggingface_hub.try_to_load_from_cache(name, "config.json" if repo_type == "model" else "README.md", repo_type=repo_type), str):
+    def found(name: str, repo_type: str) -> bool:
+        marker = "config.json" if repo_type == "model" else "README.md"
+        return Path(name).expanduser().exists() or isinstance(huggingface_hub.try_to_load_from_cache(name, marker, repo_type=repo_type), str)
+
+    missing = [f"{key} {name!r}" for key, name, repo_type in _hub_names(config) if not found(name, repo_type)]
+    if not missing:
         return
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
     try:
         socket.getaddrinfo(host, 443)
     except OSError as error:
         raise UserError(
-            f"{key}: {name!r} is not a local folder, not in the Hugging Face cache, and the hub ({host}) cannot be reached "
-            f"({error}); download it where the hub is reachable and point {key} at the local copy"
+            f"{', '.join(missing)}: not {'a local folder' if len(missing) == 1 else 'local folders'}, not in the Hugging Face "
+            f"cache, and the hub ({host}) cannot be reached ({error}); download {'it' if len(missing) == 1 else 'each'} where "
+            "the hub is reachable and point the key at the local copy"
         ) from error
 
 
@@ -253,8 +275,6 @@ def _own_oracle(config: ExperimentConfig, out_dir: Path, mesh: Mesh | None) -> O
     kind, mode = o.kind, o.mode
     if kind == "synthetic":
         return synthetic_oracle(embedded.reward, mode=mode)
-    if kind in ("reward_model", "torch_reward_model"):
-        _require_reachable("oracle.path", config.oracle.path)
     if kind == "reward_model":
         from transformers import AutoTokenizer
 

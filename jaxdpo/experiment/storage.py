@@ -1,13 +1,13 @@
 """What a run keeps in its folder, each format next to its reader and writer.
 
-- `config.json`: the config the run was started with (`check_out_dir`, `save_config`).
-- `.lock`: held by the process running in the folder (`RunLock`).
 - `labels.jsonl`: one checksummed `LabelRecord` per line, appended and fsynced before training
   reads it (`LabelLog`).
 - `metrics.jsonl`: one row per method, seed and round, rewritten atomically after every round.
 - `checkpoints/<track>/<round>/`: orbax checkpoints (`jaxdpo.experiment.checkpoints`).
 - `.processes`: with several JAX processes, the check that all of them see this folder
   (`multihost.check_shared_folder`).
+- `config.json`, `.lock`: the config the run was started with and the lock of the process running
+  in the folder (`jaxdpo.experiment.folder`).
 
 With several processes, process 0 writes everything but the checkpoints, which orbax writes from
 every process holding a shard (`jaxdpo.multihost`).
@@ -16,7 +16,6 @@ every process holding a shard (`jaxdpo.multihost`).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -26,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdpo.config import ExperimentConfig
 from jaxdpo.errors import UserError
 from jaxdpo.oracles import NoPreference, Side, Votes, write_jsonl_atomic
 from jaxdpo.sequences import Sequences
 
-LABELS, METRICS, CONFIG = "labels.jsonl", "metrics.jsonl", "config.json"
+LABELS, METRICS = "labels.jsonl", "metrics.jsonl"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,82 +264,3 @@ def write_metrics(out_dir: Path, rows: list[dict]) -> None:
     (strict JSON: no NaN tokens)."""
     finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()} for row in rows]
     write_jsonl_atomic(Path(out_dir) / METRICS, finite)
-
-
-# -- the run folder -------------------------------------------------------------------------------
-
-
-class RunLock:
-    """An exclusive lock on a run folder (`DIR/.lock`, holding the owner's pid) for as long as a
-    process runs in it: a second run on the same folder stops at once instead of corrupting it or
-    paying for labels twice. The operating system releases the lock when its process dies, so a
-    stale lock of a killed run never blocks the next one."""
-
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / ".lock"
-        self.file = None
-
-    def __enter__(self) -> RunLock:
-        self.file = self.path.open("a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            owner = self.file.read().strip() or "unknown"
-            self.file.close()
-            raise UserError(f"{self.path.parent} is in use by another jaxdpo process (pid {owner}); wait for it to end or stop it") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
-_GROWABLE = {("run", "rounds"), ("run", "seeds")}
-_MOVABLE = {
-    ("oracle", "url"), ("oracle", "token_env"),  # where the annotation server is, and how to reach it
-    ("log", "tensorboard"), ("log", "wandb_project"),  # where live metrics go
-}
-
-
-def prepare_out_dir(config: ExperimentConfig, out_dir: Path, *, resume: bool) -> bool:
-    """Whether `config` must be (re)written to `out_dir`: a new run, or a resumed one that grows.
-
-    A resumed run must have the config it was started with, except that `run.rounds` may grow and
-    `run.seeds` may gain seeds (a finished run is extended), `oracle.url` and `oracle.token_env`
-    may change (the Label Studio server moved), and so may `[log]`. Raises UserError otherwise."""
-    saved = Path(out_dir) / CONFIG
-    if not saved.exists():
-        if resume:
-            raise UserError(f"{out_dir} holds no run to resume (no {CONFIG}); check --out, or leave out --resume to start a new run")
-        return True
-    if not resume:
-        raise UserError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
-    before, now = json.loads(saved.read_text()), config.to_dict()
-    changed = {
-        (section, key) for section, values in now.items() for key, value in values.items() if before.get(section, {}).get(key) != value
-    }
-    refused = sorted(f"{section}.{key}" for section, key in changed - _GROWABLE - _MOVABLE)
-    if refused:
-        raise UserError(f"{out_dir} was run with another config; these keys differ: {', '.join(refused)} (only run.rounds and run.seeds may grow, oracle.url, oracle.token_env and [log] change)")
-    if before["run"]["rounds"] > now["run"]["rounds"] or not set(before["run"]["seeds"]) <= set(now["run"]["seeds"]):
-        raise UserError(f"{out_dir}: a resumed run may add rounds and seeds, not remove them (it has rounds = {before['run']['rounds']}, seeds = {before['run']['seeds']})")
-    return bool(changed)
-
-
-def saved_config(out_dir: Path) -> dict:
-    """The config the run in `out_dir` was started with, as `config.json` holds it."""
-    path = Path(out_dir) / CONFIG
-    if not path.is_file():
-        raise UserError(f"{out_dir} holds no run (no {CONFIG}); name the --out folder of a run")
-    return json.loads(path.read_text())
-
-
-def save_config(config: ExperimentConfig, out_dir: Path) -> None:
-    tmp = Path(out_dir) / (CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2))
-    tmp.replace(Path(out_dir) / CONFIG)

@@ -7,7 +7,8 @@ import pytest
 
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.errors import UserError
-from jaxdpo.experiment.storage import CONFIG, LabelLog, LabelRecord, prepare_out_dir, save_config
+from jaxdpo.experiment.folder import CONFIG, prepare_out_dir, save_config
+from jaxdpo.experiment.storage import LabelLog, LabelRecord
 
 
 def record(round_: int, pick: int, preferred="a") -> LabelRecord:
@@ -89,10 +90,11 @@ def test_resume_may_grow_rounds_and_seeds_move_the_annotation_server_and_switch_
     older = {key: value for key, value in json.loads((tmp_path / CONFIG).read_text()).items() if key != "log"}
     (tmp_path / CONFIG).write_text(json.dumps(older))  # a run started before [log] existed resumes
     assert prepare_out_dir(config, tmp_path, resume=True)
-    with pytest.raises(UserError, match="these keys differ: dpo.beta"):
+    with pytest.raises(UserError, match="another config: dpo.beta was 0.1, now 0.5 "):
         prepare_out_dir(dataclasses.replace(config, dpo=dataclasses.replace(config.dpo, beta=0.5)), tmp_path, resume=True)
     with pytest.raises(UserError, match="already holds a run"):
         prepare_out_dir(config, tmp_path, resume=False)
     (tmp_path / CONFIG).unlink()
+    (tmp_path / "notes.txt").write_text("not a run's")
     with pytest.raises(UserError, match="holds no run to resume"):
         prepare_out_dir(config, tmp_path, resume=True)
