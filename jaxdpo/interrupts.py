@@ -1,9 +1,10 @@
 """Stopping on Ctrl-C (SIGINT) or SIGTERM (what job schedulers send before SIGKILL) the same clean way.
 
 Inside `stop_on_signals()` either signal raises `Interrupted` in the main thread at once, unless
-the run is inside `deferred()` (writing a checkpoint: it raises when that is done) or the exception
-is swallowed on its way (JAX's garbage-collection callback, for one, drops exceptions): the signal
-is remembered, and the next safe point (`check()`: every progress tick of a stage) raises it.
+the run is inside `deferred()` (appending labels, saving a checkpoint: it raises when that is
+done) or the exception is swallowed on its way (JAX's garbage-collection callback, for one, drops
+exceptions): the signal is remembered, and the next safe point (`check()`: a stage's start, end
+and progress ticks, each step of the embedded SFT) raises it.
 
 The process then leaves with `leave(code)`: streams flushed, then `os._exit`, so the interpreter is
 not torn down under XLA threads that may still be running a computation (which can segfault).
@@ -16,6 +17,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -46,7 +48,11 @@ def _on_signal(signum: int, frame) -> None:
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """SIGINT and SIGTERM raise `Interrupted` inside the block (a signal ignored when the process
-    started, like SIGINT in a shell's background job, stays ignored); the previous handlers after."""
+    started, like SIGINT in a shell's background job, stays ignored); the previous handlers after.
+    Off the main thread, where Python runs no signal handler, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous, previous_hook = {signum: signal.getsignal(signum) for signum in SIGNALS}, sys.unraisablehook
 
     def quiet_hook(unraisable) -> None:  # an `Interrupted` dropped on its way is remembered, not printed

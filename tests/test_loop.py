@@ -258,19 +258,16 @@ def wait_until(condition, process: subprocess.Popen) -> None:
 
 
 def test_signals_then_resume_match_uninterrupted(tmp_path, sft_dir, reference_run):
-    """A restart loop that always passes --resume: SIGKILL before config.json exists (the next start
-    is a fresh one), SIGINT once labels are on disk, SIGTERM once the second track has labels (each:
-    its exit code and message, nothing else), then a run to the end: every label once, the same
-    labels and metrics as the uninterrupted run."""
+    """A restart loop that always passes --resume: first on a folder a start killed before its
+    config.json left behind (the lock of a dead process, the SFT model), then SIGINT once labels
+    are on disk and SIGTERM once the second track has labels (each: its exit code and message,
+    nothing else), then a run to the end: every label once, the same labels and metrics as the
+    uninterrupted run."""
     reference, expected = reference_run
     out = new_run(tmp_path, sft_dir, "signals")
+    (out / ".lock").write_text("999999")
     config = write_toml(tmp_path / "tiny.toml", TINY)
     args, log = ["run", str(config), "--out", str(out), "--resume"], tmp_path / "log"
-    killed = launch(args, log)
-    wait_until(lambda: (out / ".lock").exists(), killed)
-    killed.kill()
-    killed.wait()
-    assert not (out / loop.CONFIG).exists()
     labeled = {signal.SIGINT: lambda: loop.read_labels(out / loop.LABELS), signal.SIGTERM: lambda: any(r.method == "random" for r in loop.read_labels(out / loop.LABELS))}
     for signum, code in ((signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)):
         process = launch(args, log)
@@ -280,8 +277,10 @@ def test_signals_then_resume_match_uninterrupted(tmp_path, sft_dir, reference_ru
         err = log.read_text()
         assert f"interrupted ({signal.Signals(signum).name}): every label collected so far is saved; continue with: jaxdpo run {config} --resume --out {out}" in err
         assert "Traceback" not in err and "Fatal Python error" not in err
+        stopped = loop.read_labels(out / loop.LABELS)
     assert launch(args, log).wait() == 0, log.read_text()
     labels = loop.read_labels(out / loop.LABELS)
+    assert labels[: len(stopped)] == stopped  # nothing lost or rewritten
     assert len({(r.method, r.seed, r.round, r.pick) for r in labels}) == len(labels) == 24  # nothing collected twice
     assert sorted(labels, key=str) == sorted(loop.read_labels(reference / loop.LABELS), key=str)
     assert_same_metrics([json.loads(line) for line in (out / loop.METRICS).read_text().splitlines()], expected)
