@@ -259,8 +259,8 @@ def wait_until(condition, process: subprocess.Popen) -> None:
 
 def test_signals_then_resume_match_uninterrupted(tmp_path, sft_dir, reference_run):
     """A restart loop that always passes --resume: first on a folder a start killed before its
-    config.json left behind (the lock of a dead process, the SFT model), then SIGINT once labels
-    are on disk and SIGTERM once the second track has labels (each: its exit code and message,
+    config.json left behind (the lock of a dead process, the SFT model), then SIGINT once the
+    second track has labels and SIGTERM once the third has (each: its exit code and message,
     nothing else), then a run to the end: every label once, the same labels and metrics as the
     uninterrupted run."""
     reference, expected = reference_run
@@ -268,10 +268,9 @@ def test_signals_then_resume_match_uninterrupted(tmp_path, sft_dir, reference_ru
     (out / ".lock").write_text("999999")
     config = write_toml(tmp_path / "tiny.toml", TINY)
     args, log = ["run", str(config), "--out", str(out), "--resume"], tmp_path / "log"
-    labeled = {signal.SIGINT: lambda: loop.read_labels(out / loop.LABELS), signal.SIGTERM: lambda: any(r.method == "random" for r in loop.read_labels(out / loop.LABELS))}
-    for signum, code in ((signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)):
+    for signum, code, track in ((signal.SIGINT, EXIT_INTERRUPTED, "random"), (signal.SIGTERM, EXIT_TERMINATED, "aplp")):
         process = launch(args, log)
-        wait_until(labeled[signum], process)
+        wait_until(lambda: any(r.method == track for r in loop.read_labels(out / loop.LABELS)), process)  # its labels on disk, its checkpoint not
         process.send_signal(signum)
         assert process.wait(timeout=120) == code, log.read_text()
         err = log.read_text()
