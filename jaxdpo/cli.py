@@ -1,5 +1,6 @@
 """`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG).
 `jaxdpo rehearse CONFIG --out DIR [--scale S]`: one round of CONFIG on random-weight stand-ins.
+`jaxdpo plan CONFIG --target T [--mesh D,M] [--json FILE]`: a round of CONFIG compiled for a TPU slice (or this machine), per-stage memory and roofline time.
 `jaxdpo report DIR [DIR...] [--out FILE]`: re-render runs' summary tables and curves from their metrics.jsonl.
 `jaxdpo annotate DIR [--port P]`: label the pairs a run waits for, on a page at 127.0.0.1:P.
 `jaxdpo export DIR dataset --out PATH [--format F]`: every label as a Hugging Face dataset (TRL's preference format).
@@ -24,6 +25,7 @@ from pathlib import Path
 from jaxdpo import __version__, interrupts
 from jaxdpo.annotate import DEFAULT_PORT
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
+from jaxdpo.experiment.targets import TARGETS, quiet_libtpu
 
 EXIT_CONFIG = EXIT_USER_ERROR  # config errors are user errors
 EXIT_LABELS_PENDING, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 128 + signal.SIGINT, 128 + signal.SIGTERM
@@ -41,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     rehearse.add_argument("config", help="a TOML or YAML experiment config (its model.path names a shipped shape)")
     rehearse.add_argument("--out", required=True, type=Path, help="folder for the stand-ins, the run and rehearsal.json")
     rehearse.add_argument("--scale", type=float, default=1.0, help="shrink widths, depth, vocabulary and counts by this factor in (0, 1]")
+    plan = commands.add_parser("plan", help="compile a round of a config for a TPU slice or this machine: memory per device, roofline time")
+    plan.add_argument("config", help="a TOML or YAML experiment config (its model.path: a shipped shape or a local folder)")
+    plan.add_argument("--target", required=True, choices=TARGETS, help="a TPU slice (needs libtpu: pip install 'jax[tpu]') or local")
+    plan.add_argument("--mesh", metavar="D,M", help="data × model devices (default: the config's [mesh], else every device on data)")
+    plan.add_argument("--json", type=Path, metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--memory-only", action="store_true", help="bytes per device only: skip the FLOPs, bytes accessed and roofline")
     report_ = commands.add_parser("report", help="re-render runs' summary tables and curves from their metrics.jsonl")
     report_.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="run folders; several are overlaid in one plot")
     report_.add_argument("--out", type=Path, help="the plot (default: DIR/curves.png for one run, ./curves.png for several)")
@@ -58,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with interrupts.stop_on_signals():  # SIGTERM too: handlers kept while the message is printed
             try:
-                return {"run": _run, "rehearse": _rehearse, "report": _report, "annotate": _annotate, "export": _export}[args.command](args, console)
+                commands = {"run": _run, "rehearse": _rehearse, "plan": _plan, "report": _report, "annotate": _annotate, "export": _export}
+                return commands[args.command](args, console)
             except UserError as error:
                 _say(console, f"error: {error}", "red")
                 return EXIT_USER_ERROR
@@ -114,6 +123,25 @@ def _rehearse(args, console) -> int:
     with Progress(*columns, console=console, transient=True) as progress:
         report = rehearsal.rehearse(args.config, args.out, scale=args.scale, progress=progress)
     rehearsal.print_report(report)
+    return 0
+
+
+def _plan(args, console) -> int:
+    """`jaxdpo plan`: the table (and --json); exit 2 naming the keys to lower when a stage does not fit."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from jaxdpo.config import load_config
+    from jaxdpo.experiment import plan
+
+    quiet_libtpu()  # before JAX starts its backends
+    config = load_config(args.config)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as progress:
+        report = plan.plan(config, args.target, mesh=plan.parse_mesh(args.mesh), costs=not args.memory_only, progress=progress)
+    report["config"] = str(args.config)
+    plan.print_plan(report, str(args.config))
+    if args.json:
+        plan.write_json(report, args.json)
+    plan.check_fits(report)
     return 0
 
 

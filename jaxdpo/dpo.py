@@ -58,7 +58,9 @@ class TrainState:
 
 
 @partial(jax.jit, static_argnames="window")
-def _logprobs(model, lora, rows: Sequences, window: int) -> Float[Array, " r"]:
+def chunk_logprobs(model, lora, rows: Sequences, window: int) -> Float[Array, " r"]:
+    """The jitted program behind `batched_logprobs`: `sequence_logprobs` of one chunk of rows,
+    reading `window` positions per row."""
     return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask, window=window)
 
 
@@ -69,7 +71,7 @@ def batched_logprobs(model, lora: LoRA | None, sequences: Sequences, *, chunk_si
     sequences.check()
     host = sequences.to_host()
     window = response_window(host.response_mask)
-    return map_in_chunks(lambda rows: _logprobs(model, lora, put_rows(rows, mesh), window), host, chunk_size)
+    return map_in_chunks(lambda rows: chunk_logprobs(model, lora, put_rows(rows, mesh), window), host, chunk_size)
 
 
 def reference_logprobs(model, sequences: Sequences, *, chunk_size: int = 16, mesh: Mesh | None = None) -> np.ndarray:

@@ -97,9 +97,11 @@ def _env_int(name: str) -> int | None:
     return int(value)
 
 
-def make_mesh(data: int | None = None, model: int = 1) -> Mesh:
-    """A ("data", "model") mesh over data × model devices; `data` None: every device left over."""
-    devices = jax.devices()
+def make_mesh(data: int | None = None, model: int = 1, devices=None) -> Mesh:
+    """A ("data", "model") mesh over data × model of `devices` (default: this process's view of
+    every device; a compile-only TPU topology's devices for `jaxdpo plan`); `data` None: every
+    device left over."""
+    devices = jax.devices() if devices is None else list(devices)
     if data is None:
         if len(devices) % model:
             raise UserError(f"mesh.model: {model} does not divide the {len(devices)} devices")
@@ -136,14 +138,16 @@ def shard_model(model, mesh: Mesh):
     """Place a decoder's (or reward model's) parameters on `mesh` in place; returns the model.
     Layer weights are stacked [L, ...]; the embedding, final norm and head are not."""
     state = nnx.state(model)
-    placed = jax.tree_util.tree_map_with_path(lambda path, x: _place(path, x, mesh), state)
+    placed = jax.tree_util.tree_map_with_path(lambda path, x: place(x, model_sharding(path, x.shape, mesh)), state)
     nnx.update(model, placed)
     return model
 
 
-def _place(path, x, mesh: Mesh):
-    stacked = any(getattr(key, "key", None) == "layers" for key in path)
-    return place(x, NamedSharding(mesh, param_spec(x.shape, mesh.shape[MODEL], stacked=stacked)))
+def model_sharding(path, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """Where `shard_model` puts the parameter at `path` (a key path into a model or its state):
+    stacked when under "layers"."""
+    stacked = any(getattr(key, "key", getattr(key, "name", None)) == "layers" for key in path)
+    return NamedSharding(mesh, param_spec(shape, mesh.shape[MODEL], stacked=stacked))
 
 
 def data_multiple(rows: int, mesh: Mesh | None) -> int:

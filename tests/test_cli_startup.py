@@ -34,7 +34,7 @@ def test_version(capsys):
 def test_help_imports_nothing_heavy():
     shown = python(
         "import sys\nfrom jaxdpo.cli import main\n"
-        "for argv in (['--help'], ['export', '--help'], ['export', 'DIR', 'adapter', '--help']):\n"
+        "for argv in (['--help'], ['export', '--help'], ['export', 'DIR', 'adapter', '--help'], ['plan', '--help']):\n"
         "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
         f"print({list(HEAVY)!r}, [m for m in {list(HEAVY)!r} if m in sys.modules])"
     )

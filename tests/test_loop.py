@@ -348,7 +348,7 @@ def test_memory_plan_refuses_a_run_that_cannot_fit_before_the_first_round(tmp_pa
 
     monkeypatch.setattr(memory, "device_memory", lambda: 2**14)
     out = new_run(tmp_path, sft_dir, "tight")
-    with pytest.raises(UserError, match=r"generation.chunk_rows: the generation \(1 per prompt\) stage needs .* GiB per device, more than"):
+    with pytest.raises(UserError, match=r"generation.chunk_rows: the generation: responses \(3 per prompt\) stage needs .* GiB per device, more than"):
         loop.run(config_from_dict(TINY), out, plan=True)
     assert json.loads((out / "memory-plan.json").read_text())["stages"][0]["key"] == "generation.chunk_rows"
     assert not (out / loop.CONFIG).exists() and not (out / loop.LABELS).exists()

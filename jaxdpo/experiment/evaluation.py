@@ -23,6 +23,7 @@ import numpy as np
 
 from jaxdpo.dpo import batched_logprobs, reference_logprobs
 from jaxdpo.experiment.setup import Setup, derive_key
+from jaxdpo.experiment.stages import sampling
 from jaxdpo.models import LoRA
 from jaxdpo.sequences import Sequences
 
@@ -34,10 +35,7 @@ def evaluate(setup: Setup, lora: LoRA | None, seed: int, round_: int, baseline: 
     against itself when None), and the capability guard (`capability_guard`). None where
     undefined: the reward fields when the oracle cannot score responses (people), a standard
     error of a single value."""
-    e = setup.config.eval
-    samples = setup.generate(
-        setup.eval, lora=lora, key=derive_key(seed, "eval", round_), num_samples=e.samples_per_prompt, temperature=e.temperature
-    )
+    samples = setup.generate(setup.eval, lora=lora, key=derive_key(seed, "eval", round_), **sampling(setup.config, "evaluation")._asdict())
     return {**_rewards(setup, samples, baseline), **capability_guard(setup, lora, samples)}
 
 

@@ -39,6 +39,7 @@ from jaxdpo.experiment.evaluation import evaluate
 from jaxdpo.experiment.live import LiveMetrics
 from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
 from jaxdpo.experiment.setup import Setup, build_setup, derive_key, start_devices
+from jaxdpo.experiment.stages import sampling
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.checkpoints import Checkpoint, TrackCheckpoints
 from jaxdpo.experiment.folder import RunLock
@@ -231,10 +232,9 @@ def run_round(current: TrackRun, round_: int, stages: Stages) -> None:
     chosen = np.random.default_rng([track.seed, round_]).choice(len(setup.train.texts), config.data.prompts_per_round, replace=False)
     prompts = setup.train.take(chosen)
     with stages.stage("generation"):
-        g = config.generation
         responses = setup.generate(
             prompts, lora=None if current.selector.policy == "initial" else current.state.lora,
-            key=derive_key(track.seed, "generate", round_), num_samples=m, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+            key=derive_key(track.seed, "generate", round_), **sampling(config, "responses")._asdict(),
         )
     pairs = triplets(config.data.prompts_per_round, m)
     labeled, labeled_pairs = storage.training_data(previous) if previous else (None, np.zeros((0, 2), np.int32))

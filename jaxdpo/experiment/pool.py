@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdpo.dpo import batched_logprobs, reference_logprobs
+from jaxdpo.experiment import stages
 from jaxdpo.experiment.setup import Prompts, Setup
-from jaxdpo.features import gradient_features
-from jaxdpo.models import LoRA, last_token_states
+from jaxdpo.experiment.stages import BASE_FIELDS
+from jaxdpo.models import LoRA
 from jaxdpo.selection import SelectionPool, Selector, predictive_entropy
 from jaxdpo.sequences import Sequences, map_in_chunks
-from jaxdpo.sharding import data_multiple, put_rows
+from jaxdpo.sharding import put_rows
 
 
 def triplets(num_prompts: int, m: int) -> np.ndarray:
@@ -49,8 +50,8 @@ class RoundInputs:
 
     @property
     def chunk(self) -> int:
-        """Rows per feature call (`features.chunk_size`, a multiple of the mesh's data axis)."""
-        return data_multiple(self.setup.config.features.chunk_size, self.setup.mesh)
+        """Rows per feature call (`stages.feature_rows`)."""
+        return stages.feature_rows(self.setup.config, self.setup.mesh)
 
     def of_responses(self, features: Callable[[RoundInputs, Sequences], np.ndarray]) -> np.ndarray:
         return map_in_chunks(lambda rows: features(self, rows), self.responses, self.chunk)
@@ -65,23 +66,13 @@ class RoundInputs:
 
 def _gradient_features(inputs: RoundInputs, rows: Sequences) -> jax.Array:
     """g = P∇r under θ_{t−1} (paper §3.3)."""
-    f, setup = inputs.setup.config.features, inputs.setup
-    rows = put_rows(rows, setup.mesh)
-    return gradient_features(
-        setup.model, inputs.lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask,
-        beta=setup.config.dpo.beta, dim=f.dim, seed=f.seed, normalize=f.normalize, method=f.method,
-        chunk_size=rows.num_rows, projection_batch=f.projection_batch,
-    )
-
-
-@jax.jit
-def _final_token_states(model, input_ids, attention_mask):
-    return last_token_states(model.hidden_states(input_ids, attention_mask=attention_mask), attention_mask).astype(jnp.float32)
+    setup = inputs.setup
+    return stages.features(setup.model, inputs.lora, put_rows(rows, setup.mesh), config=setup.config)
 
 
 def _frozen_features(inputs: RoundInputs, rows: Sequences) -> jax.Array:
     """APO's features: the initial model's last-token hidden state of each response."""
-    return _final_token_states(inputs.setup.model, *put_rows((rows.input_ids, rows.attention_mask), inputs.setup.mesh))
+    return stages.frozen_features(inputs.setup.model, *put_rows((rows.input_ids, rows.attention_mask), inputs.setup.mesh))
 
 
 def _margins(inputs: RoundInputs) -> np.ndarray:
@@ -95,9 +86,9 @@ def _margins(inputs: RoundInputs) -> np.ndarray:
 def _prompt_entropy(inputs: RoundInputs) -> jax.Array:
     """APLP's predictive entropy of each prompt, from `generation.entropy_samples` samples drawn
     at temperature 1 (Muldrew et al., §4.1)."""
-    setup, n = inputs.setup, inputs.setup.config.generation.entropy_samples
-    samples = setup.generate(inputs.prompts, lora=inputs.lora, key=inputs.entropy_key, num_samples=n, temperature=1.0)
-    return predictive_entropy(batched_logprobs(setup.model, inputs.lora, samples, **setup.logprob_chunking), n)
+    setup, draws = inputs.setup, stages.sampling(inputs.setup.config, "entropy samples")
+    samples = setup.generate(inputs.prompts, lora=inputs.lora, key=inputs.entropy_key, **draws._asdict())
+    return predictive_entropy(batched_logprobs(setup.model, inputs.lora, samples, **setup.logprob_chunking), draws.num_samples)
 
 
 def _hidden_size(inputs: RoundInputs) -> int:
@@ -112,7 +103,6 @@ PRODUCERS: dict[str, tuple[str, Callable[[RoundInputs], np.ndarray]]] = {
     "apo_features": ("features", lambda r: r.of_responses(_frozen_features)),
     "apo_prior": ("features", lambda r: r.of_labeled(_frozen_features, _hidden_size(r))),
 }
-BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids"})
 
 
 def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool:

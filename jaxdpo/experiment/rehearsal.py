@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.errors import UserError
+from jaxdpo.experiment.targets import chip_of
 
 POLICY_SHAPES = {"google/gemma-2b": "gemma-2b", "meta-llama/Llama-2-7b-hf": "llama-2-7b", "Qwen/Qwen3-4B": "qwen3-4b"}
 REWARD_SHAPES = {"OpenAssistant/reward-model-deberta-v3-large-v2": "deberta-v3-large"}
@@ -145,10 +146,6 @@ def write_reward_model(shape: dict, vocab_size: int, folder: Path) -> Path:
     return folder
 
 
-# Dense bf16 peak FLOP/s of one device, for MFU (vendor figures, no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v4": 275e12}
-
-
 def rehearse(config_path: str | Path, out_dir: str | Path, *, scale: float = 1.0, progress=None) -> dict:
     """Build the stand-ins of `config_path`'s models and data in `out_dir` (at `scale`), run one
     round of its first ActiveDPO track there, and return (and write to `rehearsal.json`) the
@@ -213,7 +210,8 @@ def _report(config: ExperimentConfig, shape: dict, rows: list[dict], plan: dict)
 
     round_row = next(row for row in rows if row["round"] == 1)
     device = jax.devices()[0]
-    peak = next((flops for name, flops in PEAK_FLOPS.items() if name in device.device_kind), None)
+    chip = chip_of(device.device_kind)
+    peak = None if chip is None else chip.peak_flops
     params = _parameter_count(DecoderConfig.from_hf(shape))
     c, m = config, config.generation.responses_per_prompt
     seq = c.data.max_prompt_tokens + c.generation.max_new_tokens
@@ -228,12 +226,7 @@ def _report(config: ExperimentConfig, shape: dict, rows: list[dict], plan: dict)
         "training": (dpo_rows * seq + 2 * c.selection.batch_size * seq, 4 * params),
         "eval": (_eval_tokens(c, seq), 2 * params),
     }
-    plan_bytes = {p["stage"]: p["bytes"] for p in plan["stages"]}
-    stage_bytes = {
-        "generation": max(v for k, v in plan_bytes.items() if k.startswith("generation")),
-        "features": plan_bytes["features"], "selection": plan_bytes["selection"], "training": plan_bytes["DPO step"],
-        "eval": max(v for k, v in plan_bytes.items() if k.startswith("generation") or k == "log-probs"),
-    }
+    stage_bytes = {name: max((p["bytes"] for p in plan["stages"] if name in p["timed_as"]), default=None) for name in work}
     stages = {}
     for name, (tokens, flops_per_token) in work.items():
         seconds = round_row.get(f"{name}_s")

@@ -25,14 +25,14 @@ from jaxdpo.config import ExperimentConfig
 from jaxdpo.data import HUB_DATASETS, load_references, tokenize_prompts, tokenize_references
 from jaxdpo.dpo import DpoTrainer
 from jaxdpo.errors import UserError
+from jaxdpo.experiment import stages
 from jaxdpo.models import Decoder, LoRA, load_pretrained, load_reward_model, save_pretrained
 from jaxdpo.multihost import from_writer
 from jaxdpo.oracles import HumanOracle, Oracle, label_studio, reward_model_oracle, synthetic_oracle, torch_reward_model_oracle
 from jaxdpo.oracles.human import human_folder
 from jaxdpo.oracles.shared import SharedOracle
-from jaxdpo.sampling import generate
 from jaxdpo.sequences import Sequences, pad_rows
-from jaxdpo.sharding import data_multiple, initialize_distributed, limit_accelerator_memory, make_mesh, put_rows, shard_model
+from jaxdpo.sharding import initialize_distributed, limit_accelerator_memory, make_mesh, put_rows, shard_model
 
 
 def derive_key(seed: int, *path: int | str) -> jax.Array:
@@ -76,7 +76,15 @@ class Setup:
     @property
     def logprob_chunking(self) -> dict:
         """Keyword arguments of `batched_logprobs` / `reference_logprobs` for this run."""
-        return dict(chunk_size=data_multiple(self.config.dpo.logprob_chunk, self.mesh), mesh=self.mesh)
+        return dict(chunk_size=stages.logprob_rows(self.config, self.mesh), mesh=self.mesh)
+
+    @property
+    def round_shape(self) -> stages.RoundShape:
+        """What fixes this run's stage programs (`stages.round_stages`)."""
+        return stages.RoundShape(
+            self.config, self.model, self.mesh, self.train.input_ids.shape[1], self.max_new_tokens,
+            self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, getattr(self.oracle, "model", None),
+        )
 
     def generate(
         self, prompts: Prompts, *, lora: LoRA | None, key: jax.Array, num_samples: int, temperature: float,
@@ -85,14 +93,14 @@ class Setup:
         """`num_samples` sampled responses per prompt (host arrays; prompt i's are rows i·num_samples …),
         in calls of about `generation.chunk_rows` rows (fewer for fewer prompts; a multiple of the
         mesh's data axis), chunk c drawing from `fold_in(key, c)`."""
-        per_call = data_multiple(min(max(1, self.config.generation.chunk_rows // num_samples), len(prompts.texts)), self.mesh)
+        per_call = stages.prompts_per_call(self.config, num_samples, len(prompts.texts), self.mesh)
+        sampling = stages.Sampling(num_samples, temperature, top_p, top_k)
         chunks = []
         for c, start in enumerate(range(0, len(prompts.texts), per_call)):
             ids, mask = (pad_rows(x[start : start + per_call], per_call) for x in (prompts.input_ids, prompts.attention_mask))
-            out = generate(
-                self.model, *put_rows((ids, mask), self.mesh), lora=lora, max_new_tokens=self.max_new_tokens,
-                temperature=temperature, top_p=top_p, top_k=top_k, num_samples=num_samples, key=jax.random.fold_in(key, c),
-                eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+            out = stages.sample(
+                self.model, lora, *put_rows((ids, mask), self.mesh), jax.random.fold_in(key, c), sampling=sampling,
+                max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             )
             chunks.append(out.to_host().take(slice(0, min(per_call, len(prompts.texts) - start) * num_samples)))
         return Sequences(*(np.concatenate(parts) for parts in zip(*chunks)))
@@ -113,16 +121,9 @@ def build_setup(config: ExperimentConfig, out_dir: Path) -> Setup:
     if len(train.texts) < config.data.prompts_per_round:
         raise UserError(f"data.prompts_per_round: {config.data.prompts_per_round} prompts per round, but only {len(train.texts)} usable prompts")
     if mesh is not None:
-        _check_splits(config, mesh)
+        stages.check_splits(config, mesh)
         shard_model(model, mesh)
     return Setup(config, model, tokenizer, train, evaluation, references, oracle, config.dpo.trainer(), max_new_tokens, mesh)
-
-
-def _check_splits(config: ExperimentConfig, mesh: Mesh) -> None:
-    """A DPO micro-batch (chosen and rejected rows) must split evenly over the data devices."""
-    data = mesh.shape["data"]
-    if (2 * config.dpo.batch_size) % data:
-        raise UserError(f"dpo.batch_size: its 2 × {config.dpo.batch_size} rows per micro-batch must split over mesh.data = {data} devices")
 
 
 def start_devices(config: ExperimentConfig) -> None:
@@ -283,7 +284,7 @@ def _own_oracle(config: ExperimentConfig, out_dir: Path, mesh: Mesh | None) -> O
             if mesh is not None:
                 shard_model(model, mesh)
             tokenizer = AutoTokenizer.from_pretrained(o.path)
-            return reward_model_oracle(model, tokenizer, mode=mode, max_length=o.max_length, batch_size=data_multiple(o.batch_size, mesh), mesh=mesh)
+            return reward_model_oracle(model, tokenizer, mode=mode, max_length=o.max_length, batch_size=stages.reward_rows(config, mesh), mesh=mesh)
 
         return _loaded("oracle.path", "the reward model", jax_oracle)
     if kind == "torch_reward_model":

@@ -36,13 +36,15 @@ def preferences_from_scores(scores_a, scores_b, *, mode: Mode, seed: int, ids: S
 
 
 class ScoreOracle:
-    """Any oracle that scores one (prompt, response) at a time: `score_fn(prompts, responses) → [n]`."""
+    """Any oracle that scores one (prompt, response) at a time: `score_fn(prompts, responses) → [n]`.
+    `model`: the JAX model behind the scores, if any (it stays on the devices: memory plans count it)."""
 
     can_score = True
 
-    def __init__(self, score_fn: Callable[[Sequence[str], Sequence[str]], np.ndarray], *, mode: Mode = "bradley_terry"):
+    def __init__(self, score_fn: Callable[[Sequence[str], Sequence[str]], np.ndarray], *, mode: Mode = "bradley_terry", model=None):
         self.score_fn = score_fn
         self.mode = mode
+        self.model = model
         preferences_from_scores([0.0], [0.0], mode=mode, seed=0, ids=["check"])  # validates the mode
 
     def scores(self, prompts: Sequence[str], responses: Sequence[str]) -> np.ndarray:
@@ -61,21 +63,25 @@ def synthetic_oracle(reward: Callable[[str, str], float], *, mode: Mode = "bradl
     return ScoreOracle(lambda prompts, responses: [reward(p, r) for p, r in zip(prompts, responses)], mode=mode)
 
 
+@jax.jit
+def reward_scores(model: RewardModel, input_ids, attention_mask):
+    """One scoring call of a JAX reward model: the reward of each left-padded text `[b]`."""
+    return model(input_ids, attention_mask=attention_mask)
+
+
 def reward_model_oracle(
     model: RewardModel, tokenizer, *, mode: Mode = "bradley_terry", max_length: int = 512, batch_size: int = 16, mesh: Mesh | None = None
 ) -> ScoreOracle:
     """An HF *ForSequenceClassification reward model run through the jaxdpo decoder: the text
     `prompt + response` is tokenized, left-padded and scored at its last token, `batch_size` texts
     per call (split over the "data" axis of `mesh`, when given)."""
-    score = jax.jit(lambda model, ids, mask: model(ids, attention_mask=mask))
-
     def score_fn(prompts, responses):
         texts = [p + r for p, r in zip(prompts, responses)]
         enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="np", padding_side="left")
         tokens = (enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32))
-        return map_in_chunks(lambda rows: score(model, *put_rows(rows, mesh)), tokens, batch_size)
+        return map_in_chunks(lambda rows: reward_scores(model, *put_rows(rows, mesh)), tokens, batch_size)
 
-    return ScoreOracle(score_fn, mode=mode)
+    return ScoreOracle(score_fn, mode=mode, model=model)
 
 
 def torch_reward_model_oracle(

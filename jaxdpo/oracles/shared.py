@@ -33,6 +33,12 @@ class SharedOracle:
         self.inner = build()
         return self.inner.can_score
 
+    @property
+    def model(self):
+        """The JAX reward model of a collective oracle (it stays on the devices: memory plans
+        count it), else None."""
+        return getattr(self.inner, "model", None) if self.collective else None
+
     def label(self, requests: Sequence[PairRequest], *, seed: int) -> Preferences:
         if self.collective:
             return broadcast(self.inner.label(requests, seed=seed))

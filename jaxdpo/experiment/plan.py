@@ -1,0 +1,201 @@
+"""`jaxdpo plan CONFIG --target T [--mesh D,M] [--json FILE]`: a round of CONFIG compiled for a
+TPU slice (or this machine, `local`) with the target's own compiler, without its hardware, without
+weights and without the hub.
+
+The policy (and a JAX reward model) are abstract arrays placed on a mesh over the target's devices
+(`nnx.eval_shape`, shapes from the shipped `config.json`s of `jaxdpo/experiment/shapes` or a local
+model folder); every stage of a round (`stages.round_stages`, the programs the run calls) is
+lowered and compiled at the config's chunk shapes (`compiled.analyze`). Per stage: bytes per device
+(arguments, outputs, temporaries, plus what stays resident) against what the chip's compiler says
+a program may use; FLOPs and HBM bytes accessed per call; the roofline time of a call, max(FLOPs ÷
+peak, bytes ÷ bandwidth) from the chip's published figures (`targets`), times the calls the round
+makes; the compile seconds. The round estimate is a lower bound: the roofline of every call of
+every method's last round for one seed, without the ICI traffic of collectives, host work
+(tokenizing, the oracle, checkpoints) or the gaps between calls; nothing is measured on hardware.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from jaxdpo.config import ExperimentConfig
+from jaxdpo.errors import UserError
+from jaxdpo.experiment import stages, targets
+from jaxdpo.experiment.compiled import analyze
+
+NOTES = (
+    "the round estimate adds every call's roofline time, max(FLOPs / peak, bytes accessed / HBM bandwidth): a lower bound, "
+    "without collectives' interconnect time, host work or the oracle",
+    "generation decodes max_new_tokens steps per call (an upper bound: a chunk stops when every row has ended)",
+    "log-probs, features and the DPO step are compiled at their widest response window (every position)",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRow:
+    """One stage of the plan (bytes per device; FLOPs and bytes accessed per call; seconds from
+    the roofline; `calls` per method of one round)."""
+
+    stage: str
+    key: str
+    bytes: int
+    arguments: int
+    outputs: int
+    temporaries: int
+    resident: int
+    fits: bool
+    flops: float | None
+    bytes_accessed: float | None
+    seconds_per_call: float | None
+    calls: dict[str, int]
+    seconds_per_round: float | None
+    compile_seconds: float
+    error: str | None
+
+
+def parse_mesh(text: str | None) -> tuple[int, int] | None:
+    """`--mesh D,M` as (data, model)."""
+    if text is None:
+        return None
+    try:
+        data, model = (int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--mesh: expected two positive integers D,M (data, model), got {text!r}") from None
+    if data < 1 or model < 1:
+        raise UserError(f"--mesh: expected two positive integers D,M (data, model), got {text!r}")
+    return data, model
+
+
+def plan(config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None = None, costs: bool = True, progress=None) -> dict:
+    """The plan of a round of `config` on `target` (a name of `targets.TARGETS`) as a JSON-ready
+    dict; `mesh` (data, model) overrides `config.mesh`."""
+    import jax
+
+    from jaxdpo.experiment.abstract import abstract_round
+    from jaxdpo.sharding import make_mesh
+
+    devices = targets.target_devices(target)
+    data, model = mesh or (config.mesh.data, config.mesh.model)
+    grid = make_mesh(data, model, devices=devices)
+    if grid.size > 1:
+        stages.check_splits(config, grid)
+    shape = abstract_round(config, grid if grid.size > 1 or target != "local" else None)
+    chip = targets.chip_of(devices[0].device_kind)
+    if target == "local":
+        from jaxdpo.experiment.memory import device_memory
+
+        limit = device_memory()
+    else:
+        limit = targets.usable_memory(devices[0], chip)
+    held = stages.long_lived(shape)
+    rows = []
+    for stage in stages.round_stages(shape):
+        task = progress.add_task(f"  compiling {stage.name}", total=None) if progress is not None else None
+        rows.append(_row(stage, analyze(stage.program, stage.args, costs=costs, loop_trips=stage.loop_trips), held, limit, chip))
+        if task is not None:
+            progress.remove_task(task)
+    seconds = [row.seconds_per_round for row in rows]
+    round_seconds = None if not rows or any(s is None for s in seconds) else sum(seconds)
+    per_method = {
+        method: None if round_seconds is None else sum(row.seconds_per_call * row.calls.get(method, 0) for row in rows)
+        for method in config.run.methods
+    }
+    largest = max(rows, key=lambda row: row.bytes)
+    return {
+        "target": target, "devices": len(devices), "device_kind": devices[0].device_kind, "platform": devices[0].platform,
+        "jax": jax.__version__, "mesh": {"data": grid.shape["data"], "model": grid.shape["model"]},
+        "chip": None if chip is None else chip._asdict(), "limit_bytes": limit,
+        "fits": all(row.fits for row in rows), "largest_stage": largest.stage, "largest_bytes": largest.bytes,
+        "round_seconds": round_seconds, "method_round_seconds": per_method,
+        "run_seconds": None if round_seconds is None else round_seconds * config.run.rounds * len(config.run.seeds),
+        "stages": [dataclasses.asdict(row) for row in rows], "notes": list(NOTES) + _notes(config),
+    }
+
+
+def _row(stage: stages.Stage, analysis, held: dict[str, int], limit: int | None, chip) -> StageRow:
+    resident = stage.resident(held)
+    need = analysis.need + resident
+    per_call = None
+    if chip is not None and analysis.flops is not None:
+        per_call = max(analysis.flops / chip.peak_flops, analysis.bytes_accessed / chip.bandwidth)
+    total_calls = sum(stage.calls.values())
+    return StageRow(
+        stage.name, stage.key, need, analysis.arguments, analysis.outputs, analysis.temporaries, resident,
+        analysis.error is None and (limit is None or need <= limit), analysis.flops, analysis.bytes_accessed, per_call,
+        dict(stage.calls), None if per_call is None else per_call * total_calls, analysis.compile_seconds, analysis.error,
+    )
+
+
+def _notes(config: ExperimentConfig) -> list[str]:
+    notes = ["selection runs on one device, as the run computes it (its pool gathered from the host)"]
+    if config.oracle.kind == "torch_reward_model":
+        notes.append("the oracle is a PyTorch reward model: it runs outside JAX and is not planned")
+    return notes
+
+
+def check_fits(report: dict) -> None:
+    """UserError naming the keys to lower when a stage does not fit."""
+    over = [row for row in report["stages"] if not row["fits"]]
+    if not over:
+        return
+    limit = report["limit_bytes"]
+    where = f"{limit / 2**30:.2f} GiB a {report['target']} device may use" if limit else "the device's memory"
+    parts = ", ".join(f"{row['key']} ({row['stage']} needs {row['bytes'] / 2**30:.2f} GiB)" for row in over)
+    raise UserError(f"does not fit in the {where}: {parts}; lower those keys or split the model over more devices (mesh.model)")
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def print_plan(report: dict, title: str) -> None:
+    """The plan as a table: per stage its bytes per device (resident included), whether it fits, its
+    FLOPs and bytes accessed per call, roofline milliseconds per call, calls and seconds per round,
+    compile seconds; the caption has the round estimate."""
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    mesh = report["mesh"]
+    table = Table(
+        title=f"{title} on {report['target']}: {report['devices']} × {report['device_kind']}, mesh data {mesh['data']} × model "
+        f"{mesh['model']}, {_size(report['limit_bytes'])} usable per device",
+        caption=_caption(report),
+    )
+    for column in ("stage", "per device", "resident", "fits", "GFLOP/call", "GB/call", "ms/call", "calls/round", "s/round", "compile s"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for row in report["stages"]:
+        table.add_row(
+            row["stage"], _size(row["bytes"]), _size(row["resident"]), "yes" if row["fits"] else "[red]NO[/red]", _number(row["flops"], 1e9),
+            _number(row["bytes_accessed"], 1e9), _number(row["seconds_per_call"], 1e-3), str(sum(row["calls"].values())),
+            _number(row["seconds_per_round"], 1.0), f"{row['compile_seconds']:.1f}",
+        )
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+
+
+def _size(value: int | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def _number(value: float | None, unit: float) -> str:
+    if value is None:
+        return "–"
+    scaled = value / unit
+    return f"{scaled:.3g}" if scaled < 1000 else f"{scaled:,.0f}"
+
+
+def _caption(report: dict) -> str:
+    fits = "fits" if report["fits"] else "DOES NOT FIT"
+    largest = f"largest stage: {report['largest_stage']} ({_size(report['largest_bytes'])})"
+    if report["round_seconds"] is None:
+        return f"{fits}; {largest}; no roofline (no published figures for {report['device_kind']})"
+    hours = report["run_seconds"] / 3600
+    return (
+        f"{fits}; {largest}; round ≥ {report['round_seconds']:.1f} s (roofline: every method's last round, one seed), "
+        f"run ≥ {hours:.2f} h"
+    )

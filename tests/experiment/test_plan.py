@@ -1,0 +1,168 @@
+"""`jaxdpo plan` and the stage programs it shares with the run: loop-aware costs against unrolled
+programs, the stages a config's methods need and their calls, the local plan against the run's own
+memory plan, the exit-2 path, and a small model compiled for a TPU slice through libtpu."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from jaxdpo import embedded
+from jaxdpo.cli import main
+from jaxdpo.config import config_from_dict
+from jaxdpo.errors import EXIT_USER_ERROR
+from jaxdpo.experiment import memory, stages
+from jaxdpo.experiment.abstract import abstract_round
+from jaxdpo.experiment.compiled import analyze
+from jaxdpo.experiment.plan import parse_mesh
+from jaxdpo.experiment.setup import build_setup
+from jaxdpo.models import Decoder, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = {  # the embedded task at the smallest shapes, one method: four stages
+    "run": {"methods": ["random"], "seeds": [0], "rounds": 3},
+    "data": {"prompts_per_round": 8},
+    "selection": {"batch_size": 4},
+    "lora": {"rank": 2, "alpha": 4.0},
+    "dpo": {"epochs": 2, "batch_size": 4},
+    "oracle": {"kind": "human"},
+}
+
+
+def _layers(w, x):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w)[0]
+
+
+def _unrolled(w, x):
+    for layer in range(w.shape[0]):
+        x = jnp.tanh(x @ w[layer])
+    return x
+
+
+def _grad_of(layers):
+    return lambda w, x: jax.grad(lambda w: jnp.sum(layers(w, x)))(w)
+
+
+def _accumulated(grad):
+    """A scan over micro-batches around a gradient (the DPO step's shape: loops in loops)."""
+    return lambda w, xs: jax.lax.scan(lambda total, x: (total + grad(w, x), None), jnp.zeros_like(w), xs)[0]
+
+
+def _decode(x, steps):
+    return jax.lax.while_loop(lambda s: s[1] < steps, lambda s: (jnp.tanh(s[0] @ s[0]), s[1] + 1), (x, 0))[0]
+
+
+def test_loop_costs_equal_those_of_the_unrolled_program():
+    w = jax.ShapeDtypeStruct((3, 64, 64), jnp.float32)  # an odd and an even trip count: 3 layers, 4 micro-batches
+    x, xs = jax.ShapeDtypeStruct((32, 64), jnp.float32), jax.ShapeDtypeStruct((4, 32, 64), jnp.float32)
+    cases = [
+        (_layers, _unrolled, (w, x)),
+        (_grad_of(_layers), _grad_of(_unrolled), (w, x)),
+        (_accumulated(_grad_of(_layers)), _accumulated(_grad_of(_unrolled)), (w, xs)),
+    ]
+    for looped, unrolled, args in cases:
+        got, expected = analyze(looped, args, costs=True), analyze(unrolled, args, costs=True)
+        assert got.flops == pytest.approx(expected.flops, rel=0.05)
+        once = analyze(looped, args).need  # the memory of the program as compiled, loops kept
+        assert once == analyze(looped, args, costs=True).need
+    square = jax.ShapeDtypeStruct((48, 48), jnp.float32)
+    decode = analyze(lambda x: _decode(x, 5), (square,), costs=True, loop_trips=5)
+    assert decode.flops == pytest.approx(5 * 2 * 48**3, rel=0.01)  # five matmuls, counted from one body
+
+
+def test_round_stages_and_their_calls_follow_the_methods():
+    config = config_from_dict({**SMALL, "run": {"methods": ["activedpo", "aplp", "apo", "random"], "seeds": [0], "rounds": 3},
+                               "oracle": {"kind": "synthetic"}, "eval": {"prompts": 20}})
+    shape = abstract_round(config, None)
+    got = {stage.name: stage for stage in stages.round_stages(shape)}
+    m, k, prompts, batch = 3, config.generation.entropy_samples, 8, 4
+    assert set(got) == {
+        f"generation: responses ({m} per prompt)", f"generation: entropy samples ({k} per prompt)", "generation: evaluation (1 per prompt)",
+        "log-probs", "features", "frozen features", "DPO step", "selection: activedpo", "selection: aplp", "selection: apo", "selection: random",
+    }
+    assert dict(got[f"generation: entropy samples ({k} per prompt)"].calls) == {"activedpo": 0, "aplp": 1, "apo": 0, "random": 0}
+    assert dict(got["generation: evaluation (1 per prompt)"].calls)["random"] == math.ceil(20 / 20)  # 128 rows: every prompt at once
+    # the last round: (3 − 1)·4 labeled pairs feed the prior, train_on = "all" trains on 3·4 pairs
+    responses, labeled_rows, trained_rows = prompts * m, 2 * 2 * batch, 2 * 3 * batch
+    assert got["features"].calls["activedpo"] == math.ceil(responses / 16) + math.ceil(labeled_rows / 16)
+    assert got["frozen features"].calls == {"activedpo": 0, "aplp": 0, "apo": math.ceil(responses / 16) + math.ceil(labeled_rows / 16), "random": 0}
+    assert got["log-probs"].calls["random"] == math.ceil(trained_rows / 16)
+    assert got["log-probs"].calls["aplp"] == 2 * math.ceil(responses / 16) + math.ceil(prompts * k / 16) + math.ceil(trained_rows / 16)
+    assert got["DPO step"].calls["apo"] == 2 * math.ceil(3 * batch / 4)
+    assert got["features"].timed_as == ("features",) and "training" in got["log-probs"].timed_as
+
+
+def test_the_local_plan_compiles_the_programs_of_the_runs_memory_plan(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    save_pretrained(Decoder(embedded.MODEL_CONFIG, rngs=nnx.Rngs(0)), out / "sft-model")  # the run's SFT model, untrained
+    config = config_from_dict(SMALL)
+    on_device = list(memory.plan_memory(build_setup(config, out)))
+    path = tmp_path / "small.yaml"
+    path.write_text(json.dumps(SMALL))  # JSON is YAML
+    too_small = sorted(plan.bytes for plan in on_device)[-2]  # the largest stage does not fit, the others do
+    monkeypatch.setattr(memory, "device_memory", lambda: too_small)
+    report = tmp_path / "plan.json"
+    assert main(["plan", str(path), "--target", "local", "--memory-only", "--json", str(report)]) == EXIT_USER_ERROR
+    planned = json.loads(report.read_text())["stages"]
+    assert [(p["stage"], p["key"], p["bytes"]) for p in planned] == [(p.stage, p.key, p.bytes) for p in on_device]
+    largest = max(on_device, key=lambda p: p.bytes)
+    error = capsys.readouterr().err
+    assert f"{largest.key} ({largest.stage} needs" in error and "does not fit" in error
+    assert sum(not p["fits"] for p in planned) == 1
+
+
+def test_mesh_argument():
+    assert parse_mesh("4,2") == (4, 2) and parse_mesh(None) is None
+    for bad in ("4", "a,b", "0,2", "4,2,1"):
+        with pytest.raises(Exception, match="--mesh: expected two positive integers"):
+            parse_mesh(bad)
+
+
+TPU_PYTHON = os.environ.get("JAXDPO_TPU_PYTHON")
+TINY_LLAMA = {  # four layers, so a cost that counted the layer scan once would be a quarter of the truth
+    "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+    "eos_token_id": 2, "pad_token_id": 0, "bos_token_id": 1, "max_position_embeddings": 512,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TPU_PYTHON, reason="JAXDPO_TPU_PYTHON names no Python with libtpu (.ci/run builds .venv-tpu)")
+def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    (tmp_path / "prompts.jsonl").write_text("")
+    config = {
+        **SMALL, "model": {"path": "model", "dtype": "bfloat16"},
+        "data": {"source": "jsonl", "path": "prompts.jsonl", "max_prompt_tokens": 24, "prompts_per_round": 8},
+        "generation": {"max_new_tokens": 8},
+    }
+    (tmp_path / "plan.yaml").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")} | {"PYTHONPATH": str(ROOT)}
+    command = [TPU_PYTHON, "-m", "jaxdpo.cli", "plan", "plan.yaml", "--target", "v4-8", "--mesh", "2,2", "--json", "out.json"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "out.json").read_text())
+    assert (report["devices"], report["device_kind"], report["mesh"]) == (4, "TPU v4", {"data": 2, "model": 2})
+    assert 30 * 2**30 < report["limit_bytes"] <= 32 * 2**30  # what the v4 compiler says a program may use
+    rows = {row["stage"]: row for row in report["stages"]}
+    assert set(rows) == {"generation: responses (3 per prompt)", "log-probs", "DPO step", "selection: random"} and report["fits"]
+    chip = report["chip"]
+    for row in rows.values():
+        assert row["seconds_per_call"] == max(row["flops"] / chip["peak_flops"], row["bytes_accessed"] / chip["bandwidth"])
+    assert report["round_seconds"] == pytest.approx(sum(row["seconds_per_call"] * sum(row["calls"].values()) for row in rows.values()))
+    # log-probs of 16 rows × 32 tokens, every position: 2 FLOPs per weight and token in the layers' matmuls and the head,
+    # plus attention (QKᵀ and PV: 4·seq·heads·head_dim per token and layer); the rows split over 2 data devices, the
+    # weights over 2 model devices (which share out the work, or not: between a quarter and a half per device)
+    c, tokens, seq = TINY_LLAMA, 16 * 32, 32
+    heads = c["num_attention_heads"] * c["head_dim"]
+    layer = 2 * c["hidden_size"] * heads + 2 * c["hidden_size"] * c["num_key_value_heads"] * c["head_dim"] + 3 * c["hidden_size"] * c["intermediate_size"]
+    analytic = tokens * (2 * (c["num_hidden_layers"] * layer + c["hidden_size"] * c["vocab_size"]) + c["num_hidden_layers"] * 4 * seq * heads)
+    assert analytic / 4 * 0.9 < rows["log-probs"]["flops"] < analytic / 2 * 1.5
