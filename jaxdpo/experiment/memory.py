@@ -58,7 +58,10 @@ def plan_memory(setup) -> Iterator[StagePlan]:
     shape = setup.round_shape
     held = stages.long_lived(shape)
     for stage in stages.round_stages(shape):
-        yield StagePlan(stage.name, stage.key, analyze(stage.program, stage.args).need + stage.resident(held), stage.timed_as)
+        analysis = analyze(stage.program, stage.args)
+        if analysis.error is not None:
+            raise UserError(f"{stage.key}: the compiler refused the {stage.name} stage ({analysis.error}); lower {stage.key} (or raise mesh.model)")
+        yield StagePlan(stage.name, stage.key, analysis.need + stage.resident(held), stage.timed_as)
 
 
 def log_plan(plan: StagePlan, limit: int) -> None:
