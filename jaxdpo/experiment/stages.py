@@ -214,7 +214,7 @@ def round_stages(shape: RoundShape) -> list[Stage]:
             holds = frozenset({"policy", "adapter"} if name == "features" else {"policy"})
             stages.append(Stage(name, "features.chunk_size", program, args, holds, ("features",), counts))
     stages.append(_dpo_stage(shape, model, lora, calls))
-    stages += [_selection_stage(shape, method, calls) for method in config.run.methods]
+    stages += [_selection_stage(shape, method) for method in config.run.methods]
     if shape.reward_model is not None:
         tokens = _rows(shape, (reward_rows(config, mesh), config.oracle.max_length))
         stages.append(Stage(
@@ -235,7 +235,7 @@ def _dpo_stage(shape: RoundShape, model, lora, calls: _Calls) -> Stage:
     return Stage("DPO step", "dpo.batch_size", program, args, frozenset({"policy", "adapter", "optimizer"}), ("training",), calls.dpo_steps())
 
 
-def _selection_stage(shape: RoundShape, method: str, calls: _Calls) -> Stage:
+def _selection_stage(shape: RoundShape, method: str) -> Stage:
     """The method's pick from the last round's pool (the largest prior), on one device as the run
     computes it (the pool's fields are gathered to the host first)."""
     config = shape.config
