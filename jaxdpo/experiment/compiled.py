@@ -35,7 +35,9 @@ _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 @dataclasses.dataclass(frozen=True)
 class Analysis:
     """One program's compiled size and cost per device. `need`: bytes it needs while it runs
-    (arguments + outputs + temporaries − what outputs alias). `flops` / `bytes_accessed`: per call,
+    (arguments + outputs + temporaries − what outputs alias, or the compiler's peak when that is
+    larger: the TPU compiler reports some programs' working memory only there). `flops` /
+    `bytes_accessed`: per call,
     loops counted as they run (None without `costs`, or where the backend gives none). `error`:
     the compiler's out-of-memory message when it refused the program (`need` then is what the
     message says it required)."""

@@ -151,8 +151,8 @@ def write_json(report: dict, path: Path) -> None:
 
 
 def print_plan(report: dict, title: str) -> None:
-    """The plan as a table: per stage its bytes per device (arguments, outputs and temporaries, what
-    stays resident, their total), whether it fits, its FLOPs and bytes accessed per call, roofline
+    """The plan as a table: per stage its bytes per device (arguments; working memory, outputs and
+    temporaries; what stays resident; their total), whether it fits, its FLOPs and bytes accessed per call, roofline
     milliseconds per call, calls and seconds per round, compile seconds; the caption has the round
     estimate."""
     import sys
@@ -166,13 +166,13 @@ def print_plan(report: dict, title: str) -> None:
         f"{mesh['model']}, {_size(report['limit_bytes'])} usable per device",
         caption=_caption(report),
     )
-    columns = ("stage", "arguments", "out + temp", "resident", "per device", "fits", "GFLOP/call", "GB/call", "ms/call", "calls/round",
+    columns = ("stage", "arguments", "working", "resident", "per device", "fits", "GFLOP/call", "GB/call", "ms/call", "calls/round",
                "s/round", "compile s")
     for column in columns:
         table.add_column(column, justify="left" if column == "stage" else "right")
     for row in report["stages"]:
         table.add_row(
-            row["stage"], _size(row["arguments"]), _size(row["outputs"] + row["temporaries"]), _size(row["resident"]), _size(row["bytes"]),
+            row["stage"], _size(row["arguments"]), _size(row["bytes"] - row["arguments"] - row["resident"]), _size(row["resident"]), _size(row["bytes"]),
             "yes" if row["fits"] else "[red]NO[/red]", _number(row["flops"], 1e9),
             _number(row["bytes_accessed"], 1e9), _number(row["seconds_per_call"], 1e-3), str(sum(row["calls"].values())),
             _number(row["seconds_per_round"], 1.0), f"{row['compile_seconds']:.1f}",
