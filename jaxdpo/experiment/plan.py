@@ -106,7 +106,7 @@ def plan(config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None 
     return {
         "target": target, "devices": len(devices), "device_kind": devices[0].device_kind, "platform": devices[0].platform,
         "jax": jax.__version__, "mesh": {"data": grid.shape["data"], "model": grid.shape["model"]},
-        "chip": None if chip is None else chip._asdict(), "limit_bytes": limit,
+        "chip": None if chip is None else chip._asdict(), "limit_bytes": limit, "costs": costs,
         "fits": all(row.fits for row in rows), "largest_stage": largest.stage, "largest_bytes": largest.bytes,
         "round_seconds": round_seconds, "method_round_seconds": per_method,
         "run_seconds": None if round_seconds is None else round_seconds * config.run.rounds * len(config.run.seeds),
@@ -197,7 +197,8 @@ def _caption(report: dict) -> str:
     fits = "fits" if report["fits"] else "DOES NOT FIT"
     largest = f"largest stage: {report['largest_stage']} ({_size(report['largest_bytes'])})"
     if report["round_seconds"] is None:
-        return f"{fits}; {largest}; no roofline (no published figures for {report['device_kind']})"
+        why = "--memory-only" if not report["costs"] else f"no published figures for {report['device_kind']}"
+        return f"{fits}; {largest}; no roofline ({why})"
     hours = report["run_seconds"] / 3600
     return (
         f"{fits}; {largest}; round ≥ {report['round_seconds']:.1f} s (roofline: every method's last round, one seed), "
