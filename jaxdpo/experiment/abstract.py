@@ -29,7 +29,8 @@ def abstract_round(config: ExperimentConfig, mesh: Mesh | None) -> RoundShape:
         tokenizer = embedded.build_tokenizer()
         model = nnx.eval_shape(lambda: Decoder(embedded.MODEL_CONFIG, rngs=nnx.Rngs(0), dtype=dtype, remat=config.model.remat))
         return RoundShape(
-            config, placed(model, mesh), mesh, embedded.PROMPT_TOKENS, embedded.MAX_NEW_TOKENS, tokenizer.eos_token_id, tokenizer.pad_token_id
+            config, placed(model, mesh), mesh, embedded.PROMPT_TOKENS, embedded.MAX_NEW_TOKENS, tokenizer.eos_token_id,
+            tokenizer.pad_token_id, _reward_model(config, mesh),
         )
     hf = model_shape("model.path", config.model.path)
     model = nnx.eval_shape(lambda: Decoder(DecoderConfig.from_hf(hf), rngs=nnx.Rngs(0), dtype=dtype, remat=config.model.remat, hf_config=hf))

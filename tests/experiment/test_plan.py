@@ -22,8 +22,10 @@ from jaxdpo.experiment import memory, stages
 from jaxdpo.experiment.abstract import abstract_round
 from jaxdpo.experiment.compiled import analyze
 from jaxdpo.experiment.plan import parse_mesh
+from jaxdpo.experiment.targets import chip_of
 from jaxdpo.experiment.setup import build_setup
-from jaxdpo.models import Decoder, save_pretrained
+from jaxdpo.models import Decoder, DecoderConfig, save_pretrained
+from jaxdpo.models.decoder import layer_shapes
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = {  # the embedded task at the smallest shapes, one method: four stages
@@ -116,6 +118,27 @@ def test_the_local_plan_compiles_the_programs_of_the_runs_memory_plan(tmp_path, 
     error = capsys.readouterr().err
     assert f"{largest.key} ({largest.stage} needs" in error and "does not fit" in error
     assert sum(not p["fits"] for p in planned) == 1
+
+
+def test_a_jax_reward_model_is_a_stage_and_stays_resident_in_the_others(tmp_path):
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(TINY_LLAMA))
+    config = config_from_dict({**SMALL, "oracle": {"kind": "reward_model", "path": str(tmp_path / "rm"), "batch_size": 4}})
+    shape = abstract_round(config, None)
+    held = stages.long_lived(shape)
+    c = TINY_LLAMA  # float32, the head tied to the embedding, a [hidden, 1] score head
+    per_layer = sum(math.prod(s) for s in layer_shapes(DecoderConfig.from_hf({**c, "tie_word_embeddings": True})).values())
+    assert held["reward model"] == 4 * (c["num_hidden_layers"] * per_layer + c["vocab_size"] * c["hidden_size"] + 2 * c["hidden_size"])
+    got = {stage.name: stage for stage in stages.round_stages(shape)}
+    assert got["reward model"].calls["random"] == math.ceil(config.eval.prompts / 4) + math.ceil(2 * 4 / 4)  # evaluation + labels
+    assert got["reward model"].resident(held) == held["policy"] + 2 * held["adapter"] + 2 * held["optimizer"]
+    assert got["log-probs"].resident(held) == held["reward model"] + held["adapter"] + 2 * held["optimizer"]
+    assert got["DPO step"].resident(held) == held["reward model"] + held["adapter"] + held["optimizer"]
+
+
+def test_chips_by_device_kind():
+    assert chip_of("TPU v5 lite").name == "TPU v5e" and chip_of("TPU v5").name == "TPU v5p" and chip_of("TPU v6 lite").name == "TPU v6e"
+    assert chip_of("NVIDIA H100 80GB HBM3").peak_flops == 989e12 and chip_of("cpu") is None
 
 
 def test_mesh_argument():
