@@ -10,7 +10,7 @@ lowered and compiled at the config's chunk shapes (`compiled.analyze`). Per stag
 a program may use; FLOPs and HBM bytes accessed per call; the roofline time of a call, max(FLOPs ÷
 peak, bytes ÷ bandwidth) from the chip's published figures (`targets`), times the calls the round
 makes; the compile seconds. The round estimate is a lower bound: the roofline of every call of
-every method's last round for one seed, without the ICI traffic of collectives, host work
+every method's last round for one seed (the run's: of all its rounds and seeds), without the ICI traffic of collectives, host work
 (tokenizing, the oracle, checkpoints) or the gaps between calls; nothing is measured on hardware.
 """
 
@@ -36,7 +36,9 @@ NOTES = (
 @dataclasses.dataclass(frozen=True)
 class StageRow:
     """One stage of the plan (bytes per device; FLOPs and bytes accessed per call; seconds from
-    the roofline; `calls` per method of one round)."""
+    the roofline). `calls`: per method, the calls of each round; `calls_per_round`: of every
+    method's last round (the one with the most labels); `seconds_per_run`: of every round of every
+    method, one seed."""
 
     stage: str
     key: str
@@ -49,8 +51,10 @@ class StageRow:
     flops: float | None
     bytes_accessed: float | None
     seconds_per_call: float | None
-    calls: dict[str, int]
+    calls: dict[str, list[int]]
+    calls_per_round: int
     seconds_per_round: float | None
+    seconds_per_run: float | None
     compile_seconds: float
     error: str | None
 
@@ -96,11 +100,10 @@ def plan(config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None 
         rows.append(_row(stage, analyze(stage.program, stage.args, costs=costs, loop_trips=stage.loop_trips), held, limit, chip))
         if task is not None:
             progress.remove_task(task)
-    seconds = [row.seconds_per_round for row in rows]
-    round_seconds = None if not rows or any(s is None for s in seconds) else sum(seconds)
+    timed = all(row.seconds_per_call is not None for row in rows)
+    round_seconds = sum(row.seconds_per_round for row in rows) if timed else None
     per_method = {
-        method: None if round_seconds is None else sum(row.seconds_per_call * row.calls.get(method, 0) for row in rows)
-        for method in config.run.methods
+        method: sum(row.seconds_per_call * row.calls[method][-1] for row in rows) if timed else None for method in config.run.methods
     }
     largest = max(rows, key=lambda row: row.bytes)
     return {
@@ -109,7 +112,7 @@ def plan(config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None 
         "chip": None if chip is None else chip._asdict(), "limit_bytes": limit, "costs": costs,
         "fits": all(row.fits for row in rows), "largest_stage": largest.stage, "largest_bytes": largest.bytes,
         "round_seconds": round_seconds, "method_round_seconds": per_method,
-        "run_seconds": None if round_seconds is None else round_seconds * config.run.rounds * len(config.run.seeds),
+        "run_seconds": sum(row.seconds_per_run for row in rows) * len(config.run.seeds) if timed else None,
         "stages": [dataclasses.asdict(row) for row in rows], "notes": list(NOTES) + _notes(config),
     }
 
@@ -120,11 +123,12 @@ def _row(stage: stages.Stage, analysis, held: dict[str, int], limit: int | None,
     per_call = None
     if chip is not None and analysis.flops is not None:
         per_call = max(analysis.flops / chip.peak_flops, analysis.bytes_accessed / chip.bandwidth)
-    total_calls = sum(stage.calls.values())
+    last, every = sum(c[-1] for c in stage.calls.values()), sum(sum(c) for c in stage.calls.values())
     return StageRow(
         stage.name, stage.key, need, analysis.arguments, analysis.outputs, analysis.temporaries, resident,
         analysis.error is None and (limit is None or need <= limit), analysis.flops, analysis.bytes_accessed, per_call,
-        dict(stage.calls), None if per_call is None else per_call * total_calls, analysis.compile_seconds, analysis.error,
+        {method: list(c) for method, c in stage.calls.items()}, last, None if per_call is None else per_call * last,
+        None if per_call is None else per_call * every, analysis.compile_seconds, analysis.error,
     )
 
 
@@ -174,7 +178,7 @@ def print_plan(report: dict, title: str) -> None:
         table.add_row(
             row["stage"], _size(row["arguments"]), _size(row["bytes"] - row["arguments"] - row["resident"]), _size(row["resident"]), _size(row["bytes"]),
             "yes" if row["fits"] else "[red]NO[/red]", _number(row["flops"], 1e9),
-            _number(row["bytes_accessed"], 1e9), _number(row["seconds_per_call"], 1e-3), str(sum(row["calls"].values())),
+            _number(row["bytes_accessed"], 1e9), _number(row["seconds_per_call"], 1e-3), str(row["calls_per_round"]),
             _number(row["seconds_per_round"], 1.0), f"{row['compile_seconds']:.1f}",
         )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
@@ -201,6 +205,6 @@ def _caption(report: dict) -> str:
         return f"{fits}; {largest}; no roofline ({why})"
     hours = report["run_seconds"] / 3600
     return (
-        f"{fits}; {largest}; round ≥ {report['round_seconds']:.1f} s (roofline: every method's last round, one seed), "
-        f"run ≥ {hours:.2f} h"
+        f"{fits}; {largest}; roofline: a round ≥ {report['round_seconds']:.1f} s (every method's last round, one seed), "
+        f"the run ≥ {hours:.2f} h (every round, method and seed)"
     )

@@ -151,7 +151,7 @@ class Stage:
     and sharded as the run places them); `key` the config key that bounds its memory; `holds` the
     long-lived state among its arguments ("policy", "adapter", "optimizer", "reward model");
     `timed_as` the run's stage timings it runs under; `calls` per method of the config, how many
-    calls the method's last round makes (the one with the most labels); `loop_trips` the
+    calls each of its rounds makes (the last one has the most labels); `loop_trips` the
     iterations its data-dependent loop runs at most (decoding: max_new_tokens)."""
 
     name: str
@@ -160,7 +160,7 @@ class Stage:
     args: tuple
     holds: frozenset[str]
     timed_as: tuple[str, ...]
-    calls: Mapping[str, int]
+    calls: Mapping[str, tuple[int, ...]]
     loop_trips: int = 1
 
     def resident(self, long_lived: Mapping[str, int]) -> int:
@@ -214,7 +214,7 @@ def round_stages(shape: RoundShape) -> list[Stage]:
             holds = frozenset({"policy", "adapter"} if name == "features" else {"policy"})
             stages.append(Stage(name, "features.chunk_size", program, args, holds, ("features",), counts))
     stages.append(_dpo_stage(shape, model, lora, calls))
-    stages += [_selection_stage(shape, method) for method in config.run.methods]
+    stages += [_selection_stage(shape, method, calls.selection(method)) for method in config.run.methods]
     if shape.reward_model is not None:
         tokens = _rows(shape, (reward_rows(config, mesh), config.oracle.max_length))
         stages.append(Stage(
@@ -235,7 +235,7 @@ def _dpo_stage(shape: RoundShape, model, lora, calls: _Calls) -> Stage:
     return Stage("DPO step", "dpo.batch_size", program, args, frozenset({"policy", "adapter", "optimizer"}), ("training",), calls.dpo_steps())
 
 
-def _selection_stage(shape: RoundShape, method: str) -> Stage:
+def _selection_stage(shape: RoundShape, method: str, calls: Mapping[str, tuple[int, ...]]) -> Stage:
     """The method's pick from the last round's pool (the largest prior), on one device as the run
     computes it (the pool's fields are gathered to the host first)."""
     config = shape.config
@@ -248,8 +248,7 @@ def _selection_stage(shape: RoundShape, method: str) -> Stage:
 
     key = _pooled(shape, jax.eval_shape(lambda: jax.random.key(0)))
     return Stage(
-        f"selection: {method}", "data.prompts_per_round", program, (fields, key), frozenset(), ("selection",),
-        {m: int(m == method) for m in config.run.methods},
+        f"selection: {method}", "data.prompts_per_round", program, (fields, key), frozenset(), ("selection",), calls
     )
 
 
@@ -268,55 +267,61 @@ def _pool_fields(shape: RoundShape) -> dict[str, jax.ShapeDtypeStruct]:
 
 
 class _Calls:
-    """Calls per round of each stage, per method: the last round (t = run.rounds, with (t − 1)·B
-    labeled pairs before it), every label a preference."""
+    """Calls of each stage per method, in each round t = 1 … run.rounds ((t − 1)·B labeled pairs
+    before it; every label a preference)."""
 
     def __init__(self, shape: RoundShape, uses: Mapping[str, frozenset[str]]):
         c = self.config = shape.config
-        self.shape, self.uses, self.mesh = shape, uses, shape.mesh
-        self.prompts, self.m = c.data.prompts_per_round, c.generation.responses_per_prompt
-        self.labeled = (c.run.rounds - 1) * c.selection.batch_size
-        self.trained = c.selection.batch_size * (c.run.rounds if c.dpo.train_on == "all" else 1)
+        self.uses, self.mesh = uses, shape.mesh
+        self.prompts, self.m, self.batch = c.data.prompts_per_round, c.generation.responses_per_prompt, c.selection.batch_size
         self.scored = c.oracle.kind in ("synthetic", "reward_model", "torch_reward_model")
 
-    def _per_method(self, count: Callable[[frozenset[str]], int]) -> dict[str, int]:
-        return {method: count(fields) for method, fields in self.uses.items()}
+    def _per_method(self, count: Callable[[frozenset[str], int], int]) -> dict[str, tuple[int, ...]]:
+        rounds = range(1, self.config.run.rounds + 1)
+        return {method: tuple(count(fields, t) for t in rounds) for method, fields in self.uses.items()}
+
+    def _trained(self, t: int) -> int:
+        """Pairs the DPO of round t trains on (`dpo.train_on`: this round's or every one so far)."""
+        return self.batch * (t if self.config.dpo.train_on == "all" else 1)
 
     def _generation_calls(self, purpose: str, prompts: int) -> int:
-        per_call = prompts_per_call(self.config, sampling(self.config, purpose).num_samples, prompts, self.mesh)
-        return math.ceil(prompts / per_call)
+        return math.ceil(prompts / prompts_per_call(self.config, sampling(self.config, purpose).num_samples, prompts, self.mesh))
 
-    def generation(self, purpose: str) -> dict[str, int]:
+    def generation(self, purpose: str) -> dict[str, tuple[int, ...]]:
         if purpose == "responses":
-            return self._per_method(lambda fields: self._generation_calls(purpose, self.prompts))
+            return self._per_method(lambda fields, t: self._generation_calls(purpose, self.prompts))
         if purpose == "entropy samples":
-            return self._per_method(lambda fields: self._generation_calls(purpose, self.prompts) if "prompt_entropy" in fields else 0)
-        return self._per_method(lambda fields: self._generation_calls(purpose, self.config.eval.prompts) if self.scored else 0)
+            return self._per_method(lambda fields, t: self._generation_calls(purpose, self.prompts) if "prompt_entropy" in fields else 0)
+        return self._per_method(lambda fields, t: self._generation_calls(purpose, self.config.eval.prompts) if self.scored else 0)
 
-    def logprobs(self) -> dict[str, int]:
+    def logprobs(self) -> dict[str, tuple[int, ...]]:
         rows = logprob_rows(self.config, self.mesh)
         entropy = self.prompts * self.config.generation.entropy_samples
 
-        def count(fields):
+        def count(fields, t):
             margins = 2 * math.ceil(self.prompts * self.m / rows) if "margins" in fields else 0
             samples = math.ceil(entropy / rows) if "prompt_entropy" in fields else 0
-            return margins + samples + math.ceil(2 * self.trained / rows)  # + the reference log-probs of training
+            return margins + samples + math.ceil(2 * self._trained(t) / rows)  # + the reference log-probs of training
 
         return self._per_method(count)
 
-    def features(self, fields_of_stage: set[str]) -> dict[str, int]:
+    def features(self, fields_of_stage: set[str]) -> dict[str, tuple[int, ...]]:
         rows = feature_rows(self.config, self.mesh)
-        per_round = math.ceil(self.prompts * self.m / rows) + math.ceil(2 * self.labeled / rows)
-        return self._per_method(lambda fields: per_round if fields & fields_of_stage else 0)
+        return self._per_method(
+            lambda fields, t: math.ceil(self.prompts * self.m / rows) + math.ceil(2 * (t - 1) * self.batch / rows) if fields & fields_of_stage else 0
+        )
 
-    def dpo_steps(self) -> dict[str, int]:
+    def dpo_steps(self) -> dict[str, tuple[int, ...]]:
         trainer = self.config.dpo.trainer()
-        return self._per_method(lambda fields: trainer.epochs * trainer.steps_per_epoch(self.trained))
+        return self._per_method(lambda fields, t: trainer.epochs * trainer.steps_per_epoch(self._trained(t)))
 
-    def reward_model(self) -> dict[str, int]:
+    def reward_model(self) -> dict[str, tuple[int, ...]]:
         rows = reward_rows(self.config, self.mesh)
         texts = self.config.eval.prompts * self.config.eval.samples_per_prompt
-        return self._per_method(lambda fields: math.ceil(texts / rows) + math.ceil(2 * self.config.selection.batch_size / rows))
+        return self._per_method(lambda fields, t: math.ceil(texts / rows) + math.ceil(2 * self.batch / rows))
+
+    def selection(self, method: str) -> dict[str, tuple[int, ...]]:
+        return {m: (int(m == method),) * self.config.run.rounds for m in self.uses}
 
 
 # -- abstract inputs ---------------------------------------------------------------------------------

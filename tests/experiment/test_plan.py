@@ -89,15 +89,20 @@ def test_round_stages_and_their_calls_follow_the_methods():
         f"generation: responses ({m} per prompt)", f"generation: entropy samples ({k} per prompt)", "generation: evaluation (1 per prompt)",
         "log-probs", "features", "frozen features", "DPO step", "selection: activedpo", "selection: aplp", "selection: apo", "selection: random",
     }
-    assert dict(got[f"generation: entropy samples ({k} per prompt)"].calls) == {"activedpo": 0, "aplp": 1, "apo": 0, "random": 0}
-    assert dict(got["generation: evaluation (1 per prompt)"].calls)["random"] == math.ceil(20 / 20)  # 128 rows: every prompt at once
-    # the last round: (3 − 1)·4 labeled pairs feed the prior, train_on = "all" trains on 3·4 pairs
-    responses, labeled_rows, trained_rows = prompts * m, 2 * 2 * batch, 2 * 3 * batch
-    assert got["features"].calls["activedpo"] == math.ceil(responses / 16) + math.ceil(labeled_rows / 16)
-    assert got["frozen features"].calls == {"activedpo": 0, "aplp": 0, "apo": math.ceil(responses / 16) + math.ceil(labeled_rows / 16), "random": 0}
-    assert got["log-probs"].calls["random"] == math.ceil(trained_rows / 16)
-    assert got["log-probs"].calls["aplp"] == 2 * math.ceil(responses / 16) + math.ceil(prompts * k / 16) + math.ceil(trained_rows / 16)
-    assert got["DPO step"].calls["apo"] == 2 * math.ceil(3 * batch / 4)
+    last = {name: {method: calls[-1] for method, calls in stage.calls.items()} for name, stage in got.items()}
+    assert last[f"generation: entropy samples ({k} per prompt)"] == {"activedpo": 0, "aplp": 1, "apo": 0, "random": 0}
+    assert last["generation: evaluation (1 per prompt)"]["random"] == 1  # 128 rows a call: every prompt at once
+    # round t: (t − 1)·4 labeled pairs feed the prior, train_on = "all" trains on t·4 pairs
+    for t in (1, 2, 3):
+        responses, labeled_rows, trained_rows = prompts * m, 2 * (t - 1) * batch, 2 * t * batch
+        features = math.ceil(responses / 16) + math.ceil(labeled_rows / 16)
+        assert got["features"].calls["activedpo"][t - 1] == got["frozen features"].calls["apo"][t - 1] == features
+        assert got["features"].calls["apo"][t - 1] == got["frozen features"].calls["activedpo"][t - 1] == 0
+        assert got["log-probs"].calls["random"][t - 1] == math.ceil(trained_rows / 16)
+        entropy = math.ceil(prompts * k / 16)
+        assert got["log-probs"].calls["aplp"][t - 1] == 2 * math.ceil(responses / 16) + entropy + math.ceil(trained_rows / 16)
+        assert got["DPO step"].calls["apo"][t - 1] == 2 * math.ceil(t * batch / 4)
+    assert got["selection: aplp"].calls == {"activedpo": (0,) * 3, "aplp": (1,) * 3, "apo": (0,) * 3, "random": (0,) * 3}
     assert got["features"].timed_as == ("features",) and "training" in got["log-probs"].timed_as
 
 
@@ -130,7 +135,7 @@ def test_a_jax_reward_model_is_a_stage_and_stays_resident_in_the_others(tmp_path
     per_layer = sum(math.prod(s) for s in layer_shapes(DecoderConfig.from_hf({**c, "tie_word_embeddings": True})).values())
     assert held["reward model"] == 4 * (c["num_hidden_layers"] * per_layer + c["vocab_size"] * c["hidden_size"] + 2 * c["hidden_size"])
     got = {stage.name: stage for stage in stages.round_stages(shape)}
-    assert got["reward model"].calls["random"] == math.ceil(config.eval.prompts / 4) + math.ceil(2 * 4 / 4)  # evaluation + labels
+    assert got["reward model"].calls["random"][-1] == math.ceil(config.eval.prompts / 4) + math.ceil(2 * 4 / 4)  # evaluation + labels
     assert got["reward model"].resident(held) == held["policy"] + 2 * held["adapter"] + 2 * held["optimizer"]
     assert got["log-probs"].resident(held) == held["reward model"] + held["adapter"] + 2 * held["optimizer"]
     assert got["DPO step"].resident(held) == held["reward model"] + held["adapter"] + held["optimizer"]
@@ -180,7 +185,10 @@ def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
     chip = report["chip"]
     for row in rows.values():
         assert row["seconds_per_call"] == max(row["flops"] / chip["peak_flops"], row["bytes_accessed"] / chip["bandwidth"])
-    assert report["round_seconds"] == pytest.approx(sum(row["seconds_per_call"] * sum(row["calls"].values()) for row in rows.values()))
+    last_round = sum(row["seconds_per_call"] * sum(calls[-1] for calls in row["calls"].values()) for row in rows.values())
+    every_round = sum(row["seconds_per_call"] * sum(map(sum, row["calls"].values())) for row in rows.values())
+    assert report["round_seconds"] == pytest.approx(last_round) and report["run_seconds"] == pytest.approx(every_round)
+    assert rows["DPO step"]["calls"]["random"] == [2 * 1, 2 * 2, 2 * 3]  # 2 epochs over 4, 8, 12 pairs in batches of 4
     # log-probs of 16 rows × 32 tokens, every position: 2 FLOPs per weight and token in the layers' matmuls and the head,
     # plus attention (QKᵀ and PV: 4·seq·heads·head_dim per token and layer); the rows split over 2 data devices, the
     # weights over 2 model devices (which share out the work, or not: between a quarter and a half per device)
