@@ -189,7 +189,7 @@ def round_stages(shape: RoundShape) -> list[Stage]:
     stages = []
     for purpose, timed in (("responses", "generation"), ("entropy samples", "entropy"), ("evaluation", "eval")):
         counts = calls.generation(purpose)
-        if any(counts.values()):
+        if any(map(any, counts.values())):
             s = sampling(config, purpose)
             prompts = prompts_per_call(config, s.num_samples, config.data.prompts_per_round, mesh)
             tokens = _rows(shape, (prompts, shape.prompt_len))
@@ -210,7 +210,7 @@ def round_stages(shape: RoundShape) -> list[Stage]:
         ({"apo_features", "apo_prior"}, "frozen features", frozen_features, (model, rows.input_ids, rows.attention_mask)),
     ):
         counts = calls.features(fields)
-        if any(counts.values()):
+        if any(map(any, counts.values())):
             holds = frozenset({"policy", "adapter"} if name == "features" else {"policy"})
             stages.append(Stage(name, "features.chunk_size", program, args, holds, ("features",), counts))
     stages.append(_dpo_stage(shape, model, lora, calls))

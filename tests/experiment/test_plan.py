@@ -103,6 +103,8 @@ def test_round_stages_and_their_calls_follow_the_methods():
         assert got["log-probs"].calls["aplp"][t - 1] == 2 * math.ceil(responses / 16) + entropy + math.ceil(trained_rows / 16)
         assert got["DPO step"].calls["apo"][t - 1] == 2 * math.ceil(t * batch / 4)
     assert got["selection: aplp"].calls == {"activedpo": (0,) * 3, "aplp": (1,) * 3, "apo": (0,) * 3, "random": (0,) * 3}
+    alone = stages.round_stages(abstract_round(config_from_dict(SMALL), None))  # random, labels from people: no evaluation
+    assert [stage.name for stage in alone] == [f"generation: responses ({m} per prompt)", "log-probs", "DPO step", "selection: random"]
     assert got["features"].timed_as == ("features",) and "training" in got["log-probs"].timed_as
 
 
