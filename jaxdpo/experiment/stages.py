@@ -6,7 +6,7 @@ the same functions at the same shapes, so a plan measures the program the run ex
 | stage | program | rows per call | the run times it under |
 |---|---|---|---|
 | generation: responses, entropy samples, evaluation | `sample` (`sampling.generate`) | `prompts_per_call` × samples | generation, entropy, eval |
-| log-probs | `dpo.chunk_logprobs` | `logprob_rows` | rewards, entropy, training |
+| log-probs | `dpo.chunk_logprobs` | `logprob_rows` | rewards, entropy, training, eval |
 | features | `features` (`features.gradient_features`) | `feature_rows` | features |
 | frozen features (APO) | `frozen_features` | `feature_rows` | features |
 | DPO step | `dpo.train_step` | `dpo.grad_accum` × 2 `dpo.batch_size` | training |
@@ -274,7 +274,6 @@ class _Calls:
         c = self.config = shape.config
         self.uses, self.mesh = uses, shape.mesh
         self.prompts, self.m, self.batch = c.data.prompts_per_round, c.generation.responses_per_prompt, c.selection.batch_size
-        self.scored = c.oracle.kind in ("synthetic", "reward_model", "torch_reward_model")
 
     def _per_method(self, count: Callable[[frozenset[str], int], int]) -> dict[str, tuple[int, ...]]:
         rounds = range(1, self.config.run.rounds + 1)
@@ -292,16 +291,20 @@ class _Calls:
             return self._per_method(lambda fields, t: self._generation_calls(purpose, self.prompts))
         if purpose == "entropy samples":
             return self._per_method(lambda fields, t: self._generation_calls(purpose, self.prompts) if "prompt_entropy" in fields else 0)
-        return self._per_method(lambda fields, t: self._generation_calls(purpose, self.config.eval.prompts) if self.scored else 0)
+        return self._per_method(lambda fields, t: self._generation_calls(purpose, self.config.eval.prompts))
 
     def logprobs(self) -> dict[str, tuple[int, ...]]:
-        rows = logprob_rows(self.config, self.mesh)
+        """Margins (policy and reference), entropy samples, training's reference log-probs, and the
+        evaluation's capability guard: the held-out references (at most one per held-out prompt),
+        and the samples under policy and reference when they are drawn at temperature 1."""
+        rows, e = logprob_rows(self.config, self.mesh), self.config.eval
         entropy = self.prompts * self.config.generation.entropy_samples
+        guard = math.ceil(e.prompts / rows) + (2 * math.ceil(e.prompts * e.samples_per_prompt / rows) if e.temperature == 1.0 else 0)
 
         def count(fields, t):
             margins = 2 * math.ceil(self.prompts * self.m / rows) if "margins" in fields else 0
             samples = math.ceil(entropy / rows) if "prompt_entropy" in fields else 0
-            return margins + samples + math.ceil(2 * self._trained(t) / rows)  # + the reference log-probs of training
+            return margins + samples + math.ceil(2 * self._trained(t) / rows) + guard
 
         return self._per_method(count)
 

@@ -35,6 +35,7 @@ SMALL = {  # the embedded task at the smallest shapes, one method: four stages
     "lora": {"rank": 2, "alpha": 4.0},
     "dpo": {"epochs": 2, "batch_size": 4},
     "oracle": {"kind": "human"},
+    "eval": {"prompts": 8},
 }
 
 
@@ -98,13 +99,16 @@ def test_round_stages_and_their_calls_follow_the_methods():
         features = math.ceil(responses / 16) + math.ceil(labeled_rows / 16)
         assert got["features"].calls["activedpo"][t - 1] == got["frozen features"].calls["apo"][t - 1] == features
         assert got["features"].calls["apo"][t - 1] == got["frozen features"].calls["activedpo"][t - 1] == 0
-        assert got["log-probs"].calls["random"][t - 1] == math.ceil(trained_rows / 16)
+        guard = math.ceil(20 / 16) + 2 * math.ceil(20 / 16)  # the held-out references, the samples under policy and reference
+        assert got["log-probs"].calls["random"][t - 1] == math.ceil(trained_rows / 16) + guard
         entropy = math.ceil(prompts * k / 16)
-        assert got["log-probs"].calls["aplp"][t - 1] == 2 * math.ceil(responses / 16) + entropy + math.ceil(trained_rows / 16)
+        assert got["log-probs"].calls["aplp"][t - 1] == 2 * math.ceil(responses / 16) + entropy + math.ceil(trained_rows / 16) + guard
         assert got["DPO step"].calls["apo"][t - 1] == 2 * math.ceil(t * batch / 4)
     assert got["selection: aplp"].calls == {"activedpo": (0,) * 3, "aplp": (1,) * 3, "apo": (0,) * 3, "random": (0,) * 3}
-    alone = stages.round_stages(abstract_round(config_from_dict(SMALL), None))  # random, labels from people: no evaluation
-    assert [stage.name for stage in alone] == [f"generation: responses ({m} per prompt)", "log-probs", "DPO step", "selection: random"]
+    alone = stages.round_stages(abstract_round(config_from_dict(SMALL), None))  # random alone: no entropy, no features
+    assert [stage.name for stage in alone] == [
+        f"generation: responses ({m} per prompt)", "generation: evaluation (1 per prompt)", "log-probs", "DPO step", "selection: random"
+    ]
     assert got["features"].timed_as == ("features",) and "training" in got["log-probs"].timed_as
 
 
@@ -183,7 +187,8 @@ def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
     assert (report["devices"], report["device_kind"], report["mesh"]) == (4, "TPU v4", {"data": 2, "model": 2})
     assert 30 * 2**30 < report["limit_bytes"] <= 32 * 2**30  # what the v4 compiler says a program may use
     rows = {row["stage"]: row for row in report["stages"]}
-    assert set(rows) == {"generation: responses (3 per prompt)", "log-probs", "DPO step", "selection: random"} and report["fits"]
+    assert set(rows) == {"generation: responses (3 per prompt)", "generation: evaluation (1 per prompt)", "log-probs", "DPO step", "selection: random"}
+    assert report["fits"]
     chip = report["chip"]
     for row in rows.values():
         assert row["seconds_per_call"] == max(row["flops"] / chip["peak_flops"], row["bytes_accessed"] / chip["bandwidth"])
