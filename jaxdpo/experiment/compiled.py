@@ -73,15 +73,23 @@ def analyze(program: Callable, args: tuple, *, costs: bool = False, loop_trips: 
     )
 
 
+def required_bytes(message: str) -> int | None:
+    """The bytes a compiler's out-of-memory refusal says the program needs ("RESOURCE_EXHAUSTED:
+    ... the total memory required for HLO temporaries (20.00G) exceeds available HBM (15.75G)"),
+    None when `message` is no such refusal or names no size."""
+    if "RESOURCE_EXHAUSTED" not in message:
+        return None
+    sizes = [float(number) * _UNITS[unit] for number, unit in _SIZE.findall(message)]
+    return int(sizes[0]) if sizes else None
+
+
 def _refused(error: Exception, seconds: float) -> Analysis:
-    """An out-of-memory refusal ("... required for HLO temporaries (20.00G) exceeds available HBM
-    (15.75G)") as an Analysis; any other compile error is raised."""
+    """An out-of-memory refusal as an Analysis (`need`: what it required, 0 if it says not); any
+    other compile error is raised."""
     message = str(error).strip().splitlines()[0]
     if "RESOURCE_EXHAUSTED" not in message:
         raise error
-    sizes = [float(number) * _UNITS[unit] for number, unit in _SIZE.findall(message)]
-    need = int(sizes[0]) if sizes else 0
-    return Analysis(need, 0, 0, 0, None, None, round(seconds, 2), error=message)
+    return Analysis(required_bytes(message) or 0, 0, 0, 0, None, None, round(seconds, 2), error=message)
 
 
 def _cost(compiled) -> tuple[float, float] | None:

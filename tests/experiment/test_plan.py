@@ -20,7 +20,7 @@ from jaxdpo.config import config_from_dict
 from jaxdpo.errors import EXIT_USER_ERROR
 from jaxdpo.experiment import memory, stages
 from jaxdpo.experiment.abstract import abstract_round
-from jaxdpo.experiment.compiled import analyze
+from jaxdpo.experiment.compiled import analyze, required_bytes
 from jaxdpo.experiment.plan import parse_mesh
 from jaxdpo.experiment.targets import chip_of
 from jaxdpo.experiment.setup import build_setup
@@ -145,6 +145,13 @@ def test_a_jax_reward_model_is_a_stage_and_stays_resident_in_the_others(tmp_path
     assert got["reward model"].resident(held) == held["policy"] + 2 * held["adapter"] + 2 * held["optimizer"]
     assert got["log-probs"].resident(held) == held["reward model"] + held["adapter"] + 2 * held["optimizer"]
     assert got["DPO step"].resident(held) == held["reward model"] + held["adapter"] + held["optimizer"]
+
+
+def test_the_bytes_a_refused_program_needed():
+    refusal = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries (20.00G) exceeds "
+               "available HBM (15.75G).")  # libtpu 0.0.42's words, compiling 10 GiB in and out for a v5e chip
+    assert required_bytes(refusal) == 20 * 2**30
+    assert required_bytes("INVALID_ARGUMENT: shapes do not match") is None
 
 
 def test_chips_by_device_kind():
