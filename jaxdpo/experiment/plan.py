@@ -98,6 +98,7 @@ def plan(config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None 
     for stage in stages.round_stages(shape):
         task = progress.add_task(f"  compiling {stage.name}", total=None) if progress is not None else None
         rows.append(_row(stage, analyze(stage.program, stage.args, costs=costs, loop_trips=stage.loop_trips), held, limit, chip))
+        jax.clear_caches()  # JAX's caches keep each compiled program alive; a plan never runs them
         if task is not None:
             progress.remove_task(task)
     timed = all(row.seconds_per_call is not None for row in rows)
