@@ -6,7 +6,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxdpo
-from jaxdpo.sampling import CANDIDATES, _generate, filter_logits
+from jaxdpo.sampling import CANDIDATES, filter_logits, generation_program, row_keys, step_uniforms
+from tests.draw_reference import inverse_cdf_reference
 from tests.tiny import CONFIG, tiny_model, trained_lora
 
 MAX_NEW = 6
@@ -109,32 +110,46 @@ def sorted_filter(logits, top_p, top_k):
 forward = jax.jit(lambda model, lora, ids, mask: model(ids, attention_mask=mask, lora=lora))
 
 
-def sampled_reference(model, lora, ids, mask, key, steps, num_samples, temperature, top_p, top_k):
-    """The sampling loop as jaxdpo ran it before shared prefills: the prompts repeated
-    `num_samples` times, one key split per step, `jax.random.categorical` over every row; each
-    step a full forward pass (no cache) over a buffer whose future tokens are masked."""
+def sampled_reference(model, lora, ids, mask, key, steps, num_samples, temperature, top_p, top_k, prompt_index):
+    """The sampling loop without shared prefills or a cache: the prompts repeated `num_samples`
+    times, each step a full forward pass over a buffer whose future tokens are masked, the filter
+    by a full sort, and each row's token the float64 inverse CDF (`inverse_cdf_reference`) of its
+    step's uniforms (`step_uniforms` of its `row_keys`)."""
     prompt = ids.shape[1]
     ids = np.pad(np.repeat(ids, num_samples, axis=0), ((0, 0), (0, steps)))
     mask = np.pad(np.repeat(mask, num_samples, axis=0), ((0, 0), (0, steps)))
+    keys = row_keys(key, jnp.asarray(prompt_index), num_samples)
     for t in range(prompt, prompt + steps):
         logits = forward(model, lora, jnp.asarray(ids), jnp.asarray(mask))[:, t - 1]
-        key, draw = jax.random.split(key)
-        ids[:, t] = np.asarray(jax.random.categorical(draw, sorted_filter(logits / temperature, top_p, top_k), axis=-1))
+        filtered = np.asarray(sorted_filter(logits / temperature, top_p, top_k))
+        ids[:, t] = inverse_cdf_reference(filtered, np.asarray(step_uniforms(keys, t - prompt)))
         mask[:, t] = 1
     return ids[:, prompt:]
 
 
 @pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (0.8, 6)])
-def test_shared_prefill_samples_the_same_tokens_as_repeated_prompts(model, lora, top_p, top_k):
-    """One prefill per prompt, decoded as num_samples rows, draws exactly the tokens the loop over
-    repeated prompts drew for the same key."""
+def test_sampled_tokens_are_the_inverse_cdf_of_each_rows_uniforms(model, lora, top_p, top_k):
+    """One prefill per prompt, decoded as num_samples rows over the KV cache, draws the tokens of
+    the reference loop: row (prompt i, sample j) from the uniforms of (key, prompt_index[i], j)."""
     ids, mask = left_padded()
-    key = jax.random.key(11)
+    key, prompt_index = jax.random.key(11), np.array([7, 0, 3])
     result = jaxdpo.generate(
-        model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, num_samples=3, temperature=1.3, top_p=top_p, top_k=top_k, key=key
+        model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, num_samples=3, temperature=1.3, top_p=top_p, top_k=top_k, key=key,
+        prompt_index=prompt_index,
     )
-    expected = sampled_reference(model, lora, ids, mask, key, MAX_NEW, 3, 1.3, top_p, top_k)
+    expected = sampled_reference(model, lora, ids, mask, key, MAX_NEW, 3, 1.3, top_p, top_k, prompt_index)
     np.testing.assert_array_equal(np.asarray(result.input_ids[:, 5:]), expected)
+
+
+def test_a_prompts_samples_do_not_depend_on_the_call(model, lora):
+    """The same prompt with the same index gets the same samples in another position, beside other
+    prompts or beside a padding copy of itself (chunked generation, meshes)."""
+    ids, mask = left_padded()
+    kwargs = dict(lora=lora, max_new_tokens=MAX_NEW, num_samples=2, key=jax.random.key(5))
+    together = np.asarray(jaxdpo.generate(model, ids, mask, **kwargs).input_ids).reshape(3, 2, -1)
+    order = np.array([2, 0, 0])  # prompt 2 first, prompt 0 twice (as a padding row)
+    apart = np.asarray(jaxdpo.generate(model, ids[order], mask[order], prompt_index=order, **kwargs).input_ids).reshape(3, 2, -1)
+    np.testing.assert_array_equal(apart, together[order])
 
 
 def test_sampled_tokens_respect_top_k(model, lora):
@@ -148,11 +163,11 @@ def test_no_recompilation_across_rounds(model, lora):
     ids, mask = left_padded()
     kwargs = dict(max_new_tokens=MAX_NEW, num_samples=2, top_p=0.95)
     jaxdpo.generate(model, ids, mask, lora=lora, key=jax.random.key(0), **kwargs)
-    before = _generate._cache_size()
+    before = generation_program._cache_size()
     for round_ in range(3):  # new adapter weights, keys, temperatures each "round"
         new_lora = jax.tree.map(lambda x: x * (1.0 + 0.1 * round_), lora)
         jaxdpo.generate(model, ids, mask, lora=new_lora, key=jax.random.key(round_), temperature=0.5 + round_, **kwargs)
-    assert _generate._cache_size() == before
+    assert generation_program._cache_size() == before
 
 
 def reference_filter(logits, top_p, top_k):
