@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -238,3 +239,46 @@ def test_bad_input(model, change, message):
     kwargs = dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=2, key=jax.random.key(0)) | change
     with pytest.raises(ValueError, match=message):
         jaxdpo.generate(model, kwargs.pop("prompt_ids"), kwargs.pop("prompt_mask"), **kwargs)
+
+
+def test_decode_weights_are_made_once_per_set_of_weights():
+    """CPU's DecodeWeights copy is reused by every call while the model keeps its weights, and made
+    anew when they are replaced (generation then follows the new weights)."""
+    model, other = tiny_model(seed=3), tiny_model(seed=5)
+    ids, mask = left_padded()
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=0.0, key=jax.random.key(0))
+    first = model.decode_weights()
+    assert model.decode_weights() is first
+    nnx.update(model, nnx.state(other))
+    assert model.decode_weights() is not first
+    np.testing.assert_array_equal(np.asarray(jaxdpo.generate(model, ids, mask, **kwargs).input_ids),
+                                  np.asarray(jaxdpo.generate(other, ids, mask, **kwargs).input_ids))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_weights_read_in_place_decode_as_the_cpu_copy(model, lora, temperature):
+    """Accelerators' path (the stacked weights read in place, `weights=None`) draws the tokens of
+    CPU's (`DecodeWeights`)."""
+    ids, mask = left_padded()
+    args = (lora, ids, mask, jnp.arange(3), jax.random.key(3), jnp.float32(temperature), jnp.float32(1.0), jnp.int32(0))
+    static = dict(num_samples=2, max_new_tokens=MAX_NEW, eos_ids=(), pad_id=0, filtered=False)
+    copied = generation_program(model, model.decode_weights(), *args, **static)
+    in_place = generation_program(model, None, *args, **static)
+    np.testing.assert_array_equal(np.asarray(in_place.input_ids), np.asarray(copied.input_ids))
+
+
+def test_generation_lowers_from_abstract_inputs_and_copies_no_weights():
+    """The generation program lowers from abstract inputs (`jax.ShapeDtypeStruct`: no weights
+    anywhere), as a memory plan does, both with the weights read in place and with CPU's
+    `DecodeWeights`; with the latter (an argument, made once per model) its compiled temporaries
+    stay far below the layer weights' bytes: the program itself copies no weights."""
+    model = nnx.eval_shape(lambda: tiny_model(hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=2, head_dim=64, num_layers=8))
+    ids, index = jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    scalars = [jax.ShapeDtypeStruct((), dtype) for dtype in (jnp.float32, jnp.float32, jnp.int32)]
+    static = dict(num_samples=2, max_new_tokens=4, eos_ids=(1,), pad_id=0, filtered=False)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.layers))
+    for weights in (None, jax.eval_shape(lambda model: model.decode_weights(), model)):
+        compiled = generation_program.lower(model, weights, None, ids, ids, index, key, *scalars, **static).compile()
+        if weights is not None:
+            assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 8

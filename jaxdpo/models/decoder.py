@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import weakref
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,10 +59,11 @@ class DecodeWeights:
     before a matmul reads it (on every decode step); [out, in], because a matmul of a few rows (one
     token per sequence) reads a matrix faster in that layout on CPU (`_dense`). It is a second copy
     of the layer weights, held as long as the model: accelerators decode from the model's own
-    weights instead (`forward_cached` without `weights`)."""
+    weights instead (`forward_cached` without `weights`). (A pytree: while JAX transforms it the
+    leaves are tracers or placeholders, hence no array type on the fields.)"""
 
-    layers: tuple[dict[str, Array], ...]
-    head: Float[Array, "vocab h"]
+    layers: tuple[dict[str, Any], ...]
+    head: Any
 
 
 _DECODE_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
