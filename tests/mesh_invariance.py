@@ -78,9 +78,7 @@ def main() -> None:
     runs, sft = {}, None
     for name, (data, model, chunk_rows) in VARIANTS.items():
         out = root / name.replace(" ", "-")
-        import time, sys; t = time.perf_counter()
         runs[name] = recorded_run(out, data, model, chunk_rows, sft)
-        print(name, time.perf_counter() - t, os.getloadavg(), file=sys.stderr)
         sft = sft or out / "sft-model"  # trained once, loaded by the other runs
     expected = runs["1x1"]
     result = {"devices": len(jax.devices())}
