@@ -14,14 +14,19 @@ from jaxdpo.sharding import param_spec
 from tests.tolerance import F32_EPS
 
 
-@pytest.mark.slow
-def test_every_stage_on_a_mesh_equals_one_device():
-    script = Path(__file__).with_name("sharded_stages.py")
+def eight_device_script(name: str) -> dict:
+    """The JSON object printed last by `tests/<name>`, run in a subprocess with 8 host CPU devices."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name(name))], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 8
+    return result
+
+
+@pytest.mark.slow
+def test_every_stage_on_a_mesh_equals_one_device():
+    result = eight_device_script("sharded_stages.py")
     for mesh, model_axis in (("8x1", 1), ("4x2", 2), ("2x4", 4)):
         got = result[mesh]
         assert got["same_tokens"] and got["same_picks"], (mesh, got)
@@ -44,12 +49,7 @@ def test_a_runs_samples_and_picks_do_not_depend_on_the_mesh_or_chunking():
     """Issue 22 §1: meshes 4×2 (with generation.chunk_rows 6), 8×1 and 1×8 against 1×1: identical
     round-0 evaluation samples, round-1 responses of every track and round-1 labels.jsonl picks;
     final rewards within FINAL_REWARD_TOLERANCE."""
-    script = Path(__file__).with_name("mesh_invariance.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["devices"] == 8
+    result = eight_device_script("mesh_invariance.py")
     for name in ("4x2 chunk_rows=6", "8x1", "1x8"):
         got = result[name]
         assert got["same_eval_0"] and got["same_responses_1"] and got["same_picks_1"], (name, got)
