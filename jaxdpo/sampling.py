@@ -286,7 +286,7 @@ def generate(
     checks.check_shape("prompt_index", prompt_index, (batch,))
     checks.check_integer("prompt_index", prompt_index)
     if checks.is_concrete(prompt_index):
-        checks.require(bool(np.all(np.asarray(prompt_index) >= 0)), "prompt_index must be non-negative")
+        checks.require(bool(np.all(to_host(prompt_index) >= 0)), "prompt_index must be non-negative")
     if checks.is_concrete(prompt_mask):
         mask = to_host(prompt_mask)
         empty = np.flatnonzero(~mask.astype(bool).any(axis=1))
