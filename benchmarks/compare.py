@@ -3,8 +3,8 @@ work: one worker process per checkout, each compiles once, then their timed call
 A, B, …), so both see the same background load; prints one JSON object per checkout with the best
 of `--rounds` calls. The workloads use only the public API (`generate`, `gradient_features`).
 
-- `generation`: greedy `generate` of `--new-tokens` and of 1 token; `step_ms` is their difference
-  over new_tokens − 1.
+- `generation`: `generate` at `--temperature` (default 1, the paper's sampling; 0: greedy) of
+  `--new-tokens` and of 1 token; `step_ms` is their difference over new_tokens − 1.
 - `features`: `gradient_features(method=--method)` of `--responses` rows of `--seq` tokens, the
   last 1/(1 + `--prompt-to-response`) of each row being the response.
 
@@ -41,7 +41,9 @@ def workload(args) -> dict:
         ids[mask == 0] = 0
 
         def run(new_tokens):
-            return lambda: jaxdpo.generate(model, ids, mask, max_new_tokens=new_tokens, temperature=0.0, key=jax.random.key(0)).input_ids
+            return lambda: jaxdpo.generate(
+                model, ids, mask, max_new_tokens=new_tokens, temperature=args.temperature, key=jax.random.key(0)
+            ).input_ids
 
         return {"all_tokens": run(args.new_tokens), "one_token": run(1)}
     lora = jaxdpo.init_lora(model, rank=args.rank, alpha=2.0 * args.rank, key=jax.random.key(1))
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--responses", type=int, default=48)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--prompt-to-response", type=float, default=4.0)

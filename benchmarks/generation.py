@@ -1,11 +1,19 @@
 """Decode throughput of `jaxdpo.generate` (KV cache) against its memory-bandwidth limit, a decode
 loop without a cache (every step re-runs the full forward pass over the prompt and the tokens so
-far) and transformers' PyTorch `generate()` on the same weights; same prompts, greedy, no early
-stop, in one run; prints one JSON object per method.
+far) and transformers' PyTorch `generate()` on the same weights; same prompts, no early stop, in
+one run; prints one JSON object per method, each with the machine's load (`os.getloadavg()`).
+
+Sampling is the paper's by default (temperature 1, no top-k/top-p), the path a run takes:
+`--temperature T [--top-p P] [--top-k K]` (T = 0: greedy). Sampled runs add the greedy rows
+(`kv_cache_greedy`, `torch_generate_greedy`), timed alternately with the sampled ones so both see
+the same load, and `step_vs_greedy`, the sampled step over the greedy one.
 
 - `ms`, `tokens_per_s`: one whole call (prefill, setup and every step), best of `--repeats`.
 - `step_ms`: one decode step, (call with N new tokens − call with 1) / (N − 1).
-- `kv_cache` row: `bytes_per_step` is what a step must read (every weight but the embedding
+- `fixed_ms`: the call with 1 new token: what a call costs besides its steps (prefill, setup,
+  the first draw), paid once per generation chunk in a run. `prepare_ms`: making the model's
+  `DecodeWeights` (CPU only), paid once per model, not per call.
+- `kv_cache` rows: `bytes_per_step` is what a step must read (every weight but the embedding
   table, whose b rows are negligible, and the filled part of the KV cache, averaged over the
   steps); `copy_gb_s` the bandwidth of a plain 1 GiB copy (NumPy, bytes read + bytes written per
   second); `limit_step_ms` = bytes_per_step / copy_gb_s, `limit_tokens_per_s` = batch / that, and
@@ -14,11 +22,15 @@ stop, in one run; prints one JSON object per method.
   `fraction_of_read_limit`.
 - `torch_generate` (when torch is installed): the model exported with `jaxdpo.models.
   save_pretrained` and loaded with `transformers.AutoModelForCausalLM.from_pretrained`;
-  `tokens_agree` is the share of generated tokens equal to jaxdpo's.
+  `tokens_agree` (greedy rows) is the share of generated tokens equal to jaxdpo's greedy ones.
+- `--profile`: one `draw` row per way of choosing a token from `[batch, vocab]` logits, timed
+  alone (alternating) with XLA's cost analysis of its compiled program: `categorical` (a
+  `jax.random.categorical` Gumbel draw, one threefry number per vocabulary entry: jaxdpo's former
+  sampler), `inverse_cdf` (`draw_tokens` of `step_uniforms`, jaxdpo's sampler), `argmax` (greedy).
 
     python benchmarks/generation.py            # ~4M-param Llama, 8 prompts of 32 tokens, 128 new tokens
     python benchmarks/generation.py --vocab 32000 --hidden 1024 --intermediate 2752 --layers 8 \\
-        --batch 8 --prompt 32 --new-tokens 64 --skip-no-cache      # 167M params
+        --batch 8 --prompt 32 --new-tokens 64 --skip-no-cache --profile      # 167M params
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from functools import partial
@@ -35,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _common import add_model_args, benchmark_model, best_time
+from _common import add_model_args, benchmark_model, best_time, best_times
 
 import jaxdpo
+from jaxdpo.sampling import draw_tokens, greedy_tokens, step_uniforms
 
 
 @partial(jax.jit, static_argnames="max_new_tokens")
@@ -88,16 +102,21 @@ def bytes_per_step(model, args) -> int:
     return int((weights + kv) * itemsize)
 
 
-def per_step(run, new_tokens: int, repeats: int) -> tuple[float, float, object]:
-    """(seconds of a call making `new_tokens` tokens, seconds per decode step, its output)."""
-    full, out = best_time(lambda: run(new_tokens), repeats)
-    one, _ = best_time(lambda: run(1), repeats)
-    return full, (full - one) / max(new_tokens - 1, 1), out
+def per_step(runs: dict, new_tokens: int, repeats: int) -> dict[str, tuple[float, float, float, object]]:
+    """name → (seconds of a call making `new_tokens` tokens, seconds per decode step, seconds of a
+    call making one token, its output); every call of every run timed alternately."""
+    calls = {(name, n): partial(run, n) for name, run in runs.items() for n in (new_tokens, 1)}
+    times = best_times(calls, repeats)
+    result = {}
+    for name in runs:
+        (full, out), (one, _) = times[(name, new_tokens)], times[(name, 1)]
+        result[name] = (full, (full - one) / max(new_tokens - 1, 1), one, out)
+    return result
 
 
-def torch_generate(model, ids, mask, args):
-    """transformers' greedy `generate()` on the same weights, as a function of the token count;
-    None without torch."""
+def torch_generate(model, ids, mask, args, sampling: dict):
+    """transformers' `generate()` on the same weights with `sampling` (temperature 0: greedy), as
+    a function of the token count; None without torch."""
     try:
         import torch
         import transformers
@@ -108,14 +127,39 @@ def torch_generate(model, ids, mask, args):
     jaxdpo.models.save_pretrained(model, folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype)).eval()
     ids, mask = torch.from_numpy(np.array(ids)).long(), torch.from_numpy(np.array(mask)).long()
+    if sampling["temperature"] > 0:
+        options = dict(do_sample=True, temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"])
+    else:
+        options = dict(do_sample=False)
 
     def run(new_tokens):
+        torch.manual_seed(0)
         with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              do_sample=False, pad_token_id=0)
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **options)
         return out.numpy()
 
     return run
+
+
+def draw_rows(args, repeats: int) -> list[dict]:
+    """The token choice alone on `[batch, vocab]` logits, each way timed alternately, with XLA's
+    cost analysis (flops, transcendentals, bytes accessed) of its compiled program."""
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (args.batch, args.vocab))
+    keys = jax.random.split(jax.random.key(1), args.batch)
+    draws = {
+        "categorical": jax.jit(lambda logits, keys: jax.random.categorical(keys[0], logits, axis=-1)),
+        "inverse_cdf": jax.jit(lambda logits, keys: draw_tokens(logits, step_uniforms(keys, 0))),
+        "argmax": jax.jit(lambda logits, keys: greedy_tokens(logits)),
+    }
+    times = best_times({name: partial(fn, logits, keys) for name, fn in draws.items()}, repeats)
+    rows = []
+    for name, fn in draws.items():
+        cost = fn.lower(logits, keys).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        rows.append(dict(method="draw", draw=name, batch=args.batch, vocab=args.vocab, ms=round(1e3 * times[name][0], 3),
+                         flops=cost.get("flops"), transcendentals=cost.get("transcendentals"), bytes_accessed=cost.get("bytes accessed"),
+                         load=os.getloadavg()[0]))
+    return rows
 
 
 def main() -> None:
@@ -123,11 +167,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=1.0, help="0: greedy (default 1, the paper's sampling)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
     add_model_args(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--skip-no-cache", action="store_true", help="leave out the (slow) decode loop without a cache")
     parser.add_argument("--skip-torch", action="store_true", help="leave out transformers' generate()")
+    parser.add_argument("--profile", action="store_true", help="also time the token choice alone (draw rows)")
     args = parser.parse_args()
 
     model = benchmark_model(args)
@@ -137,33 +185,50 @@ def main() -> None:
     mask[::2, : args.prompt // 4] = 0  # half the prompts left-padded
     ids[mask == 0] = 0
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    start = time.perf_counter()
+    jax.block_until_ready(model.decode_weights())
+    prepare = time.perf_counter() - start
 
-    def cached(new_tokens):
-        return jaxdpo.generate(model, ids, mask, max_new_tokens=new_tokens, temperature=0.0, key=jax.random.key(0)).input_ids
+    sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    variants = {"": sampling} if args.temperature == 0 else {"": sampling, "_greedy": dict(temperature=0.0, top_p=1.0, top_k=0)}
 
-    rows = {"kv_cache": per_step(cached, args.new_tokens, args.repeats)}
+    def cached(options):
+        return lambda n: jaxdpo.generate(model, ids, mask, max_new_tokens=n, key=jax.random.key(0), **options).input_ids
+
+    runs = {f"kv_cache{suffix}": cached(options) for suffix, options in variants.items()}
+    for suffix, options in ({} if args.skip_torch else variants).items():
+        torch_run = torch_generate(model, ids, mask, args, options)
+        if torch_run is not None:
+            runs[f"torch_generate{suffix}"] = torch_run
+    rows = per_step(runs, args.new_tokens, args.repeats)
     if not args.skip_no_cache:
-        rows["no_cache"] = per_step(lambda n: decode_without_cache(model, ids, mask, max_new_tokens=n), args.new_tokens, args.repeats)
-    torch_run = None if args.skip_torch else torch_generate(model, ids, mask, args)
-    if torch_run is not None:
-        rows["torch_generate"] = per_step(torch_run, args.new_tokens, args.repeats)
+        rows |= per_step({"no_cache": lambda n: decode_without_cache(model, ids, mask, max_new_tokens=n)}, args.new_tokens, args.repeats)
     copy, read = copy_bandwidth(args.repeats), read_bandwidth(args.repeats)
     needed = bytes_per_step(model, args)
     limit_step, read_limit_step = needed / copy, needed / read
-    reference = np.asarray(rows["kv_cache"][2])[:, args.prompt :]
+    greedy_name = "kv_cache" if args.temperature == 0 else "kv_cache_greedy"
+    reference = np.asarray(rows[greedy_name][3])[:, args.prompt :]
     common = dict(device=str(jax.devices()[0]), params=sum(x.size for x in jax.tree.leaves(nnx.state(model))), dtype=args.dtype,
                   batch=args.batch, prompt=args.prompt, new_tokens=args.new_tokens)
     tokens = args.batch * args.new_tokens
-    for method, (seconds, step, out) in rows.items():
-        row = dict(method=method, **common, ms=round(1e3 * seconds, 1), tokens_per_s=round(tokens / seconds, 1),
-                   step_ms=round(1e3 * step, 2), step_tokens_per_s=round(args.batch / step, 1),
-                   tokens_agree=round(float(np.mean(np.asarray(out)[:, args.prompt :] == reference)), 4))
-        if method == "kv_cache":
+    for method, (seconds, step, one, out) in rows.items():
+        greedy = method.endswith("_greedy") or method == "no_cache" or args.temperature == 0
+        row = dict(method=method, **common, **(dict(temperature=0.0, top_p=1.0, top_k=0) if greedy else sampling),
+                   ms=round(1e3 * seconds, 1), tokens_per_s=round(tokens / seconds, 1), step_ms=round(1e3 * step, 2),
+                   step_tokens_per_s=round(args.batch / step, 1), fixed_ms=round(1e3 * one, 1),
+                   tokens_agree=round(float(np.mean(np.asarray(out)[:, args.prompt :] == reference)), 4) if greedy else None)
+        if method.startswith("kv_cache"):
             row.update(bytes_per_step=needed, copy_gb_s=round(copy / 1e9, 2), limit_step_ms=round(1e3 * limit_step, 2),
                        limit_tokens_per_s=round(args.batch / limit_step, 1), fraction_of_limit=round(limit_step / step, 3),
                        read_gb_s=round(read / 1e9, 2), read_limit_step_ms=round(1e3 * read_limit_step, 2),
-                       fraction_of_read_limit=round(read_limit_step / step, 3))
+                       fraction_of_read_limit=round(read_limit_step / step, 3), prepare_ms=round(1e3 * prepare, 1))
+        if not greedy and f"{method}_greedy" in rows:
+            row["step_vs_greedy"] = round(step / rows[f"{method}_greedy"][1], 3)
+        row["load"] = os.getloadavg()[0]
         print(json.dumps(row), flush=True)
+    if args.profile:
+        for row in draw_rows(args, max(args.repeats, 20)):
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, ArrayLike, Int
+from jaxtyping import ArrayLike, Int
 
 from jaxdpo import checks
 from jaxdpo.sharding import to_host

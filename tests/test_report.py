@@ -4,7 +4,6 @@ runs without held-out rewards or with one seed (never "nan"), and `jaxdpo report
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import matplotlib.figure

@@ -2,11 +2,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
 import jaxdpo
-from jaxdpo.sampling import CANDIDATES, _generate, filter_logits
+from jaxdpo.sampling import CANDIDATES, filter_logits, generation_program, row_keys, step_uniforms
+from tests.draw_reference import inverse_cdf_reference
 from tests.tiny import CONFIG, tiny_model, trained_lora
 
 MAX_NEW = 6
@@ -109,32 +111,46 @@ def sorted_filter(logits, top_p, top_k):
 forward = jax.jit(lambda model, lora, ids, mask: model(ids, attention_mask=mask, lora=lora))
 
 
-def sampled_reference(model, lora, ids, mask, key, steps, num_samples, temperature, top_p, top_k):
-    """The sampling loop as jaxdpo ran it before shared prefills: the prompts repeated
-    `num_samples` times, one key split per step, `jax.random.categorical` over every row; each
-    step a full forward pass (no cache) over a buffer whose future tokens are masked."""
+def sampled_reference(model, lora, ids, mask, key, steps, num_samples, temperature, top_p, top_k, prompt_index):
+    """The sampling loop without shared prefills or a cache: the prompts repeated `num_samples`
+    times, each step a full forward pass over a buffer whose future tokens are masked, the filter
+    by a full sort, and each row's token the float64 inverse CDF (`inverse_cdf_reference`) of its
+    step's uniforms (`step_uniforms` of its `row_keys`)."""
     prompt = ids.shape[1]
     ids = np.pad(np.repeat(ids, num_samples, axis=0), ((0, 0), (0, steps)))
     mask = np.pad(np.repeat(mask, num_samples, axis=0), ((0, 0), (0, steps)))
+    keys = row_keys(key, jnp.asarray(prompt_index), num_samples)
     for t in range(prompt, prompt + steps):
         logits = forward(model, lora, jnp.asarray(ids), jnp.asarray(mask))[:, t - 1]
-        key, draw = jax.random.split(key)
-        ids[:, t] = np.asarray(jax.random.categorical(draw, sorted_filter(logits / temperature, top_p, top_k), axis=-1))
+        filtered = np.asarray(sorted_filter(logits / temperature, top_p, top_k))
+        ids[:, t] = inverse_cdf_reference(filtered, np.asarray(step_uniforms(keys, t - prompt)))
         mask[:, t] = 1
     return ids[:, prompt:]
 
 
 @pytest.mark.parametrize("top_p, top_k", [(1.0, 0), (0.8, 6)])
-def test_shared_prefill_samples_the_same_tokens_as_repeated_prompts(model, lora, top_p, top_k):
-    """One prefill per prompt, decoded as num_samples rows, draws exactly the tokens the loop over
-    repeated prompts drew for the same key."""
+def test_sampled_tokens_are_the_inverse_cdf_of_each_rows_uniforms(model, lora, top_p, top_k):
+    """One prefill per prompt, decoded as num_samples rows over the KV cache, draws the tokens of
+    the reference loop: row (prompt i, sample j) from the uniforms of (key, prompt_index[i], j)."""
     ids, mask = left_padded()
-    key = jax.random.key(11)
+    key, prompt_index = jax.random.key(11), np.array([7, 0, 3])
     result = jaxdpo.generate(
-        model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, num_samples=3, temperature=1.3, top_p=top_p, top_k=top_k, key=key
+        model, ids, mask, lora=lora, max_new_tokens=MAX_NEW, num_samples=3, temperature=1.3, top_p=top_p, top_k=top_k, key=key,
+        prompt_index=prompt_index,
     )
-    expected = sampled_reference(model, lora, ids, mask, key, MAX_NEW, 3, 1.3, top_p, top_k)
+    expected = sampled_reference(model, lora, ids, mask, key, MAX_NEW, 3, 1.3, top_p, top_k, prompt_index)
     np.testing.assert_array_equal(np.asarray(result.input_ids[:, 5:]), expected)
+
+
+def test_a_prompts_samples_do_not_depend_on_the_call(model, lora):
+    """The same prompt with the same index gets the same samples in another position, beside other
+    prompts or beside a padding copy of itself (chunked generation, meshes)."""
+    ids, mask = left_padded()
+    kwargs = dict(lora=lora, max_new_tokens=MAX_NEW, num_samples=2, key=jax.random.key(5))
+    together = np.asarray(jaxdpo.generate(model, ids, mask, **kwargs).input_ids).reshape(3, 2, -1)
+    order = np.array([2, 0, 0])  # prompt 2 first, prompt 0 twice (as a padding row)
+    apart = np.asarray(jaxdpo.generate(model, ids[order], mask[order], prompt_index=order, **kwargs).input_ids).reshape(3, 2, -1)
+    np.testing.assert_array_equal(apart, together[order])
 
 
 def test_sampled_tokens_respect_top_k(model, lora):
@@ -148,11 +164,11 @@ def test_no_recompilation_across_rounds(model, lora):
     ids, mask = left_padded()
     kwargs = dict(max_new_tokens=MAX_NEW, num_samples=2, top_p=0.95)
     jaxdpo.generate(model, ids, mask, lora=lora, key=jax.random.key(0), **kwargs)
-    before = _generate._cache_size()
+    before = generation_program._cache_size()
     for round_ in range(3):  # new adapter weights, keys, temperatures each "round"
         new_lora = jax.tree.map(lambda x: x * (1.0 + 0.1 * round_), lora)
         jaxdpo.generate(model, ids, mask, lora=new_lora, key=jax.random.key(round_), temperature=0.5 + round_, **kwargs)
-    assert _generate._cache_size() == before
+    assert generation_program._cache_size() == before
 
 
 def reference_filter(logits, top_p, top_k):
@@ -223,3 +239,46 @@ def test_bad_input(model, change, message):
     kwargs = dict(prompt_ids=ids, prompt_mask=mask, max_new_tokens=2, key=jax.random.key(0)) | change
     with pytest.raises(ValueError, match=message):
         jaxdpo.generate(model, kwargs.pop("prompt_ids"), kwargs.pop("prompt_mask"), **kwargs)
+
+
+def test_decode_weights_are_made_once_per_set_of_weights():
+    """CPU's DecodeWeights copy is reused by every call while the model keeps its weights, and made
+    anew when they are replaced (generation then follows the new weights)."""
+    model, other = tiny_model(seed=3), tiny_model(seed=5)
+    ids, mask = left_padded()
+    kwargs = dict(max_new_tokens=MAX_NEW, temperature=0.0, key=jax.random.key(0))
+    first = model.decode_weights()
+    assert model.decode_weights() is first
+    nnx.update(model, nnx.state(other))
+    assert model.decode_weights() is not first
+    np.testing.assert_array_equal(np.asarray(jaxdpo.generate(model, ids, mask, **kwargs).input_ids),
+                                  np.asarray(jaxdpo.generate(other, ids, mask, **kwargs).input_ids))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_weights_read_in_place_decode_as_the_cpu_copy(model, lora, temperature):
+    """Accelerators' path (the stacked weights read in place, `weights=None`) draws the tokens of
+    CPU's (`DecodeWeights`)."""
+    ids, mask = left_padded()
+    args = (lora, ids, mask, jnp.arange(3), jax.random.key(3), jnp.float32(temperature), jnp.float32(1.0), jnp.int32(0))
+    static = dict(num_samples=2, max_new_tokens=MAX_NEW, eos_ids=(), pad_id=0, filtered=False)
+    copied = generation_program(model, model.decode_weights(), *args, **static)
+    in_place = generation_program(model, None, *args, **static)
+    np.testing.assert_array_equal(np.asarray(in_place.input_ids), np.asarray(copied.input_ids))
+
+
+def test_generation_lowers_from_abstract_inputs_and_copies_no_weights():
+    """The generation program lowers from abstract inputs (`jax.ShapeDtypeStruct`: no weights
+    anywhere), as a memory plan does, both with the weights read in place and with CPU's
+    `DecodeWeights`; with the latter (an argument, made once per model) its compiled temporaries
+    stay far below the layer weights' bytes: the program itself copies no weights."""
+    model = nnx.eval_shape(lambda: tiny_model(hidden_size=128, intermediate_size=256, num_heads=2, num_kv_heads=2, head_dim=64, num_layers=8))
+    ids, index = jax.ShapeDtypeStruct((2, 4), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32)
+    scalars = [jax.ShapeDtypeStruct((), dtype) for dtype in (jnp.float32, jnp.float32, jnp.int32)]
+    static = dict(num_samples=2, max_new_tokens=4, eos_ids=(1,), pad_id=0, filtered=False)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    layer_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model.layers))
+    for weights in (None, jax.eval_shape(lambda model: model.decode_weights(), model)):
+        compiled = generation_program.lower(model, weights, None, ids, ids, index, key, *scalars, **static).compile()
+        if weights is not None:
+            assert compiled.memory_analysis().temp_size_in_bytes < layer_bytes / 8

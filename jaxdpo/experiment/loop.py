@@ -12,9 +12,11 @@ A run compares `config.run.methods` over `config.run.seeds`; each (method, seed)
      restart from the SFT model or continue), evaluate, save a checkpoint, rewrite `metrics.jsonl`.
 
 Every random draw is derived from (seed, purpose, round) — the same prompts and evaluation keys
-for every method — so a run is deterministic, and a resumed track continues from its last
-checkpoint: the interrupted round is recomputed identically, and labels already in
-`labels.jsonl` are reused instead of asked again.
+for every method — and a sampled response's also from its prompt's index in its pool and its
+sample index, never from the generation call it falls in, so a run is deterministic whatever its
+mesh and `generation.chunk_rows`, and a resumed track continues from its last checkpoint: the
+interrupted round is recomputed identically, and labels already in `labels.jsonl` are reused
+instead of asked again.
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ from jaxdpo.sharding import initialize_distributed, limit_accelerator_memory, ma
 
 def derive_key(seed: int, *path: int | str) -> jax.Array:
     """The key of one random draw, from the track's seed and a path such as ("generate", round):
-    every draw of a run is a function of (seed, purpose, round), so runs are deterministic and the
-    prompts and evaluation samples are the same for every method."""
+    every draw of a run is a function of (seed, purpose, round) — and a sampled row's of its
+    prompt and sample index too (`Setup.generate`) — so runs are deterministic and the prompts and
+    evaluation samples are the same for every method."""
     key = jax.random.key(seed)
     for part in path:
         key = jax.random.fold_in(key, zlib.crc32(part.encode()) if isinstance(part, str) else part)
@@ -47,14 +48,16 @@ def derive_key(seed: int, *path: int | str) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
-    """Prompt texts and their left-padded tokens `[n, max_prompt_tokens]`."""
+    """Prompt texts, their left-padded tokens `[n, max_prompt_tokens]` and their identities `[n]`:
+    each prompt's index in the pool it was taken from (the training prompts or the held-out ones)."""
 
     texts: tuple[str, ...]
     input_ids: np.ndarray
     attention_mask: np.ndarray
+    index: np.ndarray
 
     def take(self, index: np.ndarray) -> Prompts:
-        return Prompts(tuple(self.texts[i] for i in index), self.input_ids[index], self.attention_mask[index])
+        return Prompts(tuple(self.texts[i] for i in index), self.input_ids[index], self.attention_mask[index], self.index[index])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +95,16 @@ class Setup:
     ) -> Sequences:
         """`num_samples` sampled responses per prompt (host arrays; prompt i's are rows i·num_samples …),
         in calls of about `generation.chunk_rows` rows (fewer for fewer prompts; a multiple of the
-        mesh's data axis), chunk c drawing from `fold_in(key, c)`."""
+        mesh's data axis). Sample j of a prompt draws from (`key`, the prompt's `index`, j) alone,
+        so the responses do not depend on how the prompts are split into calls, on the padding
+        rows or on the mesh (up to float rounding of the logits)."""
         per_call = stages.prompts_per_call(self.config, num_samples, len(prompts.texts), self.mesh)
         sampling = stages.Sampling(num_samples, temperature, top_p, top_k)
         chunks = []
-        for c, start in enumerate(range(0, len(prompts.texts), per_call)):
-            ids, mask = (pad_rows(x[start : start + per_call], per_call) for x in (prompts.input_ids, prompts.attention_mask))
+        for start in range(0, len(prompts.texts), per_call):
+            rows = (pad_rows(x[start : start + per_call], per_call) for x in (prompts.input_ids, prompts.attention_mask, prompts.index))
             out = stages.sample(
-                self.model, lora, *put_rows((ids, mask), self.mesh), jax.random.fold_in(key, c), sampling=sampling,
+                self.model, lora, *put_rows(tuple(rows), self.mesh), key, sampling=sampling,
                 max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
             )
             chunks.append(out.to_host().take(slice(0, min(per_call, len(prompts.texts) - start) * num_samples)))
@@ -146,7 +151,7 @@ def _dtype(config: ExperimentConfig):
 
 def _prompts(tokenizer, texts, max_tokens: int) -> Prompts:
     tokens = tokenize_prompts(tokenizer, texts, max_tokens=max_tokens, truncate=True)
-    return Prompts(tuple(texts[i] for i in tokens.kept), tokens.input_ids, tokens.attention_mask)
+    return Prompts(tuple(texts[i] for i in tokens.kept), tokens.input_ids, tokens.attention_mask, np.arange(len(tokens.kept)))
 
 
 def _embedded_task(config: ExperimentConfig, out_dir: Path):

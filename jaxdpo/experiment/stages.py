@@ -99,10 +99,13 @@ def sampling(config: ExperimentConfig, purpose: str) -> Sampling:
     }[purpose]
 
 
-def sample(model, lora, prompt_ids, prompt_mask, key, *, sampling: Sampling, max_new_tokens: int, eos_token_id, pad_token_id: int) -> Sequences:
-    """One generation call: `sampling.num_samples` responses to each of a chunk of prompts."""
+def sample(
+    model, lora, prompt_ids, prompt_mask, prompt_index, key, *, sampling: Sampling, max_new_tokens: int, eos_token_id, pad_token_id: int,
+) -> Sequences:
+    """One generation call: `sampling.num_samples` responses to each of a chunk of prompts, prompt
+    i's sample j drawn from (`key`, `prompt_index[i]`, j) alone."""
     return generate(
-        model, prompt_ids, prompt_mask, lora=lora, key=key, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
+        model, prompt_ids, prompt_mask, lora=lora, key=key, prompt_index=prompt_index, max_new_tokens=max_new_tokens, temperature=sampling.temperature,
         top_p=sampling.top_p, top_k=sampling.top_k, num_samples=sampling.num_samples, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
     )
 
@@ -192,10 +195,10 @@ def round_stages(shape: RoundShape) -> list[Stage]:
         if any(map(any, counts.values())):
             s = sampling(config, purpose)
             prompts = prompts_per_call(config, s.num_samples, config.data.prompts_per_round, mesh)
-            tokens = _rows(shape, (prompts, shape.prompt_len))
+            tokens, index = _rows(shape, (prompts, shape.prompt_len)), _rows(shape, (prompts,))
             program = partial(sample, sampling=s, max_new_tokens=shape.max_new_tokens, eos_token_id=shape.eos_token_id, pad_token_id=shape.pad_token_id)
             stages.append(Stage(
-                f"generation: {purpose} ({s.num_samples} per prompt)", "generation.chunk_rows", program, (model, lora, tokens, tokens, key),
+                f"generation: {purpose} ({s.num_samples} per prompt)", "generation.chunk_rows", program, (model, lora, tokens, tokens, index, key),
                 frozenset({"policy", "adapter"}), (timed,), counts, loop_trips=shape.max_new_tokens,
             ))
     window = shape.seq - 1

@@ -3,17 +3,19 @@
 Layer weights are stacked along a leading layer axis and the layers run under one `lax.scan`, so
 the layer body compiles once whatever the depth; when only some positions' hidden states are read
 (log-probs of a response), the scan stops before the last layer, which runs on those rows only.
-The KV-cached prefill/decode used by sampling runs the same layer body over `DecodeWeights`
-instead: each layer's weights as separate arrays in [out, in] layout, made once per decode loop,
-so a decode step reads every matrix in place (a scan over the stacked weights copies each layer's
-slice on every step). Attention always sees (query slots, key slots, key validity), and positions
-come from the attention mask, so left-padded batches are exact.
+The KV-cached prefill/decode used by sampling runs the same layer body, one layer after another
+(no scan), over the stacked weights read in place — or, on CPU, over `DecodeWeights`, a copy in
+the layout XLA's CPU matmuls read fastest, made once per model (the base model is frozen).
+Attention always sees (query slots, key slots, key validity), and positions come from the
+attention mask, so left-padded batches are exact.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import weakref
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,17 +51,38 @@ class KVCache:
 
 @struct.dataclass
 class DecodeWeights:
-    """The weights as KV-cached decoding reads them, made once per decode loop by
+    """A copy of the weights in the layout KV-cached decoding reads fastest on CPU, made by
     `Decoder.decode_weights()`: `layers[l]` holds layer l's tensors as separate arrays, matrices in
     [out, in] layout, and `head` is the LM head `[vocab, hidden]`.
 
-    Separate arrays, because XLA copies a slice of the stacked `[L, in, out]` weights before a
-    matmul reads it, so a scan over layers inside the loop copies every matrix on every step;
-    [out, in], because a matmul of a few rows (one token per sequence) reads a matrix faster in
-    that layout on CPU (see `benchmarks/generation.py`). Costs one copy of the layer weights."""
+    Separate arrays, because XLA's CPU backend copies a slice of the stacked `[L, in, out]` weights
+    before a matmul reads it (on every decode step); [out, in], because a matmul of a few rows (one
+    token per sequence) reads a matrix faster in that layout on CPU (`_dense`). It is a second copy
+    of the layer weights, held as long as the model: accelerators decode from the model's own
+    weights instead (`forward_cached` without `weights`). (A pytree: while JAX transforms it the
+    leaves are tracers or placeholders, hence no array type on the fields.)"""
 
-    layers: tuple[dict[str, Array], ...]
-    head: Float[Array, "vocab h"]
+    layers: tuple[dict[str, Any], ...]
+    head: Any
+
+
+_DECODE_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Each model's `DecodeWeights`, with weak references to the arrays they were made from."""
+
+
+@jax.jit
+def _transposed_layout(stacked: dict[str, Array], head: Array) -> DecodeWeights:
+    """`DecodeWeights` of stacked layer weights `{name: [L, ...]}` (matrices: the 3-d ones) and an LM head `[h, vocab]`."""
+    num_layers = next(iter(stacked.values())).shape[0]
+    layers = tuple({name: x[layer].T if x.ndim == 3 else x[layer] for name, x in stacked.items()} for layer in range(num_layers))
+    return DecodeWeights(layers=layers, head=head.T)
+
+
+def _on_cpu(x: Array) -> bool:
+    """Whether `x` lives on CPU devices (for a traced array: whether this process computes on CPU)."""
+    if checks.is_concrete(x):
+        return all(device.platform == "cpu" for device in x.devices())
+    return jax.default_backend() == "cpu"
 
 
 def _wide(dtype) -> jnp.dtype:
@@ -235,28 +258,39 @@ class Decoder(nnx.Module):
             index=jnp.zeros((), jnp.int32),
         )
 
-    def decode_weights(self) -> DecodeWeights:
-        """The weights laid out for `forward_cached` (see `DecodeWeights`); make them once per
-        decode loop and pass them to every step."""
-        matrices = set(target_shapes(self.config))
-        layers = tuple(
-            {name: p[...][layer].T if name in matrices else p[...][layer] for name, p in self.layers.items()}
-            for layer in range(self.config.num_layers)
-        )
-        return DecodeWeights(layers=layers, head=self._head().T)
+    def decode_weights(self) -> DecodeWeights | None:
+        """The weights `forward_cached` decodes from fastest: on CPU a `DecodeWeights` copy, made
+        once and reused for as long as the model's weights are the same arrays (the base model is
+        frozen; weights replaced by `nnx.update` get a new copy); None on accelerators, which read
+        the model's own weights in place (no second copy). Inside a trace, made in the trace."""
+        stacked = {name: p[...] for name, p in self.layers.items()}
+        head = self._head()
+        sources = (*stacked.values(), head)
+        if not _on_cpu(head):
+            return None
+        if not all(checks.is_concrete(x) for x in sources):
+            return _transposed_layout(stacked, head)
+        refs, weights = _DECODE_WEIGHTS.get(self, ((), None))
+        if len(refs) != len(sources) or any(ref() is not x for ref, x in zip(refs, sources)):
+            weights = _transposed_layout(stacked, head)
+            _DECODE_WEIGHTS[self] = (tuple(weakref.ref(x) for x in sources), weights)
+        return weights
 
-    def forward_cached(self, input_ids, cache: KVCache, *, attention_mask=None, lora=None, lora_fn=None, weights: DecodeWeights | None = None):
+    def forward_cached(
+        self, input_ids, cache: KVCache, *, attention_mask=None, lora=None, lora_fn=None, weights: DecodeWeights | None = None,
+        last_only: bool = False,
+    ):
         """Run t new tokens on top of `cache` (prefill: the left-padded prompts; decode: t = 1).
 
-        Returns float32 logits `[b, t, vocab]` and the cache with the tokens written at slots
-        `index … index + t − 1`. `weights`: `self.decode_weights()`, made once outside a decode
-        loop (made here when omitted)."""
+        Returns float32 logits `[b, t, vocab]` (`[b, 1, vocab]`, the last position's, with
+        `last_only`) and the cache with the tokens written at slots `index … index + t − 1`.
+        `weights`: `self.decode_weights()`, made outside a decode loop; None reads the model's
+        stacked weights in place."""
         valid = self._valid(input_ids, attention_mask)
         checks.require(
             input_ids.shape[0] == cache.key_mask.shape[0],
             f"input_ids has batch {input_ids.shape[0]} but the cache was made for {cache.key_mask.shape[0]}",
         )
-        weights = self.decode_weights() if weights is None else weights
         t = input_ids.shape[1]
         positions = jnp.maximum(cache.next_position[:, None] + jnp.cumsum(valid, axis=1) - 1, 0)
         key_mask = jax.lax.dynamic_update_slice(cache.key_mask, valid.astype(bool), (0, cache.index))
@@ -265,8 +299,9 @@ class Decoder(nnx.Module):
         x, cos, sin = self._embed(input_ids, positions)
         masks = self._masks(query_slots, key_slots, key_mask)
         adapters = self._adapter_layers(lora)
+        layers, head, out_in = self._decode_layers(weights)
         keys, values = [], []
-        for layer, params in enumerate(weights.layers):
+        for layer, params in enumerate(layers):
 
             def attend(q, k, v, layer=layer):
                 k = jax.lax.dynamic_update_slice(cache.k[layer], _key_layout(k).astype(cache.k[layer].dtype), (0, 0, 0, cache.index))
@@ -274,14 +309,14 @@ class Decoder(nnx.Module):
                 mask = masks[1] if self.config.layer_is_sliding[layer] else masks[0]
                 return _attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.config), (k, v)
 
-            x, (k, v) = self._layer(x, params, adapters[layer], jnp.int32(layer), cos, sin, attend, lora, lora_fn, out_in=True)
+            x, (k, v) = self._layer(x, params, adapters[layer], jnp.int32(layer), cos, sin, attend, lora, lora_fn, out_in=out_in)
             keys.append(k)
             values.append(v)
-        hidden = _rms_norm(x, self.final_norm[...], self.config)
+        hidden = _rms_norm(x[:, -1:] if last_only else x, self.final_norm[...], self.config)
         new_cache = KVCache(
             tuple(keys), tuple(values), key_mask, cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32), cache.index + t
         )
-        return self._project_vocab(hidden, weights.head, out_in=True), new_cache
+        return self._project_vocab(hidden, head, out_in=out_in), new_cache
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -293,6 +328,16 @@ class Decoder(nnx.Module):
             return jnp.ones(input_ids.shape, jnp.int32)
         checks.check_shape("attention_mask", attention_mask, input_ids.shape)
         return jnp.asarray(attention_mask).astype(jnp.int32)
+
+    def _decode_layers(self, weights: DecodeWeights | None) -> tuple[tuple[dict[str, Array], ...], Array, bool]:
+        """(each layer's weights, the LM head, whether matrices are [out, in]) that a KV-cached
+        pass reads: those of `weights`, or the model's own, a static slice of the stacked arrays
+        per layer (read in place)."""
+        if weights is not None:
+            return weights.layers, weights.head, True
+        stacked = {name: p[...] for name, p in self.layers.items()}
+        layers = tuple({name: x[layer] for name, x in stacked.items()} for layer in range(self.config.num_layers))
+        return layers, self._head(), False
 
     def _head(self) -> Float[Array, "h vocab"]:
         return self.embed[...].T if self.lm_head is None else self.lm_head[...]
