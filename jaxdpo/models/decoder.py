@@ -23,6 +23,7 @@ from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from jaxdpo import checks
+from jaxdpo.models import blocks
 from jaxdpo.models.config import DecoderConfig
 from jaxdpo.models.lora import LoRA, LoraFn, default_lora_fn, target_shapes
 
@@ -57,7 +58,7 @@ class DecodeWeights:
 
     Separate arrays, because XLA's CPU backend copies a slice of the stacked `[L, in, out]` weights
     before a matmul reads it (on every decode step); [out, in], because a matmul of a few rows (one
-    token per sequence) reads a matrix faster in that layout on CPU (`_dense`). It is a second copy
+    token per sequence) reads a matrix faster in that layout on CPU (`blocks.dense`). It is a second copy
     of the layer weights, held as long as the model: accelerators decode from the model's own
     weights instead (`forward_cached` without `weights`). (A pytree: while JAX transforms it the
     leaves are tracers or placeholders, hence no array type on the fields.)"""
@@ -83,94 +84,6 @@ def _on_cpu(x: Array) -> bool:
     if checks.is_concrete(x):
         return all(device.platform == "cpu" for device in x.devices())
     return jax.default_backend() == "cpu"
-
-
-def _wide(dtype) -> jnp.dtype:
-    """The accumulation dtype: float32, or float64 for a float64 model."""
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def _rms_norm(x: Array, weight: Array, config: DecoderConfig) -> Array:
-    """RMSNorm in float32; Gemma scales by (1 + w) in float32, Llama/Qwen by w in the model dtype."""
-    xf = x.astype(_wide(x.dtype))
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + config.rms_norm_eps)
-    if config.norm_offset:
-        return (normed * (1.0 + weight.astype(xf.dtype))).astype(x.dtype)
-    return weight.astype(x.dtype) * normed.astype(x.dtype)
-
-
-def _rope(positions: Int[Array, "b t"], config: DecoderConfig, dtype) -> tuple[Array, Array]:
-    half = jnp.arange(0, config.head_dim, 2, dtype=_wide(dtype)) / config.head_dim
-    inv_freq = 1.0 / (config.rope_theta**half)
-    angles = positions[..., None].astype(inv_freq.dtype) * inv_freq
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [b, t, 1, hd]
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
-
-
-def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    first, second = jnp.split(x, 2, axis=-1)
-    return x * cos + jnp.concatenate([-second, first], axis=-1) * sin
-
-
-def _activation(name: str, x: Array) -> Array:
-    if name == "silu":
-        return jax.nn.silu(x)
-    return jax.nn.gelu(x, approximate=name == "gelu_tanh")
-
-
-def _softcap(x: Array, cap: float | None) -> Array:
-    """Gemma-2's tanh soft-capping c · tanh(x / c); identity without a cap."""
-    return x if cap is None else cap * jnp.tanh(x / cap)
-
-
-def _dense(x: Array, w: Array, out_in: bool, **kwargs) -> Array:
-    """x @ w for `w` in [in, out] layout, or x @ wᵀ for `w` in [out, in] (`DecodeWeights`).
-
-    On CPU the [out, in] product is computed as (w xᵀ)ᵀ, the matrix as the left operand: XLA's
-    CPU matmul streams its left operand and repacks its right one, so a few rows times a large
-    matrix run about twice as fast this way round (the barrier keeps XLA from rewriting it back).
-    Other backends read either operand in place and get the plain product."""
-    if not out_in:
-        return jnp.matmul(x, w, **kwargs)
-
-    def matrix_left(x, w):
-        rows = x.reshape(-1, x.shape[-1])
-        transposed = jax.lax.dot_general(w, rows, (((1,), (1,)), ((), ())), **kwargs)
-        return jax.lax.optimization_barrier(transposed).T.reshape(*x.shape[:-1], w.shape[0])
-
-    def plain(x, w):
-        return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), **kwargs)
-
-    return jax.lax.platform_dependent(x, w, cpu=matrix_left, default=plain)
-
-
-def _take_rows(x: Array, rows: Int[Array, "b w"]) -> Array:
-    """`x[i, rows[i]]` for every batch row i: `[b, t, ...]` → `[b, w, ...]`."""
-    return jnp.take_along_axis(x, rows.reshape(*rows.shape, *([1] * (x.ndim - 2))), axis=1)
-
-
-def _key_layout(k: Float[Array, "b t kv hd"]) -> Float[Array, "b kv hd t"]:
-    return k.transpose(0, 2, 3, 1)
-
-
-def _value_layout(v: Float[Array, "b t kv hd"]) -> Float[Array, "b kv t hd"]:
-    return v.transpose(0, 2, 1, 3)
-
-
-def _attention(q: Array, keys: Float[Array, "b kv hd S"], values: Float[Array, "b kv S hd"], allowed: Bool[Array, "b t S"], config: DecoderConfig) -> Array:
-    """Grouped-query attention; softmax in float32. Rows with no allowed key (left padding) get a
-    uniform, finite distribution — their outputs are never used. Heads sit in front of the token
-    axes (`_key_layout`, `_value_layout`, the cache's layout), so both products are plain batched
-    matmuls (XLA's CPU backward is several times slower on the transposing einsum layouts)."""
-    b, t, heads, hd = q.shape
-    kv_heads = keys.shape[1]
-    q = q.reshape(b, t, kv_heads, heads // kv_heads, hd).transpose(0, 2, 3, 1, 4)  # b k g t d
-    keys, values = keys[:, :, None], values[:, :, None]  # b k 1 d S, b k 1 S d
-    scores = jnp.matmul(q, keys, preferred_element_type=_wide(q.dtype)) * (config.query_pre_attn_scalar or hd) ** -0.5
-    scores = _softcap(scores, config.attn_logit_softcap)
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(scores.dtype).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-    return jnp.matmul(probs, values).transpose(0, 3, 1, 2, 4).reshape(b, t, heads * hd)
 
 
 def layer_shapes(config: DecoderConfig) -> dict[str, tuple[int, ...]]:
@@ -304,15 +217,15 @@ class Decoder(nnx.Module):
         for layer, params in enumerate(layers):
 
             def attend(q, k, v, layer=layer):
-                k = jax.lax.dynamic_update_slice(cache.k[layer], _key_layout(k).astype(cache.k[layer].dtype), (0, 0, 0, cache.index))
-                v = jax.lax.dynamic_update_slice(cache.v[layer], _value_layout(v).astype(cache.v[layer].dtype), (0, 0, cache.index, 0))
+                k = jax.lax.dynamic_update_slice(cache.k[layer], blocks.key_layout(k).astype(cache.k[layer].dtype), (0, 0, 0, cache.index))
+                v = jax.lax.dynamic_update_slice(cache.v[layer], blocks.value_layout(v).astype(cache.v[layer].dtype), (0, 0, cache.index, 0))
                 mask = masks[1] if self.config.layer_is_sliding[layer] else masks[0]
-                return _attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.config), (k, v)
+                return blocks.attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.config), (k, v)
 
             x, (k, v) = self._layer(x, params, adapters[layer], jnp.int32(layer), cos, sin, attend, lora, lora_fn, out_in=out_in)
             keys.append(k)
             values.append(v)
-        hidden = _rms_norm(x[:, -1:] if last_only else x, self.final_norm[...], self.config)
+        hidden = blocks.rms_norm(x[:, -1:] if last_only else x, self.final_norm[...], self.config)
         new_cache = KVCache(
             tuple(keys), tuple(values), key_mask, cache.next_position + jnp.sum(valid, axis=1, dtype=jnp.int32), cache.index + t
         )
@@ -343,8 +256,8 @@ class Decoder(nnx.Module):
         return self.embed[...].T if self.lm_head is None else self.lm_head[...]
 
     def _project_vocab(self, hidden: Array, head: Array, out_in: bool) -> Array:
-        logits = _dense(hidden, head.astype(hidden.dtype), out_in, preferred_element_type=_wide(hidden.dtype))
-        return _softcap(logits, self.config.final_logit_softcap)
+        logits = blocks.dense(hidden, head.astype(hidden.dtype), out_in, preferred_element_type=blocks.wide_dtype(hidden.dtype))
+        return blocks.softcap(logits, self.config.final_logit_softcap)
 
     def _embed(self, input_ids, positions) -> tuple[Array, Array, Array]:
         """The (scaled) token embeddings and the RoPE cos/sin of `positions`."""
@@ -352,7 +265,7 @@ class Decoder(nnx.Module):
         x = self.embed[...][input_ids].astype(dtype)
         if config.embed_scale:
             x = x * jnp.asarray(math.sqrt(config.hidden_size), dtype)
-        return (x, *_rope(positions, config, dtype))
+        return (x, *blocks.rope(positions, config, dtype))
 
     def _masks(self, query_slots, key_slots, key_valid) -> tuple[Bool[Array, "b t S"], Bool[Array, "b t S"]]:
         """(causal, causal within the sliding window) masks of allowed keys per query."""
@@ -376,7 +289,7 @@ class Decoder(nnx.Module):
         lora_fn = lora_fn or default_lora_fn
 
         def project(h, name):
-            y = _dense(h, params[name], out_in)
+            y = blocks.dense(h, params[name], out_in)
             if f"{name}_bias" in params:
                 y = y + params[f"{name}_bias"]
             if adapter is not None and name in adapter:
@@ -384,23 +297,23 @@ class Decoder(nnx.Module):
             return y
 
         def post_norm(y, name):  # Gemma-2's norms on the attention and MLP outputs
-            return _rms_norm(y, params[name], config) if config.sandwich_norms else y
+            return blocks.rms_norm(y, params[name], config) if config.sandwich_norms else y
 
-        h = _rms_norm(x, params["attn_norm"], config)
+        h = blocks.rms_norm(x, params["attn_norm"], config)
         k = project(h, "k").reshape(b, -1, kv_heads, hd)
         v = project(h, "v").reshape(b, -1, kv_heads, hd)
         if config.qk_norm:
-            k = _rms_norm(k, params["k_norm"], config)
-        k = _apply_rope(k, cos, sin)
+            k = blocks.rms_norm(k, params["k_norm"], config)
+        k = blocks.apply_rope(k, cos, sin)
         if rows is not None:
-            x, h, cos, sin = (_take_rows(a, rows) for a in (x, h, cos, sin))
+            x, h, cos, sin = (blocks.take_rows(a, rows) for a in (x, h, cos, sin))
         q = project(h, "q").reshape(b, -1, heads, hd)
         if config.qk_norm:
-            q = _rms_norm(q, params["q_norm"], config)
-        attended, extra = attend(_apply_rope(q, cos, sin), k, v)
+            q = blocks.rms_norm(q, params["q_norm"], config)
+        attended, extra = attend(blocks.apply_rope(q, cos, sin), k, v)
         x = x + post_norm(project(attended, "o"), "attn_post_norm")
-        h = _rms_norm(x, params["mlp_norm"], config)
-        x = x + post_norm(project(_activation(config.activation, project(h, "gate")) * project(h, "up"), "down"), "mlp_post_norm")
+        h = blocks.rms_norm(x, params["mlp_norm"], config)
+        x = x + post_norm(project(blocks.activation(config.activation, project(h, "gate")) * project(h, "up"), "down"), "mlp_post_norm")
         return x, extra
 
     def _run(self, input_ids, positions, slots, valid, lora, lora_fn, rows=None):
@@ -419,10 +332,10 @@ class Decoder(nnx.Module):
         def layer_fn(x, layer, rows=None):
             params, adapter, sliding = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False), stacked)
             mask = jnp.where(sliding, windowed, allowed) if config.sliding_layers else allowed
-            mask = mask if rows is None else _take_rows(mask, rows)
+            mask = mask if rows is None else blocks.take_rows(mask, rows)
 
             def attend(q, k, v):
-                return _attention(q, _key_layout(k), _value_layout(v), mask, config), None
+                return blocks.attention(q, blocks.key_layout(k), blocks.value_layout(v), mask, config), None
 
             return self._layer(x, params, adapter, layer, cos, sin, attend, lora, lora_fn, False, rows)[0]
 
@@ -432,4 +345,4 @@ class Decoder(nnx.Module):
         x, _ = jax.lax.scan(lambda x, layer: (layer_fn(x, layer), None), x, jnp.arange(scanned, dtype=jnp.int32))
         if rows is not None:
             x = layer_fn(x, jnp.int32(config.num_layers - 1), rows)
-        return _rms_norm(x, self.final_norm[...], config)
+        return blocks.rms_norm(x, self.final_norm[...], config)
