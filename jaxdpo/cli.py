@@ -165,6 +165,8 @@ def _run(args, console) -> int:
             rows = experiment.run(config, args.out, resume=args.resume, progress=progress, config_file=args.config)
     except LabelsPending as pending:
         _say(console, f"waiting for labels: {pending}", "yellow")
+        if writer:
+            _say(console, _how_to_continue(args), "yellow")
         return EXIT_LABELS_PENDING
     if not writer:
         return 0

@@ -304,11 +304,12 @@ def test_flipped_bytes_in_a_checkpoint_fall_back_to_the_step_before(tmp_path, re
     assert sorted(loop.read_labels(out / loop.LABELS), key=str) == sorted(loop.read_labels(reference / loop.LABELS), key=str)
 
 
-def test_human_oracle_asks_every_track_at_once_and_resumes(tmp_path, sft_dir):
+def test_human_oracle_asks_every_track_at_once_and_resumes(tmp_path, sft_dir, capsys):
     config = {**TINY, "run": {"methods": ["activedpo", "random"], "seeds": [0], "rounds": 1}, "oracle": {"kind": "human"}}
     out = new_run(tmp_path, sft_dir, "human")
     path = write_toml(tmp_path / "human.toml", config)
     assert main(["run", str(path), "--out", str(out)]) == EXIT_LABELS_PENDING
+    assert f"continue with: jaxdpo run {path} --resume --out {out}" in " ".join(capsys.readouterr().err.split())  # the full command
     [requests] = sorted((out / "human").glob("*.requests.jsonl"))  # one file for both tracks
     rows = [json.loads(line) for line in requests.read_text().splitlines()]
     assert sorted({r["track"] for r in rows}) == ["activedpo-seed0", "random-seed0"] and len(rows) == 8

@@ -1,9 +1,11 @@
 import json
+import sys
 
 import numpy as np
 import pytest
 
 from jaxdpo import embedded
+from jaxdpo.errors import UserError
 from jaxdpo.models import load_reward_model
 from jaxdpo.oracles import (
     HumanOracle,
@@ -147,3 +149,9 @@ def test_bad_label_file_lists_every_offending_line(tmp_path):
                      'line 5: "preferred" must be one of', 'line 6: needs']:
         assert expected in message
     assert labels.read_text() == before  # nothing the annotators wrote is touched
+
+
+def test_torch_reward_model_without_torch_is_one_line_naming_the_key(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+    with pytest.raises(UserError, match=r"oracle.kind = 'torch_reward_model' needs torch.*pip install torch"):
+        torch_reward_model_oracle(str(tmp_path))

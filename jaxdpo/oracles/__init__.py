@@ -5,7 +5,7 @@ one response (`can_score`) also serve evaluation (`Oracle.scores`). Score-based 
 (`scores`) answer at once; people answer later (`AsyncOracle`: `human`, files, and Label Studio).
 """
 
-from jaxdpo.oracles._base import (
+from jaxdpo.oracles.base import (
     AsyncOracle,
     LabelsPending,
     NoPreference,

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxdpo.errors import UserError
-from jaxdpo.oracles._base import LabelsPending, PairRequest, Preferences, Votes, check_requests, write_jsonl_atomic
+from jaxdpo.oracles.base import LabelsPending, PairRequest, Preferences, Votes, check_requests, write_jsonl_atomic
 
 TASKS_FILE = "label-studio-tasks.jsonl"
 LABELING_CONFIG = """<View className="root">

@@ -12,7 +12,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdpo.models import RewardModel
-from jaxdpo.oracles._base import PairRequest, Preferences, check_requests
+from jaxdpo.errors import UserError
+from jaxdpo.oracles.base import PairRequest, Preferences, check_requests
 from jaxdpo.sequences import map_in_chunks
 from jaxdpo.sharding import put_rows
 
@@ -94,7 +95,7 @@ def torch_reward_model_oracle(
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
     except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("the torch reward-model oracle needs torch: pip install torch") from error
+        raise UserError(f"oracle.kind = 'torch_reward_model' needs torch, which does not import here ({error}): pip install torch") from error
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(path)

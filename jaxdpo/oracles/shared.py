@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from jaxdpo.multihost import broadcast, from_writer
-from jaxdpo.oracles._base import Oracle, PairRequest, Preferences
+from jaxdpo.oracles.base import Oracle, PairRequest, Preferences
 
 
 class SharedOracle:
