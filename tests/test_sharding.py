@@ -1,6 +1,6 @@
 """One mesh for every stage: on 8 simulated devices (a subprocess), meshes 8×1, 4×2 and 2×4 give
-the one-device results, split the parameters, and run the loop end to end; a run's samples and
-picks do not depend on the mesh or on how generation is chunked."""
+the one-device results and split the parameters; whole runs (`jaxdpo run`) on meshes 4×2, 8×1 and
+1×8 draw the same samples and picks as on one device, however generation is chunked."""
 
 import json
 import os
@@ -35,8 +35,6 @@ def test_every_stage_on_a_mesh_equals_one_device():
         assert got["gate_shard"] == [2, 16, 24 // model_axis]  # [layers, hidden, intermediate] split over "model"
         assert got["param_fraction"] <= got["bound"] + 1e-9, (mesh, got)  # 1/model of the weights + replicated norms
         assert not got["gathers_a_weight"], mesh  # no program gathers a split weight whole
-    run = result["run"]
-    assert run["exit_code"] == 0 and run["labels"] == 4 and all(isinstance(r, float) for r in run["rewards"])
 
 
 FINAL_REWARD_TOLERANCE = 0.05
