@@ -30,7 +30,7 @@ def workload(args) -> dict:
     import numpy as np
 
     import jaxdpo
-    from _common import benchmark_model
+    from common import benchmark_model
 
     model = benchmark_model(args)
     rng = np.random.default_rng(0)
@@ -82,7 +82,7 @@ def worker(args) -> None:
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path.append(os.path.dirname(here))  # this checkout's jaxdpo, after any on PYTHONPATH (a worker's)
-    from _common import add_model_args
+    from common import add_model_args
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("generation", "features"))

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from _common import add_model_args, benchmark_model
+from common import add_model_args, benchmark_model
 
 import jaxdpo
 from jaxdpo.dpo import DpoTrainer, train_step, reference_logprobs

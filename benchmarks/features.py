@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _common import add_model_args, benchmark_model, best_time
+from common import add_model_args, benchmark_model, best_time
 
 from jaxdpo.features import features_program
 from jaxdpo.models import Decoder, LoRA, init_lora

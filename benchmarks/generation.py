@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from _common import add_model_args, benchmark_model, best_time, best_times
+from common import add_model_args, benchmark_model, best_time, best_times
 
 import jaxdpo
 from jaxdpo.sampling import draw_tokens, greedy_tokens, step_uniforms

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -91,8 +90,10 @@ def entry() -> None:
 def _how_to_continue(args) -> str:
     if args.command != "run":
         return "run the same command again"
-    words = ["jaxdpo", "run", *([args.config] if args.config else []), "--resume", "--out", str(args.out)]
-    return f"every label collected so far is saved; continue with: {shlex.join(words)}"
+    from jaxdpo.experiment.folder import continue_command
+
+    config_file = None if args.config is None else Path(args.config).resolve()  # as the run folder records it
+    return f"every label collected so far is saved; continue with: {continue_command(config_file, args.out)}"
 
 
 def _report(args, console) -> int:

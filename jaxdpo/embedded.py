@@ -154,11 +154,6 @@ def reward(prompt: str, response: str) -> float:
     return float(np.mean([values[_WORD_INDEX[t]] if t in _WORD_INDEX else -2.0 for t in tokens]))
 
 
-def best_reward(prompt: str) -> float:
-    """The highest reward any response can get for this prompt (for reporting headroom)."""
-    return float(_VALUES[prompt_topic(prompt)].max())
-
-
 def sft_batch(rng: np.random.Generator, count: int, task: str = "topics") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(input_ids, response_mask, attention_mask) of `count` SFT examples of `task`: prompt, the
     task's answer (`sample_responses`), the end token; right-padded to PROMPT_TOKENS + MAX_NEW_TOKENS."""

@@ -28,6 +28,7 @@ import orbax.checkpoint as ocp
 from jaxdpo.dpo import TrainState
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.storage import LabelRecord, Track
+from jaxdpo.files import write_atomic
 from jaxdpo.models import LoRA
 from jaxdpo.multihost import any_process, from_writer
 
@@ -158,9 +159,7 @@ def _reason(error: Exception) -> str:
 def write_checksums(step_dir: Path) -> None:
     """`step_dir/checksums.json`: the SHA-256 of each file under `step_dir`, written atomically."""
     sums = {str(file.relative_to(step_dir)): _sha256(file) for file in _files(step_dir)}
-    tmp = step_dir / (CHECKSUMS + ".tmp")
-    tmp.write_text(json.dumps(sums, indent=1, sort_keys=True))
-    tmp.replace(step_dir / CHECKSUMS)
+    write_atomic(step_dir / CHECKSUMS, json.dumps(sums, indent=1, sort_keys=True))
 
 
 def verify_checksums(step_dir: Path) -> None:

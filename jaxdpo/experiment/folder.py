@@ -19,6 +19,7 @@ from pathlib import Path
 
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.errors import UserError
+from jaxdpo.files import write_atomic
 from jaxdpo.multihost import SHARED_CHECK
 
 CONFIG, CONFIG_FILE, LOCK = "config.json", "config-file.json", ".lock"
@@ -156,9 +157,9 @@ def saved_config(out_dir: Path) -> dict:
 
 def save_config(config: ExperimentConfig, out_dir: Path, config_file: str | os.PathLike | None = None) -> None:
     """`config.json`, and `config-file.json` when the run was started from a config file."""
-    _write_atomic(Path(out_dir) / CONFIG, json.dumps(config.to_dict(), indent=2))
+    write_atomic(Path(out_dir) / CONFIG, json.dumps(config.to_dict(), indent=2))
     if config_file is not None:
-        _write_atomic(Path(out_dir) / CONFIG_FILE, json.dumps({"path": str(Path(config_file).resolve())}))
+        write_atomic(Path(out_dir) / CONFIG_FILE, json.dumps({"path": str(Path(config_file).resolve())}))
 
 
 def recorded_config_file(out_dir: Path) -> str | None:
@@ -175,7 +176,13 @@ def resume_command(out_dir: Path) -> str:
     config_file = recorded_config_file(out_dir)
     if config_file is None and not _embedded_default(out_dir):
         config_file = "CONFIG"
-    words = ["jaxdpo", "run", *([] if config_file is None else [config_file]), "--resume", "--out", str(out_dir)]
+    return continue_command(config_file, out_dir)
+
+
+def continue_command(config_file: str | Path | None, out_dir: Path) -> str:
+    """`jaxdpo run [CONFIG_FILE] --resume --out OUT_DIR`, quoted for a shell (None: the embedded
+    default, no config file; "CONFIG": a placeholder left unquoted)."""
+    words = ["jaxdpo", "run", *([] if config_file is None else [str(config_file)]), "--resume", "--out", str(out_dir)]
     return " ".join(word if word == "CONFIG" else shlex.quote(word) for word in words)
 
 
@@ -184,9 +191,3 @@ def _embedded_default(out_dir: Path) -> bool:
         return json.loads((Path(out_dir) / CONFIG).read_text()) == ExperimentConfig().to_dict()
     except (OSError, ValueError):
         return False
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)

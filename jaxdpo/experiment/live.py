@@ -29,6 +29,7 @@ from pathlib import Path
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.storage import Track
+from jaxdpo.files import write_atomic
 
 NOT_LOGGED = ("seed",)
 
@@ -103,8 +104,7 @@ class WandbLog:
         if track.name not in ids:
             ids[track.name] = secrets.token_hex(6)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_suffix(".tmp").write_text(json.dumps(ids, indent=2))
-            path.with_suffix(".tmp").replace(path)
+            write_atomic(path, json.dumps(ids, indent=2))
         return ids[track.name]
 
     def close(self) -> None:

@@ -212,7 +212,7 @@ def _report(config: ExperimentConfig, shape: dict, rows: list[dict], plan: dict)
     device = jax.devices()[0]
     chip = chip_of(device.device_kind)
     peak = None if chip is None else chip.peak_flops
-    params = _parameter_count(DecoderConfig.from_hf(shape))
+    params = parameter_count(DecoderConfig.from_hf(shape))
     c, m = config, config.generation.responses_per_prompt
     seq = c.data.max_prompt_tokens + c.generation.max_new_tokens
     responses = c.data.prompts_per_round * m
@@ -253,7 +253,7 @@ def _eval_tokens(config: ExperimentConfig, seq: int) -> int:
     return samples * config.generation.max_new_tokens + (2 * samples * seq if e.temperature == 1.0 else 0) + e.prompts * seq
 
 
-def _parameter_count(config) -> int:
+def parameter_count(config) -> int:
     from jaxdpo.models import target_shapes
 
     per_layer = sum(a * b for a, b in target_shapes(config).values())

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxdpo.errors import UserError
-from jaxdpo.oracles import NoPreference, Side, Votes, write_jsonl_atomic
+from jaxdpo.files import write_jsonl_atomic
+from jaxdpo.oracles import NoPreference, Side, Votes
 from jaxdpo.sequences import Sequences
 
 LABELS, METRICS = "labels.jsonl", "metrics.jsonl"

@@ -14,7 +14,6 @@ from jaxdpo.oracles.base import (
     Preferences,
     Side,
     Votes,
-    write_jsonl_atomic,
 )
 from jaxdpo.oracles.human import HumanOracle, LabelFileError, read_answers
 from jaxdpo.oracles.scores import (
@@ -44,5 +43,4 @@ __all__ = [
     "reward_model_oracle",
     "synthetic_oracle",
     "torch_reward_model_oracle",
-    "write_jsonl_atomic",
 ]

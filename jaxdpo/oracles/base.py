@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -80,15 +77,3 @@ def check_requests(requests: Sequence[PairRequest]) -> None:
     ids = [r.id for r in requests]
     if len(set(ids)) != len(ids):
         raise ValueError(f"request ids must be distinct, got {len(ids) - len(set(ids))} repeated")
-
-
-def write_jsonl_atomic(path: Path, rows: Sequence[dict]) -> None:
-    """Write all rows to a temporary file, fsync, then rename over `path` (never half a file)."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)

@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxdpo.errors import UserError
-from jaxdpo.oracles.base import LabelsPending, PairRequest, Preferences, check_requests, write_jsonl_atomic
+from jaxdpo.files import write_jsonl_atomic
+from jaxdpo.oracles.base import LabelsPending, PairRequest, Preferences, check_requests
 
 ANSWERS = ("a", "b", "tie", "skip")
 REQUESTS_SUFFIX, LABELS_SUFFIX = ".requests.jsonl", ".labels.jsonl"
@@ -149,5 +150,5 @@ class HumanOracle:
                 waiting.append(f"{missing} pairs in {requests} (answers go to {labels.name})")
         return (
             "labels needed: " + "; ".join(waiting) + '. One line per pair: {"id": ..., "preferred": "a" | "b" | "tie" | "skip"}; '
-            "or label in a browser with: jaxdpo annotate " + str(self.directory.parent) + ". Then continue with the command below"
+            "or label in a browser with: jaxdpo annotate " + str(self.directory.parent) + ". Then run again with --resume"
         )

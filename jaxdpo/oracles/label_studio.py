@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 
 from jaxdpo.errors import UserError
-from jaxdpo.oracles.base import LabelsPending, PairRequest, Preferences, Votes, check_requests, write_jsonl_atomic
+from jaxdpo.files import write_jsonl_atomic
+from jaxdpo.oracles.base import LabelsPending, PairRequest, Preferences, Votes, check_requests
 
 TASKS_FILE = "label-studio-tasks.jsonl"
 LABELING_CONFIG = """<View className="root">

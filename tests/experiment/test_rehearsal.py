@@ -18,7 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 def test_shipped_shapes_are_the_papers_models(name, params):
     shape = rehearsal.shipped_shape(name)
     assert rehearsal.scaled_shape(shape, 1.0) == shape
-    count = rehearsal._parameter_count(DecoderConfig.from_hf(shape))
+    count = rehearsal.parameter_count(DecoderConfig.from_hf(shape))
     assert count == pytest.approx(params, rel=0.01)  # without norms: published sizes to 1%
 
 
