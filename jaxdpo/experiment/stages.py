@@ -41,7 +41,7 @@ from jaxdpo.selection import SelectionPool, make_selector
 from jaxdpo.sequences import Sequences
 from jaxdpo.sharding import DATA, MODEL, data_multiple, param_spec, rows_sharding
 
-BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids"})
+BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids", "mesh"})
 """Pool fields every round has, whatever its selector requires."""
 
 

@@ -1,6 +1,14 @@
 """Batch selection: the ActiveDPO greedy rule (Eq. 3-4) and the baselines (SHARP / W-SHARP among
 them), as pure functions."""
 
+from jaxdpo.selection._api import (
+    SelectionResult,
+    SelectionStats,
+    check_batch,
+    select_batch,
+    select_on_mesh,
+    v_inv_norms,
+)
 from jaxdpo.selection._baselines import (
     predictive_entropy,
     select_apo,
@@ -11,16 +19,22 @@ from jaxdpo.selection._baselines import (
     select_random,
     select_uncertainty,
 )
-from jaxdpo.selection._greedy import SelectionResult, select_batch, v_inv_norms
 from jaxdpo.selection._registry import SELECTORS, SelectionPool, Selector, make_selector
+from jaxdpo.selection._sharded import PairsLayout, PlacedPairs, layout_pairs, place_pairs
 from jaxdpo.selection._sharpe import select_sharpe, sharpe_ratio
 
 __all__ = [
     "SELECTORS",
+    "PairsLayout",
+    "PlacedPairs",
     "SelectionPool",
     "SelectionResult",
+    "SelectionStats",
     "Selector",
+    "check_batch",
+    "layout_pairs",
     "make_selector",
+    "place_pairs",
     "predictive_entropy",
     "select_apo",
     "select_batch",
@@ -28,6 +42,7 @@ __all__ = [
     "select_entropy",
     "select_hybrid",
     "select_near_tie",
+    "select_on_mesh",
     "select_random",
     "select_sharpe",
     "select_uncertainty",

@@ -27,8 +27,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from jaxdpo.selection._baselines import _eligible, _top, _vector
-from jaxdpo.selection._greedy import SelectionResult
+from jaxdpo.selection._api import SelectionResult, check_batch
+from jaxdpo.selection._baselines import _top, _vector
 
 
 def sharpe_ratio(margins: Float[ArrayLike, " n"], *, weighted: bool = False) -> Float[Array, " n"]:
@@ -41,7 +41,7 @@ def select_sharpe(margins: Float[ArrayLike, " n"], batch_size: int, *, weighted:
     """The B eligible candidates of highest Sharpe ratio (smallest |margin|; ties to the lowest
     index), in pick order; scores are the ratios (`sharpe_ratio`)."""
     margins = _vector("margins", margins)
-    mask = _eligible(mask, margins.shape[0], batch_size)
+    mask = check_batch(batch_size, margins.shape[0], mask)
     return _top(-jnp.abs(margins), sharpe_ratio(margins, weighted=weighted), mask, batch_size)
 
 
