@@ -219,22 +219,21 @@ def peak_bytes(fn, features, pairs, prior, reg, picks: int) -> int:
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
 
 
-def timed(fn, repeats: int):
-    """(median seconds over `repeats` calls after a warm-up, the last output)."""
-    out = jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def run_config(args, name: str, n: int, d: int, prior: int, pairs_mode: bool, responses: int, kind: str, methods) -> None:
+    """Every method of one config, compiled first, then timed in turns (method after method,
+    `--repeats` rounds) so that all see the same load; ratios are medians of per-round ratios, of
+    wall time and of this process's CPU time (less sensitive to other processes on the machine)."""
     reg, batch = jnp.float32(args.reg), args.batch
     base = {"config": name, "n": n, "d": d, "batch": batch, "prior": prior, "features": Path(kind).name,
             "pairs": pairs_mode, "responses": responses if pairs_mode else None}
-    reference, by = None, {}
+    rows, calls, reference = {}, {}, None
     for dtype_name in args.dtype:
         features, pairs, labeled, n, d = make_features(kind, n, d, prior, pairs_mode, responses, DTYPES[dtype_name])
         base.update(n=n, d=d)
@@ -242,49 +241,60 @@ def run_config(args, name: str, n: int, d: int, prior: int, pairs_mode: bool, re
             if method in ("textbook", "reinvert") and dtype_name != "float32":
                 continue
             for strategy in args.strategy if method == "select_batch" else [None]:
-                fn = {"select_batch": greedy(strategy or "auto"), "floor": floor, "textbook": textbook, "reinvert": reinvert}.get(method)
-                picks, stats = batch, None
-                if method == "pass":
-                    seconds, _ = timed(lambda: one_pass(features, pairs, labeled, reg), args.repeats)
-                    indices = None
-                else:
-                    if method in ("textbook", "reinvert"):  # time one pick first; extrapolate if B would take too long
-                        one, _ = timed(lambda: fn(features, pairs, labeled, reg, 1), 1)
-                        picks = int(max(1, min(batch, args.budget_s // max(one, 1e-9))))
-                    seconds, out = timed(lambda: fn(features, pairs, labeled, reg, picks), args.repeats if picks == batch else 1)
-                    seconds *= batch / picks
-                    indices, stats = out if method == "select_batch" else (out, None)
-                    indices = np.asarray(indices)
                 label = method if strategy is None else f"{method}:{strategy}:{dtype_name}"
-                row = {**base, "method": method, "strategy": strategy, "dtype": dtype_name, "ms": round(seconds * 1e3, 3)}
-                if method != "pass":
+                fn = {"select_batch": greedy(strategy or "auto"), "floor": floor, "textbook": textbook, "reinvert": reinvert}.get(method)
+                row = {**base, "method": method, "strategy": strategy, "dtype": dtype_name}
+                if method == "pass":
+                    call, picks = partial(one_pass, features, pairs, labeled, reg), batch
+                    out = jax.block_until_ready(call())
+                else:
+                    picks = batch
+                    if method in ("textbook", "reinvert"):  # time one pick first; extrapolate if B would take too long
+                        jax.block_until_ready(fn(features, pairs, labeled, reg, 1))
+                        picks = int(max(1, min(batch, args.budget_s // max(timed(lambda: fn(features, pairs, labeled, reg, 1))[0], 1e-9))))
+                    call = partial(fn, features, pairs, labeled, reg, picks)
+                    out = jax.block_until_ready(call())
                     row.update(peak_bytes=peak_bytes(fn, features, pairs, labeled, reg, picks), timed_picks=picks, picks=batch)
-                if stats is not None:
+                if method == "select_batch":
+                    indices, stats = np.asarray(out[0]), out[1]
                     row.update(planned=stats.strategy, full_from=int(stats.full_from), passes=int(stats.passes),
                                rescored=int(stats.rescored), coordinates=int(stats.coordinates))
-                if method == "select_batch" and reference is None:
-                    reference = indices
-                if reference is not None and indices is not None and method != "floor":
-                    row["agree"] = int(np.sum(indices[:picks] == reference[:picks]))
-                row.update(device=jax.devices()[0].device_kind, load=[round(x, 2) for x in os.getloadavg()])
-                by[label] = row["ms"]
-                print(json.dumps(row), flush=True)
+                    reference = indices if reference is None else reference
+                    row["agree"] = int(np.sum(indices == reference))
+                elif method in ("textbook", "reinvert"):
+                    row["agree"] = int(np.sum(np.asarray(out)[:picks] == reference[:picks])) if reference is not None else None
+                rows[label], calls[label] = row, (call, batch / picks, 1 if picks < batch else args.repeats)
+        times = {label: [] for label in calls}
+        for turn in range(args.repeats):
+            for label, (call, scale, repeats) in calls.items():
+                if turn < repeats:
+                    wall, cpu = timed(call)
+                    times[label].append((wall * scale, cpu * scale))
+        for label, row in rows.items():
+            row.update(ms=round(1e3 * float(np.median([w for w, _ in times[label]])), 3),
+                       cpu_ms=round(1e3 * float(np.median([c for _, c in times[label]])), 3),
+                       device=jax.devices()[0].device_kind, load=[round(x, 2) for x in os.getloadavg()])
+            print(json.dumps(row), flush=True)
         del features, pairs, labeled
-    print(json.dumps({**base, "summary": True, **ratios(by), "load": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+    print(json.dumps({**base, "summary": True, **ratios(times), "load": [round(x, 2) for x in os.getloadavg()]}), flush=True)
 
 
-def ratios(by: dict[str, float]) -> dict[str, float]:
+def ratios(times: dict[str, list[tuple[float, float]]]) -> dict[str, float]:
+    """Medians over turns of select_batch's time over `pass` and `floor` (and the slow methods'
+    over select_batch's), from wall time and, suffixed `_cpu`, from CPU time."""
     out = {}
-    for label, ms in by.items():
+    for label, own in times.items():
         if not label.startswith("select_batch:"):
             continue
         tag = label.removeprefix("select_batch:").replace(":", "_")
-        for unit in ("pass", "floor"):
-            if unit in by:
-                out[f"{tag}_over_{unit}"] = round(ms / by[unit], 3)
-        for slow in ("textbook", "reinvert"):
-            if slow in by:
-                out[f"{slow}_over_{tag}"] = round(by[slow] / ms, 1)
+        for unit in ("pass", "floor", "textbook", "reinvert"):
+            if unit not in times:
+                continue
+            for which, suffix in ((0, ""), (1, "_cpu")):
+                pairs = list(zip(own, times[unit])) if unit in ("pass", "floor") else [(o, times[unit][0]) for o in own]
+                values = [(mine[which] / theirs[which]) if unit in ("pass", "floor") else theirs[which] / mine[which] for mine, theirs in pairs]
+                key = f"{tag}_over_{unit}{suffix}" if unit in ("pass", "floor") else f"{unit}_over_{tag}{suffix}"
+                out[key] = round(float(np.median(values)), 3 if unit in ("pass", "floor") else 1)
     return out
 
 

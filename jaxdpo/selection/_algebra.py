@@ -243,15 +243,6 @@ def no_picks(width: int, batch: int, rho: Array, dtype) -> Picks:
     return Picks(zeros, jnp.zeros((k, k), dtype), Triangular(rho * eye, eye / rho), zeros)
 
 
-def coordinates(prior: Prior, picks: Picks, rows: Float[Array, "k d"]) -> Float[Array, "k K"]:
-    """c_j = q_jᵀω(x) of scaled rows. For p < d without forming ω: q_j lies in the span of the
-    whitened picks, on which P·top = ρ·bottom (PᵀP-part of V₀ absorbed), so whiten_adjoint(q_j) is
-    its top part up to the whitening's own rounding (measured ≤ 5 ulps of ‖x‖ per coordinate)."""
-    if prior.kind == "full":
-        return matmul(whiten(prior, rows), picks.basis.T)
-    return matmul(rows, picks.basis[:, : rows.shape[1]].T)
-
-
 def rotate(picks: Picks, rows: Float[Array, "k w"]) -> Float[Array, "k w"]:
     """Qᵀω for each row."""
     v = picks.reflectors
@@ -283,9 +274,14 @@ def split_scores(picks: Picks, rho: Array, count: Array, rotated: Float[Array, "
     return residual + span_part(picks, rho, jnp.where(in_span[:k], rotated[:, :k], 0.0))
 
 
-def coordinate_scores(picks: Picks, rho: Array, count: Array, energy: Array, coords: Float[Array, "k K"]) -> Array:
-    """ŝ⁰ − ‖c‖² + ‖ρT⁻ᵀc‖² from c_j = q_jᵀω (j < count) and ŝ⁰ = ‖ω‖² (`energy`)."""
-    c = jnp.where(jnp.arange(picks.wy.shape[0]) < count, coords, 0.0)
+def coordinate_scores(prior: Prior, picks: Picks, rho: Array, count: Array, energy: Array, rows: Float[Array, "k d"]) -> Float[Array, " k"]:
+    """ŝ⁰ − ‖c‖² + ‖ρT⁻ᵀc‖² of scaled rows from their coordinates c_j = q_jᵀω(x), j < count, and
+    ŝ⁰ = ‖ω‖² (`energy`): a difference, used with its error bound. For p < d without forming ω:
+    q_j lies in the span of the whitened picks, on which P·top = ρ·bottom, so whiten_adjoint(q_j)
+    is its top part up to the whitening's rounding (measured ≤ 5 ulps of ‖x‖ per coordinate)."""
+    x = whiten(prior, rows) if prior.kind == "full" else rows
+    c = matmul(x, picks.basis[:, : x.shape[1]].T)
+    c = jnp.where(jnp.arange(c.shape[1]) < count, c, 0.0)
     return energy - jnp.sum(c * c, axis=-1) + span_part(picks, rho, c)
 
 

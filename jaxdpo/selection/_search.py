@@ -182,7 +182,7 @@ def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array)
         search = search._replace(chunk=jnp.where(missing & live, chosen, -1), products=products)
     else:
         energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, None), known)
-    score = alg.coordinate_scores(state.picks, ctx.scale.rho, state.pick, energy, alg.coordinates(prior, state.picks, x))
+    score = alg.coordinate_scores(prior, state.picks, ctx.scale.rho, state.pick, energy, x)
     search = search._replace(state=state._replace(energy=state.energy.at[chosen].set(jnp.where(live, energy, known))))
     norms = jnp.sum(x * x, axis=-1)
     return score, coordinate_error(ctx.eps, prior, norms) + ctx.slack * jnp.abs(score), search
@@ -292,14 +292,27 @@ def _stalls(ctx: Context, search: Search) -> Array:
     return ctx.plan.values & ~state.full & (pending > 0) & (search.spent >= ctx.plan.stall_reads * passes)
 
 
-def _round(ctx: Context, search: Search) -> Search:
+def _search(ctx: Context, search: Search) -> Search:
+    """Coordinate rounds while more than `block` candidates could win (a lazy pick that stalls
+    catches up once, then goes on), then exact rounds until the best exact score beats every bound
+    left. (Exact rounds only raise the floor and tested candidates stay tested: once the
+    coordinate rounds are done they are not needed again. Loops without branches inside keep
+    XLA from copying the n-long vectors every round.)"""
+
     def caught_up(search: Search) -> Search:
         state = catch_up(ctx, search.state)
         return search._replace(state=state, floor=jnp.maximum(search.floor, _value_floor(ctx, state)))
 
+    def exact_round(search: Search) -> Search:
+        search = _exact_round(ctx, search)
+        return search._replace(remaining=_remaining(ctx, search))
+
+    coordinates = partial(_coordinate_round, ctx)
+    search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, s) & ~_stalls(ctx, s), coordinates, search)
     search = jax.lax.cond(_stalls(ctx, search), caught_up, lambda s: s, search)
-    search = jax.lax.cond(_needs_coordinates(ctx, search), partial(_coordinate_round, ctx), partial(_exact_round, ctx), search)
-    return search._replace(remaining=_remaining(ctx, search))
+    search = jax.lax.while_loop(partial(_needs_coordinates, ctx), coordinates, search)
+    search = search._replace(remaining=_remaining(ctx, search))
+    return jax.lax.while_loop(lambda s: ~better(s.best, s.remaining) & (s.remaining.value > -jnp.inf), exact_round, search)
 
 
 def _first_search(ctx: Context, state: State, exact_start: bool) -> Search:
@@ -315,12 +328,12 @@ def _first_search(ctx: Context, state: State, exact_start: bool) -> Search:
         jnp.zeros((ctx.plan.width,), dtype), chunk, jnp.zeros((ctx.plan.chunk, _prior_rows(ctx)), dtype),
     )
     if not exact_start:
-        return search._replace(remaining=_remaining(ctx, search))
-    first = state.pick == 0
+        return search
+    first = state.pick == 0  # decided: nothing can win above an infinite floor
     initial = ctx.comm.leader(leader(jnp.where(state.eligible, state.approx, -jnp.inf), _positions(ctx, n)))
     return search._replace(
         best=jax.tree.map(lambda a, b: jnp.where(first, a, b), initial, nobody),
-        remaining=jax.tree.map(lambda a, b: jnp.where(first, a, b), nobody, _remaining(ctx, search)),
+        floor=jnp.where(first, jnp.inf, search.floor),
     )
 
 
@@ -341,11 +354,7 @@ def _step(ctx: Context, exact_start: bool, state: State) -> State:
     """One pick: Eq. (3) argmax of the exact scores, then Eq. (4) folded into the factor."""
     state = jax.lax.cond(state.full & (state.pick > 0), partial(apply_latest, ctx), lambda s: s, state)
     stalls = state.stalls
-    search = jax.lax.while_loop(
-        lambda s: ~better(s.best, s.remaining) & (s.remaining.value > -jnp.inf),
-        partial(_round, ctx),
-        _first_search(ctx, state, exact_start),
-    )
+    search = _search(ctx, _first_search(ctx, state, exact_start))
     state, best = search.state, search.best
     n = state.bounds.shape[0]
     local = best.index - ctx.comm.offset(n)
