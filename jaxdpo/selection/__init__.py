@@ -1,7 +1,7 @@
 """Batch selection: the ActiveDPO greedy rule (Eq. 3-4) and the baselines (SHARP / W-SHARP among
 them), as pure functions."""
 
-from jaxdpo.selection._api import (
+from jaxdpo.selection.api import (
     SelectionResult,
     SelectionStats,
     check_batch,
@@ -9,7 +9,7 @@ from jaxdpo.selection._api import (
     select_on_mesh,
     v_inv_norms,
 )
-from jaxdpo.selection._baselines import (
+from jaxdpo.selection.baselines import (
     predictive_entropy,
     select_apo,
     select_certainty,
@@ -19,9 +19,9 @@ from jaxdpo.selection._baselines import (
     select_random,
     select_uncertainty,
 )
-from jaxdpo.selection._registry import SELECTORS, SelectionPool, Selector, make_selector
-from jaxdpo.selection._sharded import PairsLayout, PlacedPairs, layout_pairs, place_pairs
-from jaxdpo.selection._sharpe import select_sharpe, sharpe_ratio
+from jaxdpo.selection.registry import SELECTORS, SelectionPool, Selector, make_selector
+from jaxdpo.selection.sharded import PairsLayout, PlacedPairs, layout_pairs, place_pairs
+from jaxdpo.selection.sharpe import select_sharpe, sharpe_ratio
 
 __all__ = [
     "SELECTORS",

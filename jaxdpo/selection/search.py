@@ -7,7 +7,7 @@ a Sherman–Morrison value s_i − Σ(φ_iᵀũ_k)² with its rounding allowance
 Each pick runs rounds until the best exact score beats every bound left (ties: lowest index):
 - coordinate rounds, while more than `block` candidates could still win: the `chunk` candidates of
   highest bound get the coordinate score (their products with the prior rows and the picks'
-  basis, `_algebra.coordinate_scores`) with its error bound: their bounds drop to the interval's
+  basis, `algebra.coordinate_scores`) with its error bound: their bounds drop to the interval's
   top, and the best interval bottom is a floor below which no candidate can win;
 - exact rounds: the `block` candidates of highest bound get the exact score (sums of squares).
 "full" applies the last pick's update to every candidate first (one pass over Φ), so that the
@@ -25,10 +25,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from jaxdpo.selection import _algebra as alg
-from jaxdpo.selection._candidates import Candidates, Start
-from jaxdpo.selection._comm import NOBODY, Comm, Leader, best_of, better, leader
-from jaxdpo.selection._plan import CATCH_UP, COORDINATE_ULPS, STALLS_BEFORE_FULL, Plan
+from jaxdpo.selection import algebra as alg
+from jaxdpo.selection.candidates import Candidates, Start
+from jaxdpo.selection.comm import NOBODY, Comm, Leader, best_of, better, leader
+from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS, STALLS_BEFORE_FULL, Plan
 
 
 class Context(NamedTuple):

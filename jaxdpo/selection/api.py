@@ -13,9 +13,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo import checks
-from jaxdpo.selection._candidates import Candidates, start
-from jaxdpo.selection._plan import STRATEGIES, Plan, make_plan
-from jaxdpo.selection._sharded import (
+from jaxdpo.selection.candidates import Candidates, start
+from jaxdpo.selection.plan import STRATEGIES, Plan, make_plan
+from jaxdpo.selection.sharded import (
     Comm,
     blocks,
     greedy_program,

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from jaxdpo.selection._algebra import (
+from jaxdpo.selection.algebra import (
     Prior,
     Scale,
     factor_prior,

@@ -18,10 +18,10 @@ import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxdpo.selection import _baselines
-from jaxdpo.selection._api import SelectionResult, select_batch
-from jaxdpo.selection._sharded import place_pairs
-from jaxdpo.selection._sharpe import sharp_rule, w_sharp_rule
+from jaxdpo.selection import baselines
+from jaxdpo.selection.api import SelectionResult, select_batch
+from jaxdpo.selection.sharded import place_pairs
+from jaxdpo.selection.sharpe import sharp_rule, w_sharp_rule
 
 
 class SelectionPool(NamedTuple):
@@ -80,37 +80,37 @@ def _activedpo(pool, batch_size, key, *, reg=1.0, strategy="auto"):
 
 
 def _random(pool, batch_size, key):
-    return _baselines.select_random(key, pool.num_candidates, batch_size, mask=pool.mask)
+    return baselines.select_random(key, pool.num_candidates, batch_size, mask=pool.mask)
 
 
 def _certainty(pool, batch_size, key):
-    return _baselines.select_certainty(pool.margins, batch_size, mask=pool.mask)
+    return baselines.select_certainty(pool.margins, batch_size, mask=pool.mask)
 
 
 def _uncertainty(pool, batch_size, key):
-    return _baselines.select_uncertainty(pool.margins, batch_size, mask=pool.mask)
+    return baselines.select_uncertainty(pool.margins, batch_size, mask=pool.mask)
 
 
 def _entropy(pool, batch_size, key):
-    return _baselines.select_entropy(
+    return baselines.select_entropy(
         pool.prompt_entropy, pool.pair_prompt_ids, batch_size, key=key, mask=pool.mask
     )
 
 
 def _hybrid(pool, batch_size, key, *, ogf=16):
-    return _baselines.select_hybrid(
+    return baselines.select_hybrid(
         pool.prompt_entropy, pool.pair_prompt_ids, pool.margins, batch_size, ogf=ogf, mask=pool.mask
     )
 
 
 def _apo(pool, batch_size, key, *, reg=1e-5):
-    return _baselines.select_apo(
+    return baselines.select_apo(
         pool.apo_features, batch_size, reg=reg, prior=pool.apo_prior, pairs=pool.pairs, mask=pool.mask
     )
 
 
 def _near_tie(pool, batch_size, key, *, nu=1.0, reg=1.0):
-    return _baselines.select_near_tie(
+    return baselines.select_near_tie(
         pool.margins, pool.features, batch_size, nu=nu, reg=reg, prior=pool.prior, pairs=pool.pairs, mask=pool.mask
     )
 

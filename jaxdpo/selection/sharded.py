@@ -18,10 +18,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdpo import checks
-from jaxdpo.selection._candidates import Candidates, start
-from jaxdpo.selection._comm import Comm
-from jaxdpo.selection._plan import DRIFT, SLACK, Plan
-from jaxdpo.selection._search import Context, Stats, coordinate_error, run
+from jaxdpo.selection.candidates import Candidates, start
+from jaxdpo.selection.comm import Comm
+from jaxdpo.selection.plan import DRIFT, SLACK, Plan
+from jaxdpo.selection.search import Context, Stats, coordinate_error, run
 
 
 def greedy(features, pairs, prior, mask, reg, plan: Plan, comm: Comm) -> tuple[jax.Array, jax.Array, Stats]:

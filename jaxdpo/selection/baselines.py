@@ -17,10 +17,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo import checks
-from jaxdpo.selection._api import SelectionResult, check_batch, v_inv_norms
+from jaxdpo.selection.api import SelectionResult, check_batch, v_inv_norms
 
 
-def _vector(name: str, x, length: int | None = None) -> Array:
+def as_vector(name: str, x, length: int | None = None) -> Array:
+    """`x` checked as a finite float vector (of `length`, if given), in at least float32."""
     checks.check_ndim(name, x, 1, "[n]")
     checks.check_floating(name, x)
     checks.check_finite(name, x)
@@ -29,7 +30,7 @@ def _vector(name: str, x, length: int | None = None) -> Array:
     return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
 
 
-def _top(priority: Array, scores: Array, mask: Array, batch_size: int) -> SelectionResult:
+def top_batch(priority: Array, scores: Array, mask: Array, batch_size: int) -> SelectionResult:
     """The B eligible candidates of highest priority (ties to the lowest index), with their scores."""
     _, indices = jax.lax.top_k(jnp.where(mask, priority, -jnp.inf), batch_size)
     return SelectionResult(indices.astype(jnp.int32), scores[indices])
@@ -39,21 +40,21 @@ def select_random(key: Array, num_candidates: int, batch_size: int, *, mask: Boo
     """B distinct eligible candidates uniformly at random; scores are the random priorities."""
     mask = check_batch(batch_size, num_candidates, mask)
     priority = jax.random.uniform(key, (num_candidates,))
-    return _top(priority, priority, mask, batch_size)
+    return top_batch(priority, priority, mask, batch_size)
 
 
 def select_certainty(margins: Float[ArrayLike, " n"], batch_size: int, *, mask=None) -> SelectionResult:
     """APLP preference certainty: largest |r(x, y1) − r(x, y2)| first; scores are |margin|."""
-    margins = _vector("margins", margins)
+    margins = as_vector("margins", margins)
     mask = check_batch(batch_size, margins.shape[0], mask)
-    return _top(jnp.abs(margins), jnp.abs(margins), mask, batch_size)
+    return top_batch(jnp.abs(margins), jnp.abs(margins), mask, batch_size)
 
 
 def select_uncertainty(margins: Float[ArrayLike, " n"], batch_size: int, *, mask=None) -> SelectionResult:
     """Smallest |r(x, y1) − r(x, y2)| first (the pairs the implicit reward cannot tell apart)."""
-    margins = _vector("margins", margins)
+    margins = as_vector("margins", margins)
     mask = check_batch(batch_size, margins.shape[0], mask)
-    return _top(-jnp.abs(margins), jnp.abs(margins), mask, batch_size)
+    return top_batch(-jnp.abs(margins), jnp.abs(margins), mask, batch_size)
 
 
 def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int) -> Float[Array, " prompts"]:
@@ -61,7 +62,7 @@ def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int)
 
     `logprobs` holds the sequence log-probs of N samples per prompt, prompt-major: the samples of
     prompt i are rows i·N … (i+1)·N − 1 (APLP's public code averages rows i … i+N−1 instead)."""
-    logprobs = _vector("logprobs", logprobs)
+    logprobs = as_vector("logprobs", logprobs)
     checks.require(num_samples >= 1, f"num_samples must be >= 1, got {num_samples}")
     checks.require(
         logprobs.shape[0] % num_samples == 0 and logprobs.shape[0] > 0,
@@ -71,7 +72,7 @@ def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int)
 
 
 def _prompt_inputs(prompt_entropy, pair_prompt_ids) -> tuple[Array, Array]:
-    prompt_entropy = _vector("prompt_entropy", prompt_entropy)
+    prompt_entropy = as_vector("prompt_entropy", prompt_entropy)
     checks.check_ndim("pair_prompt_ids", pair_prompt_ids, 1, "[n]")
     checks.check_integer("pair_prompt_ids", pair_prompt_ids)
     checks.check_index_range("pair_prompt_ids", pair_prompt_ids, prompt_entropy.shape[0], "the prompts")
@@ -117,7 +118,7 @@ def select_hybrid(
     """APLP hybrid: keep the top B·ogf prompts by predictive entropy (among prompts with an eligible
     pair), then the top B of their pairs by certainty |margin|. Scores are |margin|."""
     prompt_entropy, pair_prompt_ids = _prompt_inputs(prompt_entropy, pair_prompt_ids)
-    margins = _vector("margins", margins, pair_prompt_ids.shape[0])
+    margins = as_vector("margins", margins, pair_prompt_ids.shape[0])
     checks.require(ogf >= 1, f"ogf (over-generation factor) must be >= 1, got {ogf}")
     mask = check_batch(batch_size, pair_prompt_ids.shape[0], mask)
     num_prompts = prompt_entropy.shape[0]
@@ -125,7 +126,7 @@ def select_hybrid(
     keep = min(batch_size * ogf, num_prompts)
     _, kept_prompts = jax.lax.top_k(jnp.where(prompt_has_pair, prompt_entropy, -jnp.inf), keep)
     kept = jnp.zeros((num_prompts,), bool).at[kept_prompts].set(True) & prompt_has_pair
-    return _top(jnp.abs(margins), jnp.abs(margins), mask & kept[pair_prompt_ids], batch_size)
+    return top_batch(jnp.abs(margins), jnp.abs(margins), mask & kept[pair_prompt_ids], batch_size)
 
 
 def select_apo(
@@ -140,7 +141,7 @@ def select_apo(
     """APO: the top B by ‖φ‖_{V₀⁻¹}, V₀ = reg·I + priorᵀprior, in one shot (no Eq. 4 update)."""
     norms = v_inv_norms(features, reg=reg, prior=prior, pairs=pairs)
     mask = check_batch(batch_size, norms.shape[0], mask)
-    return _top(norms, norms, mask, batch_size)
+    return top_batch(norms, norms, mask, batch_size)
 
 
 def select_near_tie(
@@ -157,8 +158,8 @@ def select_near_tie(
     """Near-tie uncertainty sampling: ascending |r1 − r2| − ν‖φ‖_{V₀⁻¹}, i.e. first the pairs whose
     confidence interval for the reward difference straddles zero by the widest margin."""
     norms = v_inv_norms(features, reg=reg, prior=prior, pairs=pairs)
-    margins = _vector("margins", margins, norms.shape[0])
+    margins = as_vector("margins", margins, norms.shape[0])
     checks.require(nu >= 0, f"nu must be >= 0, got {nu}")
     mask = check_batch(batch_size, norms.shape[0], mask)
     gap = jnp.abs(margins) - nu * norms
-    return _top(-gap, gap, mask, batch_size)
+    return top_batch(-gap, gap, mask, batch_size)
