@@ -23,8 +23,9 @@ P` adds P labeled rows of the same kind. With `--pairs`, the rows are per-respon
 prompts with `--responses` m each and the candidates are their C(m, 2) pairs, φ = g[a] − g[b];
 `--n` counts candidates.
 
-Slow methods on big configs are timed over fewer picks and extrapolated to B (`timed_picks` <
-`picks` says so). Peak memory is XLA's buffer assignment of the compiled program. `agree` counts
+Slow methods on big configs are timed over fewer picks and extrapolated to B: their setup (V₀⁻¹,
+`setup_ms`) once plus B times the cost of a pick (`pick_ms`; `timed_picks` < `picks` says so).
+Without a prior the textbook starts from V₀⁻¹ = I/λ. Peak memory is XLA's buffer assignment of the compiled program. `agree` counts
 positions whose pick equals the config's first select_batch row. Every row carries the machine's
 load (`os.getloadavg()`); `--runs` repeats the whole grid.
 
@@ -86,8 +87,9 @@ def textbook(features, pairs, prior, reg, picks: int):
         v_inv = v_inv - jnp.outer(x, x) / (1.0 + phi[i] @ x)
         return v_inv, eligible.at[i].set(False), indices.at[b].set(i)
 
-    state = (jnp.linalg.inv(v), jnp.ones(n, bool), jnp.zeros(picks, jnp.int32))
-    return jax.lax.fori_loop(0, picks, body, state)[2]
+    v_inv = jnp.eye(d, dtype=phi.dtype) / reg if prior is None else jnp.linalg.inv(v)
+    state = (v_inv, jnp.ones(n, bool), jnp.zeros(max(picks, 1), jnp.int32))  # picks = 0: the setup alone
+    return jax.lax.fori_loop(0, picks, body, state)[2][:picks]
 
 
 @partial(jax.jit, static_argnames="picks")
@@ -103,7 +105,7 @@ def reinvert(features, pairs, prior, reg, picks: int):
         i = jnp.argmax(jnp.where(eligible, scores, -jnp.inf))
         return v + jnp.outer(phi[i], phi[i]), eligible.at[i].set(False), indices.at[b].set(i)
 
-    return jax.lax.fori_loop(0, picks, body, (v0, jnp.ones(n, bool), jnp.zeros(picks, jnp.int32)))[2]
+    return jax.lax.fori_loop(0, picks, body, (v0, jnp.ones(n, bool), jnp.zeros(max(picks, 1), jnp.int32)))[2][:picks]
 
 
 def _products(features, pairs, x):
@@ -219,6 +221,16 @@ def peak_bytes(fn, features, pairs, prior, reg, picks: int) -> int:
     return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes)
 
 
+def pick_cost(fn, features, pairs, prior, reg) -> tuple[float, float]:
+    """(seconds per pick, seconds of the setup before the first pick) of a slow method, from one
+    call with no pick and one with a single pick."""
+    setup, one = (partial(fn, features, pairs, prior, reg, picks) for picks in (0, 1))
+    jax.block_until_ready(setup())
+    jax.block_until_ready(one())
+    before = timed(setup)[0]
+    return max(timed(one)[0] - before, 0.0), before
+
+
 def timed(fn) -> tuple[float, float]:
     """(wall seconds, CPU seconds of this process) of one call."""
     wall, cpu = time.perf_counter(), time.process_time()
@@ -250,11 +262,13 @@ def run_config(args, name: str, n: int, d: int, prior: int, pairs_mode: bool, re
                 else:
                     picks = batch
                     if method in ("textbook", "reinvert"):  # time one pick first; extrapolate if B would take too long
-                        jax.block_until_ready(fn(features, pairs, labeled, reg, 1))
-                        picks = int(max(1, min(batch, args.budget_s // max(timed(lambda: fn(features, pairs, labeled, reg, 1))[0], 1e-9))))
+                        per_pick, setup = pick_cost(fn, features, pairs, labeled, reg)
+                        picks = int(max(1, min(batch, (args.budget_s - setup) // max(per_pick, 1e-9))))
                     call = partial(fn, features, pairs, labeled, reg, picks)
                     out = jax.block_until_ready(call())
                     row.update(peak_bytes=peak_bytes(fn, features, pairs, labeled, reg, picks), timed_picks=picks, picks=batch)
+                    if picks < batch:
+                        row.update(setup_ms=round(1e3 * setup, 3), pick_ms=round(1e3 * per_pick, 3))
                 if method == "select_batch":
                     indices, stats = np.asarray(out[0]), out[1]
                     row.update(planned=stats.strategy, full_from=int(stats.full_from), passes=int(stats.passes),
@@ -263,13 +277,16 @@ def run_config(args, name: str, n: int, d: int, prior: int, pairs_mode: bool, re
                     row["agree"] = int(np.sum(indices == reference))
                 elif method in ("textbook", "reinvert"):
                     row["agree"] = int(np.sum(np.asarray(out)[:picks] == reference[:picks])) if reference is not None else None
-                rows[label], calls[label] = row, (call, batch / picks, 1 if picks < batch else args.repeats)
+                rows[label], calls[label] = row, (call, picks, 1 if picks < batch else args.repeats)
         times = {label: [] for label in calls}
         for turn in range(args.repeats):
-            for label, (call, scale, repeats) in calls.items():
+            for label, (call, picks, repeats) in calls.items():
                 if turn < repeats:
                     wall, cpu = timed(call)
-                    times[label].append((wall * scale, cpu * scale))
+                    if picks < batch:  # the setup (V₀⁻¹) once, the timed picks' share B / picks times
+                        setup = rows[label]["setup_ms"] / 1e3
+                        wall, cpu = setup + (wall - setup) * batch / picks, setup + (cpu - setup) * batch / picks
+                    times[label].append((wall, cpu))
         for label, row in rows.items():
             row.update(ms=round(1e3 * float(np.median([w for w, _ in times[label]])), 3),
                        cpu_ms=round(1e3 * float(np.median([c for _, c in times[label]])), 3),
