@@ -23,6 +23,7 @@ from jaxdpo.selection.sharded import (
     row_axis,
     sharded_program,
 )
+from jaxdpo.sharding import place, to_host
 
 
 class SelectionResult(NamedTuple):
@@ -64,7 +65,7 @@ def check_batch(batch_size, count: int, mask=None) -> Array:
     checks.check_shape("mask", mask, (count,))
     checks.require(jnp.result_type(mask) == jnp.bool_, f"mask must be boolean, got dtype {jnp.result_type(mask)}")
     if checks.is_concrete(mask):
-        eligible = int(np.sum(np.asarray(mask)))
+        eligible = int(np.sum(to_host(mask)))
         checks.require(batch_size <= eligible, f"batch_size {batch_size} is larger than the {eligible} eligible candidates in mask")
     return jnp.asarray(mask)
 
@@ -154,7 +155,7 @@ def _split(features, pairs, mesh: Mesh | None) -> tuple[Mesh, object] | None:
         parts = blocks(*split)
         owner = np.repeat(np.arange(parts), count // parts)[:, None]
         checks.require(
-            bool(np.all(np.asarray(pairs) // (features.shape[0] // parts) == owner)),
+            bool(np.all(to_host(pairs) // (features.shape[0] // parts) == owner)),
             f"features are split over {parts} devices but some pairs read rows of another device; "
             "lay pairs-mode inputs out with jaxdpo.selection.place_pairs",
         )
@@ -172,7 +173,7 @@ def _select(features, batch_size, *, reg, prior, mask, pairs, strategy, mesh=Non
         mesh, axis = split
         plan = _plan(strategy, features, pairs, prior, int(batch_size), blocks(mesh, axis), mesh.devices.flat[0].platform)
         if checks.is_concrete(mask):
-            mask = jax.device_put(mask, NamedSharding(mesh, PartitionSpec(axis)))
+            mask = place(mask, NamedSharding(mesh, PartitionSpec(axis)))
         indices, scores, stats = sharded_program(features, pairs, prior, mask, reg, plan, mesh, axis)
     if checks.is_concrete(indices) and int(jnp.min(indices)) < 0:
         _diagnose(features, pairs)

@@ -14,7 +14,6 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
@@ -22,6 +21,7 @@ from jaxdpo.selection import baselines
 from jaxdpo.selection.api import SelectionResult, select_batch
 from jaxdpo.selection.sharded import place_pairs
 from jaxdpo.selection.sharpe import sharp_rule, w_sharp_rule
+from jaxdpo.sharding import to_host
 
 
 class SelectionPool(NamedTuple):
@@ -76,7 +76,7 @@ def _activedpo(pool, batch_size, key, *, reg=1.0, strategy="auto"):
         return select_batch(pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy)
     placed = place_pairs(pool.features, pool.pairs, pool.mesh, mask=pool.mask)
     result = select_batch(placed.features, batch_size, reg=reg, prior=pool.prior, mask=placed.mask, pairs=placed.pairs, strategy=strategy)
-    return SelectionResult(placed.restore(result.indices), np.asarray(result.scores))
+    return SelectionResult(placed.restore(result.indices), to_host(result.scores))
 
 
 def _random(pool, batch_size, key):

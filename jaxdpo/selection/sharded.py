@@ -22,6 +22,7 @@ from jaxdpo.selection.candidates import Candidates, start
 from jaxdpo.selection.comm import Comm
 from jaxdpo.selection.plan import DRIFT, SLACK, Plan
 from jaxdpo.selection.search import Context, Stats, coordinate_error, run
+from jaxdpo.sharding import place, to_host
 
 
 def greedy(features, pairs, prior, mask, reg, plan: Plan, comm: Comm) -> tuple[jax.Array, jax.Array, Stats]:
@@ -96,7 +97,7 @@ class PlacedPairs(NamedTuple):
 
     def restore(self, indices) -> np.ndarray:
         """Picks in this layout → the caller's pair indices (−1 stays −1)."""
-        indices = np.asarray(indices)
+        indices = to_host(indices)
         return np.where(indices >= 0, self.positions[np.maximum(indices, 0)], -1).astype(np.int32)
 
 
@@ -176,12 +177,12 @@ def place_pairs(features, pairs, mesh: Mesh, *, mask=None) -> PlacedPairs:
     `placed.restore(result.indices)` gives the caller's indices."""
     layout = layout_pairs(pairs, mesh.size, rows=np.shape(features)[0], mask=mask)
     axis = mesh_axes(mesh)
-    features = jnp.asarray(features)
-    if not np.array_equal(layout.rows, np.arange(features.shape[0])):
-        features = jnp.where((layout.rows >= 0)[:, None], features[np.maximum(layout.rows, 0)], 0)
+    if not np.array_equal(layout.rows, np.arange(np.shape(features)[0])):
+        features = to_host(features)
+        features = np.where((layout.rows >= 0)[:, None], features[np.maximum(layout.rows, 0)], np.zeros((), features.dtype))
     return PlacedPairs(
-        jax.device_put(features, NamedSharding(mesh, PartitionSpec(axis, None))),
-        jax.device_put(layout.pairs, NamedSharding(mesh, PartitionSpec(axis, None))),
-        jax.device_put(layout.mask, NamedSharding(mesh, PartitionSpec(axis))),
+        place(features, NamedSharding(mesh, PartitionSpec(axis, None))),
+        place(layout.pairs, NamedSharding(mesh, PartitionSpec(axis, None))),
+        place(layout.mask, NamedSharding(mesh, PartitionSpec(axis))),
         layout.positions,
     )
