@@ -2,7 +2,7 @@
 the static shapes (candidates and rows on one device, width, prior rows, batch) and the device kind.
 
 Costs are counted in element reads of a pass over Φ (pairs mode: over g). A coordinate evaluation
-of one candidate (its products with the prior rows and the picks' basis, `_search`) and an exact
+of one candidate (its products with the prior rows and the picks' basis, `search`) and an exact
 one (whitening and rotation) are matrix products: on a device that does `COMPUTE_RATIO` multiply-
 adds in the time of one read, k of them cost about k/ratio reads per element.
 """

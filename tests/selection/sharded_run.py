@@ -24,10 +24,12 @@ jax.config.update("jax_disable_most_optimizations", True)  # as in the test suit
 rng = np.random.default_rng(0)
 n, d, batch = 64, 24, 10
 phi = rng.normal(size=(n, d)).astype(np.float32)
-phi[40] = phi[3]  # an exact tie across devices: the lowest global index must win
+phi[3] *= 4  # the largest row, so the first pick is a tie:
+phi[40] = phi[3]  # an exact tie across devices (shards 0 and 2): the lowest global index must win
 prior = rng.normal(size=(5, d)).astype(np.float32)
 prompts, m = 10, 4  # 10 prompts over 4 devices: place_pairs pads
 g = rng.normal(size=(prompts * m, d)).astype(np.float32)
+g[1 * m : 2 * m] *= 4  # prompt 1's pairs are the largest, so the first pick is a tie:
 g[8 * m : 9 * m] = g[1 * m : 2 * m]  # prompt 8 repeats prompt 1 on another device: tied pairs
 pairs = triplets(prompts, m)
 
@@ -40,6 +42,7 @@ square = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisT
 def compare(one, many) -> dict:
     one_scores, many_scores = np.asarray(one.scores), np.asarray(many.scores)
     return {
+        "first": int(np.asarray(many.indices)[0]),
         "same_picks": bool(np.array_equal(np.asarray(one.indices), np.asarray(many.indices))),
         "max_score_diff": float(np.max(np.abs(one_scores - many_scores)) / np.max(np.abs(one_scores))),
     }
