@@ -146,6 +146,7 @@ class Prior(NamedTuple):
     kind: str
     rho: Array
     rows: Array | None  # P [p, d] (scaled) for "low"
+    columns: Array | None  # Pᵀ [d, p], laid out once: products with P never transpose it in a loop
     tri: Triangular | None  # U [p, p] for "low", T [d, d] for "full"
     condition: Array
 
@@ -169,7 +170,7 @@ def factor_prior(prior: Array | None, rho: Array) -> Prior:
     """Factor V₀ from the scaled prior rows (once: the only LAPACK calls of a selection)."""
     one = jnp.ones((), rho.dtype)
     if prior is None or prior.shape[0] == 0:
-        return Prior("none", rho, None, None, one)
+        return Prior("none", rho, None, None, None, one)
     if prior.shape[0] < prior.shape[1]:
         p = prior.shape[0]
         gram = matmul(prior, prior.T) + rho * rho * jnp.eye(p, dtype=prior.dtype)
@@ -178,8 +179,9 @@ def factor_prior(prior: Array | None, rho: Array) -> Prior:
             lambda: jnp.linalg.cholesky(gram).T,
             lambda: stacked_qr_factor(jnp.linalg.qr(prior.T, mode="r"), rho),
         )
-        return Prior("low", rho, prior, triangular(factor), jnp.sqrt(largest_eigenvalue(gram)) / rho)
-    return Prior("full", rho, None, triangular(stacked_qr_factor(prior, rho)), one)
+        columns = jnp.copy(prior.T)
+        return Prior("low", rho, prior, columns, triangular(factor), jnp.sqrt(largest_eigenvalue(gram)) / rho)
+    return Prior("full", rho, None, None, triangular(stacked_qr_factor(prior, rho)), one)
 
 
 def whiten(prior: Prior, rows: Float[Array, "k d"], products: Array | None = None) -> Float[Array, "k w"]:
@@ -188,10 +190,15 @@ def whiten(prior: Prior, rows: Float[Array, "k d"], products: Array | None = Non
     if prior.kind == "none":
         return rows
     if prior.kind == "low":
-        products = matmul(rows, prior.rows.T) if products is None else products
+        products = prior_products(prior, rows) if products is None else products
         z = solve(prior.tri, solve_t(prior.tri, products))  # z = G⁻¹Px
         return jnp.concatenate([rows - matmul(z, prior.rows), prior.rho * z], axis=-1)
     return prior.rho * solve_t(prior.tri, rows)
+
+
+def prior_products(prior: Prior, rows: Float[Array, "k d"]) -> Float[Array, "k p"]:
+    """rows·Pᵀ ("low")."""
+    return matmul(rows, prior.columns)
 
 
 def whiten_adjoint(prior: Prior, vector: Float[Array, " w"]) -> Float[Array, " d"]:
@@ -313,11 +320,11 @@ def add_pick(picks: Picks, count: Array, rotated: Array) -> Picks:
     wy_column = (-tau * matmul(picks.wy, matmul(picks.reflectors, v))).at[j].set(tau)
     coords = jnp.where(grows, jnp.where(jnp.arange(k) < j, rotated[:k], 0.0).at[j].set(alpha), rotated[:k])
     grown = picks._replace(
-        reflectors=jnp.where(grows, picks.reflectors.at[j].set(v), picks.reflectors),
-        wy=jnp.where(grows, picks.wy.at[:, j].set(wy_column), picks.wy),
+        reflectors=picks.reflectors.at[j].set(jnp.where(grows, v, picks.reflectors[j])),  # in place: no copy of V
+        wy=picks.wy.at[:, j].set(jnp.where(grows, wy_column, picks.wy[:, j])),
     )
     q = unrotate(grown, jnp.zeros((width,), rotated.dtype).at[j].set(1.0))
     return grown._replace(
         tri=rank_one_update(picks.tri, coords),
-        basis=jnp.where(grows, picks.basis.at[j].set(q), picks.basis),
+        basis=picks.basis.at[j].set(jnp.where(grows, q, picks.basis[j])),
     )

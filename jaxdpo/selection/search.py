@@ -177,7 +177,7 @@ def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array)
     known = state.energy[chosen]
     if prior.kind == "low":
         missing = jnp.any(live & jnp.isnan(known))
-        products = jax.lax.cond(missing, lambda: alg.matmul(x, prior.rows.T), lambda: jnp.zeros_like(search.products))
+        products = jax.lax.cond(missing, lambda: alg.prior_products(prior, x), lambda: jnp.zeros_like(search.products))
         energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known)
         search = search._replace(chunk=jnp.where(missing & live, chosen, -1), products=products)
     else:
@@ -198,7 +198,7 @@ def _exact_scores(ctx: Context, search: Search, chosen: Array) -> tuple[Array, A
         products = jax.lax.cond(
             jnp.all(jnp.any(match, axis=1)),
             lambda: alg.matmul(match.astype(x.dtype), search.products),
-            lambda: alg.matmul(x, prior.rows.T),
+            lambda: alg.prior_products(prior, x),
         )
         whitened = alg.whiten(prior, x, products)
     else:
