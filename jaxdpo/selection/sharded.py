@@ -177,8 +177,8 @@ def place_pairs(features, pairs, mesh: Mesh, *, mask=None) -> PlacedPairs:
     `placed.restore(result.indices)` gives the caller's indices."""
     layout = layout_pairs(pairs, mesh.size, rows=np.shape(features)[0], mask=mask)
     axis = mesh_axes(mesh)
-    if not np.array_equal(layout.rows, np.arange(np.shape(features)[0])):
-        features = to_host(features)
+    features = to_host(features)  # every process holds g; each copies out its own devices' blocks
+    if not np.array_equal(layout.rows, np.arange(features.shape[0])):
         features = np.where((layout.rows >= 0)[:, None], features[np.maximum(layout.rows, 0)], np.zeros((), features.dtype))
     return PlacedPairs(
         place(features, NamedSharding(mesh, PartitionSpec(axis, None))),
