@@ -175,7 +175,7 @@ def _select(features, batch_size, *, reg, prior, mask, pairs, strategy, mesh=Non
         if checks.is_concrete(mask):
             mask = place(mask, NamedSharding(mesh, PartitionSpec(axis)))
         indices, scores, stats = sharded_program(features, pairs, prior, mask, reg, plan, mesh, axis)
-    if checks.is_concrete(indices) and int(jnp.min(indices)) < 0:
+    if checks.is_concrete(indices) and int(np.min(to_host(indices))) < 0:  # no program on a global array here
         _diagnose(features, pairs)
     return SelectionResult(indices, scores), SelectionStats(*stats, strategy="lazy" if plan.lazy else "full")
 
@@ -278,6 +278,6 @@ def v_inv_norms(
     Same input rules as `select_batch`; under `jit`, invalid input gives all-NaN norms."""
     features, reg, prior, pairs = _validated(features, reg=reg, prior=prior, pairs=pairs)
     norms = _norms_program(features, pairs, prior, reg)
-    if checks.is_concrete(norms) and not bool(jnp.all(jnp.isfinite(norms))):
+    if checks.is_concrete(norms) and not bool(np.all(np.isfinite(to_host(norms)))):
         _diagnose(features, pairs)
     return norms
