@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import jaxdpo  # noqa: E402
 from jaxdpo.experiment.pool import triplets  # noqa: E402
-from jaxdpo.selection import SelectionPool, make_selector, place_pairs, select_on_mesh  # noqa: E402
+from jaxdpo.selection import place_pairs, select_on_mesh  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)  # as in the test suite: compile time dominates
 
@@ -68,11 +68,6 @@ for name, kwargs in [("pairs_full", {"strategy": "full"}), ("pairs_lazy", {"stra
     many = jaxdpo.select_batch(placed.features, batch, pairs=placed.pairs, mask=placed.mask, **kwargs)
     restored = jaxdpo.SelectionResult(placed.restore(many.indices), many.scores)
     out[name] = {"shards": len(placed.features.sharding.device_set), **compare(one, restored)}
-
-# The run's selector on a mesh: the pool carries it; same picks as without.
-pool = SelectionPool(num_candidates=len(pairs), features=g, pairs=pairs, prior=prior)
-selector, key = make_selector("activedpo"), jax.random.key(0)
-out["registry"] = compare(selector(pool, batch, key=key), selector(pool._replace(mesh=square), batch, key=key))
 
 # Compiled from shapes alone (a memory plan's view): per round only leaders and one row move.
 lower = partial(select_on_mesh, batch_size=batch)
