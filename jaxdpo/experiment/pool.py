@@ -4,7 +4,7 @@ responses, and the fields a selector reads about them.
 `PRODUCERS` maps each pool field a selector may require (`Selector.requires`) to the stage it is
 timed under and the function that computes it from the round's `RoundInputs`, so a round
 computes exactly what its selector reads. A new selection method is a `Rule` in
-`jaxdpo.selection._registry`; only a pool field no method read before needs a producer here.
+`jaxdpo.selection`'s registry; only a pool field no method read before needs a producer here.
 """
 
 from __future__ import annotations

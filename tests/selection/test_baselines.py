@@ -209,5 +209,17 @@ def test_registry_errors_name_the_problem():
         make_selector("bald")
     with pytest.raises(ValueError, match="unknown \\['temperature'\\]"):
         make_selector("activedpo", temperature=1.0)
-    with pytest.raises(ValueError, match="needs pool fields \\['features', 'prior'\\]"):
+    with pytest.raises(ValueError, match="needs pool fields \\['features'\\]"):  # the prior may be None
         make_selector("activedpo")(SelectionPool(num_candidates=3), 1, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="needs pool fields \\['features', 'margins'\\]"):
+        make_selector("near_tie")(SelectionPool(num_candidates=3), 1, key=jax.random.key(0))
+
+
+def test_activedpo_without_any_label_takes_prior_none_as_no_prior():
+    pool, key = full_pool(), jax.random.key(0)
+    selector = make_selector("activedpo")
+    assert "prior" in selector.requires  # the loop still computes it once there are labels
+    none = selector(pool._replace(prior=None), 3, key=key)
+    empty = selector(pool._replace(prior=np.zeros((0, 4), np.float32)), 3, key=key)
+    np.testing.assert_array_equal(none.indices, empty.indices)
+    np.testing.assert_array_equal(none.scores, empty.scores)

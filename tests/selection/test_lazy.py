@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxdpo
-from tests.selection.reference import brute_force_greedy
-from tests.tolerance import assert_close
+from tests.selection.reference import brute_force_greedy, replay_gaps
+from tests.tolerance import F32_EPS, assert_close
 
 N, D, B = 48, 12, 6
 STRATEGIES = ("full", "lazy")
@@ -98,15 +98,52 @@ def test_pairs_mode_equals_materialized_differences(strategy):
     assert_close(result.scores, scores, ulps=SCORE_ULPS)
 
 
-def test_auto_chooses_full_for_small_pools_and_lazy_for_big_ones():
-    from jaxdpo.selection._greedy import _strategy
+def _planned(n: int, d: int, prior: int = 0, pairs: int | None = None, batch: int = 50) -> str:
+    """The strategy "auto" plans for these shapes (traced only: nothing is computed)."""
+    rows = n if pairs is None else pairs
+    args = [jax.ShapeDtypeStruct((rows, d), jnp.float32), jax.ShapeDtypeStruct((prior, d), jnp.float32)]
+    if pairs is not None:
+        args.append(jax.ShapeDtypeStruct((n, 2), jnp.int32))
+    select = lambda f, p, q=None: jaxdpo.select_batch(f, batch, prior=p, pairs=q, with_stats=True)[1]  # noqa: E731
+    return jax.eval_shape(select, *args).strategy
 
-    assert not _strategy("auto", 3_000, 2048, None, 50, 1)
-    assert _strategy("auto", 300_000, 2048, None, 50, 1)
+
+def test_auto_takes_lazy_unless_a_pass_costs_less_than_a_round_of_rescoring():
+    assert _planned(N, D, batch=B) == "full"
+    assert _planned(3_000, 8192) == "lazy"  # the paper's shape: 1000 prompts x 3 pairs, d = 8192
+    assert _planned(3_000, 8192, prior=450) == "lazy"  # ... in round 10 (a prior seen through bounds)
+    assert _planned(3_000, 8192, pairs=3_000) == "lazy"
+    assert _planned(200_000, 1024) == "lazy"
     phi = _rng(5).normal(size=(N, D)).astype(np.float32)
-    np.testing.assert_array_equal(
-        jaxdpo.select_batch(phi, B).indices, jaxdpo.select_batch(phi, B, strategy="full").indices
-    )
+    np.testing.assert_array_equal(jaxdpo.select_batch(phi, B).indices, jaxdpo.select_batch(phi, B, strategy="full").indices)
+
+
+def _correlated(n: int, d: int, rank: int, seed: int) -> np.ndarray:
+    """Rows in a random rank-`rank` subspace plus 10% noise, norms log-uniform over [0.1, 10]:
+    scores collapse once the picks span the subspace (the lazy greedy's hard case)."""
+    rng = _rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(d, rank)))[0].T
+    phi = rng.normal(size=(n, rank)) @ basis / np.sqrt(rank) + 0.1 * rng.normal(size=(n, d)) / np.sqrt(d)
+    phi *= np.exp(rng.uniform(np.log(0.1), np.log(10.0), (n, 1))) / np.linalg.norm(phi, axis=1, keepdims=True)
+    return phi.astype(np.float32)
+
+
+def test_correlated_features_auto_picks_the_float64_greedy_with_few_passes():
+    phi = _correlated(3000, 24, 4, seed=14)
+    result, stats = jax.jit(jaxdpo.select_batch, static_argnames=("batch_size", "with_stats"))(phi, batch_size=30, with_stats=True)
+    indices, scores = brute_force_greedy(phi, 30, 1.0)
+    np.testing.assert_array_equal(result.indices, indices)
+    assert_close(result.scores, scores, ulps=SCORE_ULPS)
+    assert stats.strategy == "lazy" and int(stats.passes) <= 6, stats  # "full" would make 29
+
+
+def test_nearly_tied_unit_features_keep_greedy_picks():
+    phi = _rng(15).normal(size=(3000, 24))
+    phi = (phi / np.linalg.norm(phi, axis=1, keepdims=True)).astype(np.float32)
+    result, stats = jax.jit(jaxdpo.select_batch, static_argnames=("batch_size", "with_stats"))(phi, batch_size=30, with_stats=True)
+    gaps, _ = replay_gaps(phi, result.indices, 1.0)  # ties within rounding: any of them is the greedy's
+    assert np.all(gaps <= SCORE_ULPS * F32_EPS), gaps.max()
+    assert stats.strategy == "lazy" and int(stats.rescored) < 30 * 8, stats  # the coordinate rounds leave few contenders
 
 
 def test_float32_with_tiny_reg_keeps_float64_greedy_picks_once_the_batch_spans_the_features():

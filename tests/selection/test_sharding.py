@@ -1,4 +1,4 @@
-"""select_batch with features sharded along the candidate axis over 4 (host) devices."""
+"""select_batch with candidates split over 4 (host) devices, and the layout of pairs over a mesh."""
 
 import json
 import os
@@ -6,18 +6,52 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from jaxdpo.experiment.pool import triplets
+from jaxdpo.selection import layout_pairs
 from tests.tolerance import F32_EPS
 
 
 def test_sharded_selection_matches_one_device():
     script = Path(__file__).with_name("sharded_run.py")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4
     assert not result["gathers_feature_matrix"]
-    for mode in ("full", "lazy", "lazy_prior", "pairs"):
-        assert result[mode]["shards"] == 4
+    assert result["placed"] == {"rows": 48, "pairs": 72, "padding": 12}  # 10 prompts of 4 over 4 devices: 3 each
+    for mode in ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior"):
+        assert result[mode].get("shards", 4) == 4
+        if mode in ("full", "lazy"):
+            assert result[mode]["first"] == 3, result  # row 40 on another device ties it
+        elif mode not in ("lazy_prior", "pairs_prior"):
+            assert 6 <= result[mode]["first"] < 12, result  # prompt 1's pairs; prompt 8's (48..53) tie them
         assert result[mode]["same_picks"], result
         assert result[mode]["max_score_diff"] < 64 * F32_EPS, result  # relative to the largest score
+
+
+@pytest.mark.parametrize("devices", [1, 2, 3, 7])
+def test_pairs_are_cut_between_prompts_into_balanced_runs(devices):
+    pairs = triplets(10, 3)  # prompt i: rows 3i..3i+2, pairs 3i..3i+2
+    mask = np.arange(30) % 5 != 0
+    layout = layout_pairs(pairs, devices, rows=30, mask=mask)
+    per_rows, per_pairs = len(layout.rows) // devices, len(layout.pairs) // devices
+    assert per_pairs == 3 * -(-10 // devices) and per_rows == per_pairs  # whole prompts, as even as they allow
+    real = layout.positions >= 0
+    np.testing.assert_array_equal(layout.positions[real], np.arange(30))  # the caller's order is kept
+    np.testing.assert_array_equal(layout.mask, np.where(real, mask[np.maximum(layout.positions, 0)], False))
+    owner = np.arange(len(layout.pairs)) // per_pairs
+    np.testing.assert_array_equal(layout.pairs // per_rows, np.stack([owner, owner], axis=1))  # rows of the pair's device
+    np.testing.assert_array_equal(layout.rows[layout.pairs[real]], pairs)  # the same φ
+    padding = layout.pairs[~real]
+    assert np.all(padding[:, 0] == padding[:, 1])  # φ = 0, and ineligible
+
+
+def test_interleaved_pairs_stay_together():
+    pairs = np.array([[0, 3], [1, 2], [2, 4]], np.int32)  # every cut would split a prompt
+    layout = layout_pairs(pairs, 2, rows=5)
+    np.testing.assert_array_equal(layout.positions[:3], [0, 1, 2])
+    assert np.all(layout.positions[3:] == -1)

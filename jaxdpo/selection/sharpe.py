@@ -27,22 +27,22 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float
 
-from jaxdpo.selection._baselines import _eligible, _top, _vector
-from jaxdpo.selection._greedy import SelectionResult
+from jaxdpo.selection.api import SelectionResult, check_batch
+from jaxdpo.selection.baselines import as_vector, top_batch
 
 
 def sharpe_ratio(margins: Float[ArrayLike, " n"], *, weighted: bool = False) -> Float[Array, " n"]:
     """SHARP's 1/|tanh(m/2)| of every margin m, or W-SHARP's 1/|sinh(m/2)| (`weighted`); +inf at m = 0."""
-    half = _vector("margins", margins) / 2
+    half = as_vector("margins", margins) / 2
     return 1.0 / jnp.abs(jnp.sinh(half) if weighted else jnp.tanh(half))
 
 
 def select_sharpe(margins: Float[ArrayLike, " n"], batch_size: int, *, weighted: bool = False, mask=None) -> SelectionResult:
     """The B eligible candidates of highest Sharpe ratio (smallest |margin|; ties to the lowest
     index), in pick order; scores are the ratios (`sharpe_ratio`)."""
-    margins = _vector("margins", margins)
-    mask = _eligible(mask, margins.shape[0], batch_size)
-    return _top(-jnp.abs(margins), sharpe_ratio(margins, weighted=weighted), mask, batch_size)
+    margins = as_vector("margins", margins)
+    mask = check_batch(batch_size, margins.shape[0], mask)
+    return top_batch(-jnp.abs(margins), sharpe_ratio(margins, weighted=weighted), mask, batch_size)
 
 
 def sharp_rule(pool, batch_size, key):

@@ -16,9 +16,9 @@ from typing import Any, Literal, NamedTuple
 
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
-from jaxdpo.selection import _baselines
-from jaxdpo.selection._greedy import SelectionResult, select_batch
-from jaxdpo.selection._sharpe import sharp_rule, w_sharp_rule
+from jaxdpo.selection import baselines
+from jaxdpo.selection.api import SelectionResult, select_batch
+from jaxdpo.selection.sharpe import sharp_rule, w_sharp_rule
 
 
 class SelectionPool(NamedTuple):
@@ -26,7 +26,8 @@ class SelectionPool(NamedTuple):
 
     features: per-response gradient features g `[r, d]` (with `pairs`) or φ `[n, d]` (without).
     pairs: `[n, 2]` response indices of each candidate (φ_i = g[a_i] − g[b_i]).
-    prior: φ of the triplets labeled so far `[p, d]` (p may be 0), recomputed under the current model.
+    prior: φ of the triplets labeled so far `[p, d]` (p may be 0; None: none yet), recomputed under
+      the current model.
     margins: implicit-reward margins r(x, y_a) − r(x, y_b) `[n]`.
     prompt_entropy: predictive entropy of each prompt `[prompts]`; pair_prompt_ids `[n]` maps
       candidates to prompts.
@@ -54,76 +55,77 @@ class Selector:
     requires: frozenset[str]
     policy: Literal["current", "initial"]
     options: dict[str, Any]
-    _select: Callable[..., SelectionResult]
+    select: Callable[..., SelectionResult]
+    optional: frozenset[str] = frozenset()
 
     def __call__(self, pool: SelectionPool, batch_size: int, *, key: Array) -> SelectionResult:
-        missing = sorted(field for field in self.requires if getattr(pool, field) is None)
+        missing = sorted(field for field in self.requires - self.optional if getattr(pool, field) is None)
         if missing:
             raise ValueError(f"selector {self.name!r} needs pool fields {missing}, which are None")
-        return self._select(pool, batch_size, key, **self.options)
+        return self.select(pool, batch_size, key, **self.options)
 
 
 def _activedpo(pool, batch_size, key, *, reg=1.0, strategy="auto"):
-    return select_batch(
-        pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy
-    )
+    return select_batch(pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy)
 
 
 def _random(pool, batch_size, key):
-    return _baselines.select_random(key, pool.num_candidates, batch_size, mask=pool.mask)
+    return baselines.select_random(key, pool.num_candidates, batch_size, mask=pool.mask)
 
 
 def _certainty(pool, batch_size, key):
-    return _baselines.select_certainty(pool.margins, batch_size, mask=pool.mask)
+    return baselines.select_certainty(pool.margins, batch_size, mask=pool.mask)
 
 
 def _uncertainty(pool, batch_size, key):
-    return _baselines.select_uncertainty(pool.margins, batch_size, mask=pool.mask)
+    return baselines.select_uncertainty(pool.margins, batch_size, mask=pool.mask)
 
 
 def _entropy(pool, batch_size, key):
-    return _baselines.select_entropy(
+    return baselines.select_entropy(
         pool.prompt_entropy, pool.pair_prompt_ids, batch_size, key=key, mask=pool.mask
     )
 
 
 def _hybrid(pool, batch_size, key, *, ogf=16):
-    return _baselines.select_hybrid(
+    return baselines.select_hybrid(
         pool.prompt_entropy, pool.pair_prompt_ids, pool.margins, batch_size, ogf=ogf, mask=pool.mask
     )
 
 
 def _apo(pool, batch_size, key, *, reg=1e-5):
-    return _baselines.select_apo(
+    return baselines.select_apo(
         pool.apo_features, batch_size, reg=reg, prior=pool.apo_prior, pairs=pool.pairs, mask=pool.mask
     )
 
 
 def _near_tie(pool, batch_size, key, *, nu=1.0, reg=1.0):
-    return _baselines.select_near_tie(
+    return baselines.select_near_tie(
         pool.margins, pool.features, batch_size, nu=nu, reg=reg, prior=pool.prior, pairs=pool.pairs, mask=pool.mask
     )
 
 
 class Rule(NamedTuple):
-    """A registered method: its selection function, the pool fields it reads, and which policy
+    """A registered method: its selection function, the pool fields it reads, which policy
     generates the round's responses ("current": π_{θ_{t−1}}, as Algorithm 1; "initial": the
-    initial model, for methods that never regenerate, as APO)."""
+    initial model, for methods that never regenerate, as APO), and which of the fields it reads
+    may be None (the prior before any label)."""
 
     select: Callable[..., SelectionResult]
     requires: frozenset[str]
     policy: Literal["current", "initial"] = "current"
+    optional: frozenset[str] = frozenset()
 
 
 _RULES: dict[str, Rule] = {
-    "activedpo": Rule(_activedpo, frozenset({"features", "prior"})),
+    "activedpo": Rule(_activedpo, frozenset({"features", "prior"}), optional=frozenset({"prior"})),
     "random": Rule(_random, frozenset()),
     "certainty": Rule(_certainty, frozenset({"margins"})),
     "uncertainty": Rule(_uncertainty, frozenset({"margins"})),
     "entropy": Rule(_entropy, frozenset({"prompt_entropy", "pair_prompt_ids"})),
     "hybrid": Rule(_hybrid, frozenset({"prompt_entropy", "pair_prompt_ids", "margins"})),
     "apo": Rule(_apo, frozenset({"apo_features", "apo_prior"}), policy="initial"),
-    "near_tie": Rule(_near_tie, frozenset({"margins", "features", "prior"})),
+    "near_tie": Rule(_near_tie, frozenset({"margins", "features", "prior"}), optional=frozenset({"prior"})),
     "sharp": Rule(sharp_rule, frozenset({"margins"})),
     "w_sharp": Rule(w_sharp_rule, frozenset({"margins"})),
 }
@@ -144,4 +146,4 @@ def make_selector(name: str, **options: Any) -> Selector:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"selection method {name!r} takes options {accepted}, got unknown {unknown}")
-    return Selector(canonical, rule.requires, rule.policy, dict(options), rule.select)
+    return Selector(canonical, rule.requires, rule.policy, dict(options), rule.select, rule.optional)

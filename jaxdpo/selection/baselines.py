@@ -14,35 +14,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo import checks
-from jaxdpo.selection._greedy import SelectionResult, v_inv_norms
+from jaxdpo.selection.api import SelectionResult, check_batch, v_inv_norms
 
 
-def _eligible(mask, count: int, batch_size: int) -> Array:
-    """Validate batch_size against the pool and the mask; return the mask (all True if None)."""
-    checks.require(
-        isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool),
-        f"batch_size must be a Python int, got {type(batch_size).__name__}",
-    )
-    checks.require(count >= 1, "the candidate pool is empty")
-    checks.require(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
-    checks.require(batch_size <= count, f"batch_size {batch_size} is larger than the pool of {count} candidates")
-    if mask is None:
-        return jnp.ones((count,), bool)
-    checks.check_shape("mask", mask, (count,))
-    checks.require(jnp.result_type(mask) == jnp.bool_, f"mask must be boolean, got dtype {jnp.result_type(mask)}")
-    if checks.is_concrete(mask):
-        eligible = int(np.sum(np.asarray(mask)))
-        checks.require(
-            batch_size <= eligible, f"batch_size {batch_size} is larger than the {eligible} eligible candidates in mask"
-        )
-    return jnp.asarray(mask)
-
-
-def _vector(name: str, x, length: int | None = None) -> Array:
+def as_vector(name: str, x, length: int | None = None) -> Array:
+    """`x` checked as a finite float vector (of `length`, if given), in at least float32."""
     checks.check_ndim(name, x, 1, "[n]")
     checks.check_floating(name, x)
     checks.check_finite(name, x)
@@ -51,7 +30,7 @@ def _vector(name: str, x, length: int | None = None) -> Array:
     return jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32))
 
 
-def _top(priority: Array, scores: Array, mask: Array, batch_size: int) -> SelectionResult:
+def top_batch(priority: Array, scores: Array, mask: Array, batch_size: int) -> SelectionResult:
     """The B eligible candidates of highest priority (ties to the lowest index), with their scores."""
     _, indices = jax.lax.top_k(jnp.where(mask, priority, -jnp.inf), batch_size)
     return SelectionResult(indices.astype(jnp.int32), scores[indices])
@@ -59,23 +38,23 @@ def _top(priority: Array, scores: Array, mask: Array, batch_size: int) -> Select
 
 def select_random(key: Array, num_candidates: int, batch_size: int, *, mask: Bool[ArrayLike, " n"] | None = None) -> SelectionResult:
     """B distinct eligible candidates uniformly at random; scores are the random priorities."""
-    mask = _eligible(mask, num_candidates, batch_size)
+    mask = check_batch(batch_size, num_candidates, mask)
     priority = jax.random.uniform(key, (num_candidates,))
-    return _top(priority, priority, mask, batch_size)
+    return top_batch(priority, priority, mask, batch_size)
 
 
 def select_certainty(margins: Float[ArrayLike, " n"], batch_size: int, *, mask=None) -> SelectionResult:
     """APLP preference certainty: largest |r(x, y1) − r(x, y2)| first; scores are |margin|."""
-    margins = _vector("margins", margins)
-    mask = _eligible(mask, margins.shape[0], batch_size)
-    return _top(jnp.abs(margins), jnp.abs(margins), mask, batch_size)
+    margins = as_vector("margins", margins)
+    mask = check_batch(batch_size, margins.shape[0], mask)
+    return top_batch(jnp.abs(margins), jnp.abs(margins), mask, batch_size)
 
 
 def select_uncertainty(margins: Float[ArrayLike, " n"], batch_size: int, *, mask=None) -> SelectionResult:
     """Smallest |r(x, y1) − r(x, y2)| first (the pairs the implicit reward cannot tell apart)."""
-    margins = _vector("margins", margins)
-    mask = _eligible(mask, margins.shape[0], batch_size)
-    return _top(-jnp.abs(margins), jnp.abs(margins), mask, batch_size)
+    margins = as_vector("margins", margins)
+    mask = check_batch(batch_size, margins.shape[0], mask)
+    return top_batch(-jnp.abs(margins), jnp.abs(margins), mask, batch_size)
 
 
 def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int) -> Float[Array, " prompts"]:
@@ -83,7 +62,7 @@ def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int)
 
     `logprobs` holds the sequence log-probs of N samples per prompt, prompt-major: the samples of
     prompt i are rows i·N … (i+1)·N − 1 (APLP's public code averages rows i … i+N−1 instead)."""
-    logprobs = _vector("logprobs", logprobs)
+    logprobs = as_vector("logprobs", logprobs)
     checks.require(num_samples >= 1, f"num_samples must be >= 1, got {num_samples}")
     checks.require(
         logprobs.shape[0] % num_samples == 0 and logprobs.shape[0] > 0,
@@ -93,7 +72,7 @@ def predictive_entropy(logprobs: Float[ArrayLike, " samples"], num_samples: int)
 
 
 def _prompt_inputs(prompt_entropy, pair_prompt_ids) -> tuple[Array, Array]:
-    prompt_entropy = _vector("prompt_entropy", prompt_entropy)
+    prompt_entropy = as_vector("prompt_entropy", prompt_entropy)
     checks.check_ndim("pair_prompt_ids", pair_prompt_ids, 1, "[n]")
     checks.check_integer("pair_prompt_ids", pair_prompt_ids)
     checks.check_index_range("pair_prompt_ids", pair_prompt_ids, prompt_entropy.shape[0], "the prompts")
@@ -112,7 +91,7 @@ def select_entropy(
     (only when B exceeds the eligible prompts) a second pair per prompt, and so on."""
     prompt_entropy, pair_prompt_ids = _prompt_inputs(prompt_entropy, pair_prompt_ids)
     count = pair_prompt_ids.shape[0]
-    mask = _eligible(mask, count, batch_size)
+    mask = check_batch(batch_size, count, mask)
     shuffle = jnp.where(mask, jax.random.uniform(key, (count,)), jnp.inf)
     by_prompt = jnp.lexsort((shuffle, pair_prompt_ids))  # group by prompt, random order inside
     grouped = pair_prompt_ids[by_prompt]
@@ -139,15 +118,15 @@ def select_hybrid(
     """APLP hybrid: keep the top B·ogf prompts by predictive entropy (among prompts with an eligible
     pair), then the top B of their pairs by certainty |margin|. Scores are |margin|."""
     prompt_entropy, pair_prompt_ids = _prompt_inputs(prompt_entropy, pair_prompt_ids)
-    margins = _vector("margins", margins, pair_prompt_ids.shape[0])
+    margins = as_vector("margins", margins, pair_prompt_ids.shape[0])
     checks.require(ogf >= 1, f"ogf (over-generation factor) must be >= 1, got {ogf}")
-    mask = _eligible(mask, pair_prompt_ids.shape[0], batch_size)
+    mask = check_batch(batch_size, pair_prompt_ids.shape[0], mask)
     num_prompts = prompt_entropy.shape[0]
     prompt_has_pair = jax.ops.segment_max(mask.astype(jnp.int32), pair_prompt_ids, num_prompts) > 0
     keep = min(batch_size * ogf, num_prompts)
     _, kept_prompts = jax.lax.top_k(jnp.where(prompt_has_pair, prompt_entropy, -jnp.inf), keep)
     kept = jnp.zeros((num_prompts,), bool).at[kept_prompts].set(True) & prompt_has_pair
-    return _top(jnp.abs(margins), jnp.abs(margins), mask & kept[pair_prompt_ids], batch_size)
+    return top_batch(jnp.abs(margins), jnp.abs(margins), mask & kept[pair_prompt_ids], batch_size)
 
 
 def select_apo(
@@ -161,8 +140,8 @@ def select_apo(
 ) -> SelectionResult:
     """APO: the top B by ‖φ‖_{V₀⁻¹}, V₀ = reg·I + priorᵀprior, in one shot (no Eq. 4 update)."""
     norms = v_inv_norms(features, reg=reg, prior=prior, pairs=pairs)
-    mask = _eligible(mask, norms.shape[0], batch_size)
-    return _top(norms, norms, mask, batch_size)
+    mask = check_batch(batch_size, norms.shape[0], mask)
+    return top_batch(norms, norms, mask, batch_size)
 
 
 def select_near_tie(
@@ -179,8 +158,8 @@ def select_near_tie(
     """Near-tie uncertainty sampling: ascending |r1 − r2| − ν‖φ‖_{V₀⁻¹}, i.e. first the pairs whose
     confidence interval for the reward difference straddles zero by the widest margin."""
     norms = v_inv_norms(features, reg=reg, prior=prior, pairs=pairs)
-    margins = _vector("margins", margins, norms.shape[0])
+    margins = as_vector("margins", margins, norms.shape[0])
     checks.require(nu >= 0, f"nu must be >= 0, got {nu}")
-    mask = _eligible(mask, norms.shape[0], batch_size)
+    mask = check_batch(batch_size, norms.shape[0], mask)
     gap = jnp.abs(margins) - nu * norms
-    return _top(-gap, gap, mask, batch_size)
+    return top_batch(-gap, gap, mask, batch_size)

@@ -1,0 +1,82 @@
+"""The cost plan of a selection: every static size and threshold of the search, computed once from
+the static shapes (candidates and rows on one device, width, prior rows, batch) and the device kind.
+
+Costs are counted in element reads of a pass over Φ (pairs mode: over g). A coordinate evaluation
+of one candidate (its products with the prior rows and the picks' basis, `search`) and an exact
+one (whitening and rotation) are matrix products: on a device that does `COMPUTE_RATIO` multiply-
+adds in the time of one read, k of them cost about k/ratio reads per element.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+STRATEGIES = ("auto", "full", "lazy")
+COMPUTE_RATIO = {"cpu": 4.0}  # multiply-adds per element read in a GEMM vs a pass (others: DEFAULT_RATIO)
+DEFAULT_RATIO = 64.0
+ROUND_SHARE = 16  # a round of coordinate evaluations costs about 1/ROUND_SHARE of a pass
+MIN_CHUNK, MAX_CHUNK = 8, 4096  # coordinate evaluations per round
+BLOCK = 4  # exact evaluations per round (the contenders left after the coordinate rounds)
+CATCH_UP = 8  # pending updates applied per catch-up pass (its products stay cheaper than ~2 passes)
+STALLS_BEFORE_FULL = 2  # consecutive stalled lazy picks before the batch goes on as "full"
+BOUND_PASSES = 4  # the prior's leading directions in the bound pass cost about this many passes
+SLACK = 64  # rounding allowance of an exact score, in ulps of the score
+DRIFT = 16  # rounding allowance of one Sherman–Morrison update, in ulps of the score
+COORDINATE_ULPS = 256  # allowance of a coordinate score in ulps of ‖x‖², plus cond(U) of the prior
+# (measured at p = 450, d = 8192: at most 7 ulps up to cond(G) = 5e6, 59 at 5e7)
+
+
+class Plan(NamedTuple):
+    """Static sizes of one selection (per device)."""
+
+    count: int  # candidates
+    rows: int  # rows one pass reads (n, or the rows of g)
+    dim: int
+    width: int  # whitened width: d, or d + p for a prior of p < d rows
+    prior_rows: int
+    batch: int
+    picks: int  # K = min(B, width): Householder reflectors
+    lazy: bool
+    values: bool  # initial scores are values with an error bound (not only upper bounds)
+    chunk: int  # coordinate evaluations per round
+    block: int  # exact evaluations per round
+    bound_rank: int  # leading prior directions in the bound pass (= p: the exact difference form)
+    stall_reads: float  # coordinate evaluations that cost one catch-up pass (of CATCH_UP updates)
+    ratio: float
+
+
+def make_plan(
+    strategy: Literal["auto", "full", "lazy"],
+    count: int,
+    rows: int,
+    dim: int,
+    prior_rows: int,
+    batch: int,
+    pairs: bool,
+    backend: str,
+) -> Plan:
+    """The plan for `count` candidates over `rows` stored rows of width `dim` on one device."""
+    ratio = COMPUTE_RATIO.get(backend, DEFAULT_RATIO)
+    low = 0 < prior_rows < dim
+    width = dim + prior_rows if low else dim
+    k = min(batch, width)
+    gathers = 2 if pairs else 1
+    whiten = 2 * prior_rows if low else (dim if prior_rows else 0)
+    coordinate = dim * (gathers + ((prior_rows if low else whiten) + k) / ratio)
+    exact = dim * (gathers + (whiten + 2 * k * width / dim) / ratio)
+    one_pass = rows * dim
+    bound_rank = min(prior_rows, int(BOUND_PASSES * ratio)) if low else 0
+    values = not low or bound_rank == prior_rows
+    chunk = int(min(count, MAX_CHUNK, max(MIN_CHUNK, one_pass / (ROUND_SHARE * coordinate))))
+    if strategy == "auto":
+        lazy = not values or one_pass >= 2 * (chunk * coordinate + BLOCK * exact)
+    else:
+        lazy = strategy == "lazy"
+    catch_up = one_pass * max(1.0, CATCH_UP / ratio)
+    return Plan(
+        count=count, rows=rows, dim=dim, width=width, prior_rows=prior_rows, batch=batch, picks=k, lazy=lazy,
+        values=values, chunk=chunk, block=min(BLOCK, count), bound_rank=bound_rank,
+        stall_reads=catch_up / coordinate, ratio=ratio,
+    )
+
+

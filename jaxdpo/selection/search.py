@@ -1,0 +1,393 @@
+"""The greedy loop (Eq. 3 argmax, Eq. 4 update): upper bounds for every candidate, cheap coordinate
+scores that tighten them where it matters, exact scores that decide.
+
+As V only grows within a batch, every score only falls: a score computed at an earlier pick, and
+a Sherman–Morrison value s_i − Σ(φ_iᵀũ_k)² with its rounding allowance, are upper bounds.
+
+Each pick runs rounds until the best exact score beats every bound left (ties: lowest index):
+- coordinate rounds, while more than `block` candidates could still win: the `chunk` candidates of
+  highest bound get the coordinate score (their products with the prior rows and the picks'
+  basis, `algebra.coordinate_scores`) with its error bound: their bounds drop to the interval's
+  top, and the best interval bottom is a floor below which no candidate can win;
+- exact rounds: the `block` candidates of highest bound get the exact score (sums of squares).
+"full" applies the last pick's update to every candidate first (one pass over Φ), so that the
+values ± error already bound every score; "lazy" (Minoux) makes no pass unless a pick's
+coordinate evaluations cost more than applying the pending updates: then it catches up, and after
+`STALLS_BEFORE_FULL` such picks in a row (nearly tied scores) it goes on as "full".
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from jaxdpo.selection import algebra as alg
+from jaxdpo.selection.candidates import Candidates, Start
+from jaxdpo.selection.comm import NOBODY, Comm, Leader, best_of, better, leader
+from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS, STALLS_BEFORE_FULL, Plan
+
+
+class Context(NamedTuple):
+    candidates: Candidates
+    prior: alg.Prior
+    scale: alg.Scale
+    comm: Comm
+    plan: Plan
+    slack: float  # relative rounding allowance of an exact score
+    drift: float  # relative rounding allowance of one Sherman–Morrison update
+    eps: float  # the compute dtype's machine epsilon
+
+
+class State(NamedTuple):
+    pick: Array  # b: picks made so far
+    bounds: Float[Array, " n"]  # upper bounds on every ŝ_i under V_b
+    approx: Float[Array, " n"]  # Sherman–Morrison ŝ_i under V_synced (the initial scores at first) …
+    error: Float[Array, " n"]  # … and a bound on its rounding error
+    energy: Float[Array, " n"]  # ŝ⁰_i = ‖ω_i‖² where known (NaN: not yet; a prior's bound pass)
+    synced: Array
+    full: Array  # one pass per pick (strategy "full", or "lazy" after repeated stalls)
+    stalls: Array  # consecutive lazy picks that caught up
+    eligible: Bool[Array, " n"]
+    picks: alg.Picks
+    directions: Float[Array, "B d"]  # ũ_k in unscaled feature space: ŝ_i drops by (φ_iᵀũ_k)²
+    indices: Int[Array, " B"]
+    scores: Float[Array, " B"]  # ŝ of each pick when picked
+    rescored: Array  # statistics: exact evaluations, coordinate evaluations, passes over Φ,
+    coordinates: Array  # and the first pick made as "full" (B: none)
+    passes: Array
+    full_from: Array
+
+
+def initial_state(ctx: Context, start: Start, mask: Array, lazy: bool) -> State:
+    plan = ctx.plan
+    dtype = start.scores.dtype
+    return State(
+        pick=jnp.int32(0),
+        bounds=start.scores + start.error,
+        approx=start.scores,
+        error=start.error,
+        energy=start.scores if start.values else jnp.full_like(start.scores, jnp.nan),
+        synced=jnp.int32(0),
+        full=jnp.bool_(not lazy),
+        stalls=jnp.int32(0),
+        eligible=mask,
+        picks=alg.no_picks(plan.width, plan.batch, start.scale.rho, dtype),
+        directions=jnp.zeros((plan.batch, plan.dim), dtype),
+        indices=jnp.full((plan.batch,), -1, jnp.int32),
+        scores=jnp.full((plan.batch,), jnp.nan, dtype),
+        rescored=jnp.int32(0),
+        coordinates=jnp.int32(0),
+        passes=jnp.int32(0),
+        full_from=jnp.int32(0 if not lazy else plan.batch),
+    )
+
+
+def passes_needed(plan: Plan) -> bool:
+    """Whether Sherman–Morrison passes can happen ("full", or lazy catch-ups on values), so each
+    pick's update direction must be kept."""
+    return not plan.lazy or plan.values
+
+
+# ---------------------------------------------------------------------------------------------
+# Passes over Φ: Sherman–Morrison updates of every candidate
+
+
+def apply_updates(ctx: Context, state: State, directions: Float[Array, "k d"], synced: Array) -> State:
+    """One pass over Φ lowering `approx` by the updates `directions` (zero rows: none), after which
+    the updates of picks before `synced` are applied."""
+    if directions.shape[0] == 1:
+        drop = ctx.candidates.dot(directions[0]) ** 2
+    else:
+        drop = jnp.sum(ctx.candidates.dot(directions.T) ** 2, axis=1)
+    count = jnp.sum(jnp.any(directions != 0, axis=1))
+    approx = state.approx - drop
+    error = state.error + ctx.drift * count * (state.approx + drop)
+    return state._replace(
+        approx=approx, error=error, bounds=jnp.minimum(state.bounds, approx + error), synced=synced, passes=state.passes + 1
+    )
+
+
+def apply_latest(ctx: Context, state: State) -> State:
+    """One pick of strategy "full": apply the previous pick's update (one matrix-vector pass)."""
+    return apply_updates(ctx, state, jax.lax.dynamic_slice_in_dim(state.directions, state.pick - 1, 1), state.pick)
+
+
+def catch_up(ctx: Context, state: State) -> State:
+    """A lazy pick that stalls: apply every update not yet applied, `CATCH_UP` per pass (a pass
+    with a few updates reads Φ once like a pass with one); after `STALLS_BEFORE_FULL` such picks
+    in a row the batch goes on as "full"."""
+    width = min(CATCH_UP, state.directions.shape[0])
+
+    def apply_chunk(state: State) -> State:
+        k = state.synced + jnp.arange(width)
+        rows = state.directions[jnp.minimum(k, state.directions.shape[0] - 1)]
+        pending = jnp.where((k < state.pick)[:, None], rows, 0.0)
+        return apply_updates(ctx, state, pending, jnp.minimum(state.synced + width, state.pick))
+
+    state = jax.lax.while_loop(lambda s: s.synced < s.pick, apply_chunk, state)
+    full = state.stalls + 1 >= STALLS_BEFORE_FULL
+    return state._replace(stalls=state.stalls + 1, full=full, full_from=jnp.where(full, state.pick + 1, state.full_from))
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores of a few candidates
+
+
+def coordinate_error(eps: float, prior: alg.Prior, norms: Array) -> Array:
+    """Rounding allowance of a coordinate score (or the prior's bound) of rows with ‖x‖² = norms."""
+    return eps * (COORDINATE_ULPS + prior.condition) * norms
+
+
+class Search(NamedTuple):
+    """One pick's search; `best` is the best exact score so far, `remaining` the best bound of a
+    candidate not exactly evaluated at this pick (both global), `floor` a lower bound on the
+    winner's score. `held`/`held_row`: this device's best exact candidate and its rotated row
+    Qᵀω (the pick needs it); `chunk`/`products`: the last coordinate round's rows·Pᵀ."""
+
+    state: State
+    tested: Bool[Array, " n"]  # coordinate-evaluated at this pick
+    exacted: Bool[Array, " n"]  # exactly evaluated at this pick
+    floor: Array
+    best: Leader
+    remaining: Leader
+    spent: Array  # coordinate evaluations at this pick (all devices)
+    held: Leader
+    held_row: Float[Array, " w"]
+    chunk: Int[Array, " chunk"]  # −1: no products kept
+    products: Float[Array, "chunk p"]
+
+
+def _scaled_rows(ctx: Context, indices: Array) -> Array:
+    return ctx.scale.scaled(ctx.candidates.rows(indices), ctx.candidates.dtype)
+
+
+def _prior_rows(ctx: Context) -> int:
+    return ctx.prior.rows.shape[0] if ctx.prior.kind == "low" else 0
+
+
+def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array, Search]:
+    """(coordinate score, its error bound) of candidates `chosen`: products with the picks' basis,
+    and with the prior rows for those whose ŝ⁰ is not known yet (then kept for an exact round)."""
+    state, prior = search.state, ctx.prior
+    x = _scaled_rows(ctx, chosen)
+    known = state.energy[chosen]
+    if prior.kind == "low":
+        missing = jnp.any(live & jnp.isnan(known))
+        products = jax.lax.cond(missing, lambda: alg.prior_products(prior, x), lambda: jnp.zeros_like(search.products))
+        energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known)
+        search = search._replace(chunk=jnp.where(missing & live, chosen, -1), products=products)
+    else:
+        energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, None), known)
+    score = alg.coordinate_scores(prior, state.picks, ctx.scale.rho, state.pick, energy, x)
+    search = search._replace(state=state._replace(energy=state.energy.at[chosen].set(jnp.where(live, energy, known))))
+    norms = jnp.sum(x * x, axis=-1)
+    return score, coordinate_error(ctx.eps, prior, norms) + ctx.slack * jnp.abs(score), search
+
+
+def _exact_scores(ctx: Context, search: Search, chosen: Array) -> tuple[Array, Array]:
+    """(exact scores, rotated rows Qᵀω) of candidates `chosen`, reusing the last coordinate
+    round's products with the prior rows where it has them."""
+    prior, picks = ctx.prior, search.state.picks
+    x = _scaled_rows(ctx, chosen)
+    if prior.kind == "low":
+        match = chosen[:, None] == search.chunk[None, :]
+        products = jax.lax.cond(
+            jnp.all(jnp.any(match, axis=1)),
+            lambda: alg.matmul(match.astype(x.dtype), search.products),
+            lambda: alg.prior_products(prior, x),
+        )
+        whitened = alg.whiten(prior, x, products)
+    else:
+        whitened = alg.whiten(prior, x)
+    rotated = alg.rotate(picks, whitened)
+    return alg.split_scores(picks, ctx.scale.rho, search.state.pick, rotated), rotated
+
+
+# ---------------------------------------------------------------------------------------------
+# One pick
+
+
+def _positions(ctx: Context, n: int) -> Array:
+    return jnp.arange(n, dtype=jnp.int32) + ctx.comm.offset(n)
+
+
+def _open(search: Search) -> Array:
+    """Candidates that could still win and have no exact score at this pick."""
+    state = search.state
+    return state.eligible & ~search.exacted & (state.bounds >= search.floor)
+
+
+def _remaining(ctx: Context, search: Search) -> Leader:
+    open_ = jnp.where(_open(search), search.state.bounds, -jnp.inf)
+    return ctx.comm.leader(leader(open_, _positions(ctx, open_.shape[0])))
+
+
+def _value_floor(ctx: Context, state: State) -> Array:
+    """max(approx − error) over the eligible: a lower bound on the winner's score when `approx`
+    holds values synced to this pick, else −∞."""
+    lows = jnp.where(state.eligible, state.approx - state.error, -jnp.inf)
+    usable = ctx.plan.values & (state.synced == state.pick)
+    return jnp.where(usable, ctx.comm.max(jnp.max(lows)), -jnp.inf)
+
+
+def _needs_coordinates(ctx: Context, search: Search) -> Array:
+    """More than `block` candidates could still win, and some of them lack a coordinate score."""
+    open_ = _open(search)
+    above = ctx.comm.sum(jnp.sum(open_, dtype=jnp.int32))
+    untested = ctx.comm.sum(jnp.sum(open_ & ~search.tested, dtype=jnp.int32))
+    return (above > ctx.plan.block) & (untested > 0)
+
+
+def _coordinate_round(ctx: Context, search: Search) -> Search:
+    """Coordinate scores for the `chunk` untested candidates of highest bound (on each device)."""
+    values, chosen = jax.lax.top_k(jnp.where(_open(search) & ~search.tested, search.state.bounds, -jnp.inf), ctx.plan.chunk)
+    live = values > -jnp.inf
+    score, error, search = _coordinate_scores(ctx, search, chosen, live)
+    state = search.state
+    count = jnp.sum(live, dtype=jnp.int32)
+    state = state._replace(
+        bounds=state.bounds.at[chosen].set(jnp.where(live, jnp.minimum(state.bounds[chosen], score + error), state.bounds[chosen])),
+        coordinates=state.coordinates + count,
+    )
+    floor = jnp.maximum(search.floor, ctx.comm.max(jnp.max(jnp.where(live, score - error, -jnp.inf))))
+    tested = search.tested.at[chosen].set(search.tested[chosen] | live)
+    return search._replace(state=state, tested=tested, floor=floor, spent=search.spent + ctx.comm.sum(count))
+
+
+def _exact_round(ctx: Context, search: Search) -> Search:
+    """Exact scores for the `block` candidates of highest bound not yet exactly scored."""
+    state = search.state
+    values, chosen = jax.lax.top_k(jnp.where(_open(search), state.bounds, -jnp.inf), ctx.plan.block)
+    live = values > -jnp.inf
+    exact, rotated = _exact_scores(ctx, search, chosen)
+    exact = jnp.where(live, exact, -jnp.inf)
+    rebase = live & (state.synced == state.pick)  # approx is current: restart its drift from exact
+    state = state._replace(
+        bounds=state.bounds.at[chosen].set(jnp.where(live, exact * (1.0 + ctx.slack), state.bounds[chosen])),
+        approx=state.approx.at[chosen].set(jnp.where(rebase, exact, state.approx[chosen])),
+        error=state.error.at[chosen].set(jnp.where(rebase, ctx.slack * exact, state.error[chosen])),
+        rescored=state.rescored + jnp.sum(live, dtype=jnp.int32),
+    )
+    local = leader(exact, chosen + ctx.comm.offset(state.bounds.shape[0]))
+    keep = better(local, search.held)
+    row = rotated[jnp.argmax(jnp.where(exact == local.value, -chosen, -jnp.iinfo(jnp.int32).max))]
+    best = best_of(search.best, ctx.comm.leader(local))
+    return search._replace(
+        state=state, exacted=search.exacted.at[chosen].set(search.exacted[chosen] | live), best=best,
+        floor=jnp.maximum(search.floor, best.value * (1.0 - ctx.slack)),
+        held=best_of(local, search.held), held_row=jnp.where(keep, row, search.held_row),
+    )
+
+
+def _stalls(ctx: Context, search: Search) -> Array:
+    """A lazy pick whose coordinate evaluations cost more than catching up on the pending updates
+    (only when the initial scores are values: updated bounds of a prior's bound pass stay loose)."""
+    state = search.state
+    pending = state.pick - state.synced
+    passes = (pending + CATCH_UP - 1) // CATCH_UP
+    return ctx.plan.values & ~state.full & (pending > 0) & (search.spent >= ctx.plan.stall_reads * passes)
+
+
+def _search(ctx: Context, search: Search) -> Search:
+    """Coordinate rounds while more than `block` candidates could win (a lazy pick that stalls
+    catches up once, then goes on), then exact rounds until the best exact score beats every bound
+    left. (Exact rounds only raise the floor and tested candidates stay tested: once the
+    coordinate rounds are done they are not needed again. Loops without branches inside keep
+    XLA from copying the n-long vectors every round.)"""
+
+    def caught_up(search: Search) -> Search:
+        state = catch_up(ctx, search.state)
+        return search._replace(state=state, floor=jnp.maximum(search.floor, _value_floor(ctx, state)))
+
+    def exact_round(search: Search) -> Search:
+        search = _exact_round(ctx, search)
+        return search._replace(remaining=_remaining(ctx, search))
+
+    coordinates = partial(_coordinate_round, ctx)
+    search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, s) & ~_stalls(ctx, s), coordinates, search)
+    search = jax.lax.cond(_stalls(ctx, search), caught_up, lambda s: s, search)
+    search = jax.lax.while_loop(partial(_needs_coordinates, ctx), coordinates, search)
+    search = search._replace(remaining=_remaining(ctx, search))
+    return jax.lax.while_loop(lambda s: ~better(s.best, s.remaining) & (s.remaining.value > -jnp.inf), exact_round, search)
+
+
+def _first_search(ctx: Context, state: State, exact_start: bool) -> Search:
+    """Pick 0 is decided on exact initial scores when there are; otherwise every eligible
+    candidate is open."""
+    n = state.bounds.shape[0]
+    dtype = state.bounds.dtype
+    nobody = Leader(jnp.asarray(-jnp.inf, dtype), jnp.int32(NOBODY))
+    none = jnp.zeros((n,), bool)
+    chunk = jnp.full((ctx.plan.chunk,), -1, jnp.int32)
+    search = Search(
+        state, none, none, _value_floor(ctx, state), nobody, nobody, jnp.int32(0), nobody,
+        jnp.zeros((ctx.plan.width,), dtype), chunk, jnp.zeros((ctx.plan.chunk, _prior_rows(ctx)), dtype),
+    )
+    if not exact_start:
+        return search
+    first = state.pick == 0  # decided: nothing can win above an infinite floor
+    initial = ctx.comm.leader(leader(jnp.where(state.eligible, state.approx, -jnp.inf), _positions(ctx, n)))
+    return search._replace(
+        best=jax.tree.map(lambda a, b: jnp.where(first, a, b), initial, nobody),
+        floor=jnp.where(first, jnp.inf, search.floor),
+    )
+
+
+def _picked_row(ctx: Context, search: Search, local: Array, owned: Array) -> Array:
+    """Qᵀω of the pick: held by the device that scored it exactly, else (a pick decided on exact
+    initial scores) whitened and rotated from its row."""
+    held = search.held.index == search.best.index
+
+    def whitened() -> Array:
+        row = ctx.comm.broadcast(ctx.candidates.rows(local[None])[0], owned)
+        omega = alg.whiten(ctx.prior, ctx.scale.scaled(row[None], ctx.candidates.dtype))
+        return alg.rotate(search.state.picks, omega)[0]
+
+    return jax.lax.cond(ctx.comm.max(held), lambda: ctx.comm.broadcast(search.held_row, held), whitened)
+
+
+def _step(ctx: Context, exact_start: bool, state: State) -> State:
+    """One pick: Eq. (3) argmax of the exact scores, then Eq. (4) folded into the factor."""
+    state = jax.lax.cond(state.full & (state.pick > 0), partial(apply_latest, ctx), lambda s: s, state)
+    stalls = state.stalls
+    search = _search(ctx, _first_search(ctx, state, exact_start))
+    state, best = search.state, search.best
+    n = state.bounds.shape[0]
+    local = best.index - ctx.comm.offset(n)
+    owned = (local >= 0) & (local < n)
+    local = jnp.clip(local, 0, n - 1)
+    b = state.pick
+    rotated = _picked_row(ctx, search, local, owned)
+    if passes_needed(ctx.plan):
+        direction = alg.whiten_adjoint(ctx.prior, alg.update_direction(state.picks, ctx.scale.rho, b, rotated, best.value))
+        state = state._replace(directions=state.directions.at[b].set(ctx.scale.scaled(direction, ctx.candidates.dtype)))
+    found = best.index != NOBODY
+    return state._replace(
+        pick=b + 1,
+        stalls=jnp.where(state.full | (state.stalls > stalls), state.stalls, 0),
+        eligible=state.eligible.at[local].set(state.eligible[local] & ~owned),
+        picks=alg.add_pick(state.picks, b, rotated),
+        indices=state.indices.at[b].set(jnp.where(found, best.index, -1)),
+        scores=state.scores.at[b].set(jnp.where(found, best.value, jnp.nan)),
+    )
+
+
+class Stats(NamedTuple):
+    rescored: Array  # exact evaluations (all devices)
+    coordinates: Array  # coordinate evaluations (all devices)
+    passes: Array  # passes over Φ after the initial one(s)
+    full_from: Array  # the first pick made as "full" (B: none)
+
+
+def run(ctx: Context, start: Start, mask: Array, lazy: bool) -> tuple[Array, Array, Stats]:
+    """(indices, ŝ of each pick, statistics) of the greedy batch."""
+    state = initial_state(ctx, start, mask, lazy)
+    eligible = ctx.comm.sum(jnp.sum(mask, dtype=jnp.int32))
+    stop = jnp.where(start.valid, jnp.minimum(ctx.plan.batch, eligible), 0)
+    state = jax.lax.while_loop(lambda s: s.pick < stop, partial(_step, ctx, start.exact), state)
+    stats = Stats(ctx.comm.sum(state.rescored), ctx.comm.sum(state.coordinates), state.passes, state.full_from)
+    return state.indices, state.scores, stats

@@ -1,0 +1,188 @@
+"""The greedy's programs: on one device, and with the candidates split over every device of a mesh
+(explicit per-device code: each device holds a block of Φ, or whole prompts of g with their pairs,
+re-scores its own candidates and passes over its own block; per round only leaders (score,
+global index) and, per pick, the picked row φ* travel between devices; Φ and g are never gathered).
+
+`place_pairs` lays pairs-mode inputs out for a mesh: contiguous runs of pairs and of the rows they
+read, one run per device, padded to equal sizes (padding pairs are ineligible).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdpo import checks
+from jaxdpo.selection.candidates import Candidates, start
+from jaxdpo.selection.comm import Comm
+from jaxdpo.selection.plan import DRIFT, SLACK, Plan
+from jaxdpo.selection.search import Context, Stats, coordinate_error, run
+from jaxdpo.sharding import place, to_host
+
+
+def greedy(features, pairs, prior, mask, reg, plan: Plan, comm: Comm) -> tuple[jax.Array, jax.Array, Stats]:
+    """(indices, ‖φ‖_{V⁻¹} of each pick, statistics) on the candidates of this device."""
+    dtype = jnp.promote_types(features.dtype, jnp.float32)
+    candidates = Candidates(features, pairs, dtype)
+    eps = float(jnp.finfo(dtype).eps)
+    slack, drift = SLACK * eps, DRIFT * eps
+    first = start(candidates, prior, reg, comm, plan.bound_rank, slack, partial(coordinate_error, eps))
+    ctx = Context(candidates, first.prior, first.scale, comm, plan, slack, drift, eps)
+    indices, scores, stats = run(ctx, first, mask, plan.lazy)
+    return indices, first.scale.report(scores), stats
+
+
+@partial(jax.jit, static_argnames="plan")
+def greedy_program(features, pairs, prior, mask, reg, plan: Plan):
+    return greedy(features, pairs, prior, mask, reg, plan, Comm(None))
+
+
+@partial(jax.jit, static_argnames=("plan", "mesh", "axis"))
+def sharded_program(features, pairs, prior, mask, reg, plan: Plan, mesh: Mesh, axis):
+    """`greedy` with the candidates (dense: rows of Φ; pairs mode: rows of g and the pairs reading
+    them, global row indices) split over `axis` of `mesh`."""
+    rows = PartitionSpec(axis)
+    shards = blocks(mesh, axis)
+
+    def body(f, p, m, prior, r):
+        if p is not None:
+            p = p - jax.lax.axis_index(axis).astype(p.dtype) * (features.shape[0] // shards)
+        return greedy(f, p, prior, m, r, plan, Comm(axis))
+
+    specs = (rows, None if pairs is None else rows, rows, None if prior is None else PartitionSpec(), PartitionSpec())
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=False)(features, pairs, mask, prior, reg)
+
+
+def blocks(mesh: Mesh, axis) -> int:
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def row_axis(x) -> tuple[Mesh, object] | None:
+    """(mesh, axis) when concrete `x` is split by rows, evenly, over several devices of a mesh."""
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or len(sharding.device_set) < 2:
+        return None
+    spec = tuple(sharding.spec) + (None,) * 2
+    if spec[0] is None or spec[1] is not None:
+        return None
+    if blocks(sharding.mesh, spec[0]) < 2 or x.shape[0] % blocks(sharding.mesh, spec[0]):
+        return None
+    return sharding.mesh, spec[0]
+
+
+def mesh_axes(mesh: Mesh) -> tuple:
+    """Every axis of `mesh`: candidates are split over all its devices."""
+    return tuple(mesh.axis_names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs mode on a mesh: whole prompts per device
+
+
+class PlacedPairs(NamedTuple):
+    """Pairs-mode inputs laid out for a mesh: device k holds rows [k·R, (k+1)·R) of `features` and
+    pairs [k·N, (k+1)·N), which read only those rows. `positions[j]` is the caller's index of slot
+    j's pair (−1: padding, never eligible); the order of the caller's pairs is kept."""
+
+    features: jax.Array
+    pairs: jax.Array
+    mask: jax.Array
+    positions: np.ndarray
+
+    def restore(self, indices) -> np.ndarray:
+        """Picks in this layout → the caller's pair indices (−1 stays −1)."""
+        indices = to_host(indices)
+        return np.where(indices >= 0, self.positions[np.maximum(indices, 0)], -1).astype(np.int32)
+
+
+def _cuts(pairs: np.ndarray, parts: int) -> list[int]:
+    """Pair positions splitting the pair sequence into `parts` runs (possibly empty) that read
+    separate, increasing row ranges, each cut as close as possible to an equal share of pairs."""
+    low, high = pairs.min(axis=1), pairs.max(axis=1)
+    before = np.maximum.accumulate(high)[:-1]  # highest row read by pairs [0, i)
+    after = np.minimum.accumulate(low[::-1])[::-1][1:]  # lowest row read by pairs [i, n)
+    feasible = np.concatenate([np.flatnonzero(before < after) + 1, [len(pairs)]])
+    cuts = [0]
+    for k in range(1, parts):
+        allowed = feasible[feasible >= cuts[-1]]
+        cuts.append(int(allowed[np.argmin(np.abs(allowed - k * len(pairs) / parts))]))
+    return cuts[1:]
+
+
+def _row_runs(pairs: np.ndarray, runs: list[tuple[int, int]], rows: int) -> list[tuple[int, int]]:
+    """The rows each run of pairs owns: from the end of the previous run's rows to its highest row."""
+    ends, end = [], 0
+    for p0, p1 in runs[:-1]:
+        end = max(end, int(pairs[p0:p1].max()) + 1) if p1 > p0 else end
+        ends.append(end)
+    starts = [0, *ends]
+    return list(zip(starts, [*ends, rows]))
+
+
+class PairsLayout(NamedTuple):
+    """Where each row and pair goes on `parts` devices: device k holds rows [k·R, (k+1)·R) and
+    pairs [k·N, (k+1)·N) of the placed arrays. `rows[j]`: the caller's row in slot j (−1: a zero
+    row); `pairs`: the placed pairs (indices into the placed rows; padding reads one zero row
+    twice); `positions[j]`: the caller's index of slot j's pair (−1: padding); `mask`: eligible."""
+
+    rows: np.ndarray
+    pairs: np.ndarray
+    positions: np.ndarray
+    mask: np.ndarray
+
+
+def layout_pairs(pairs, parts: int, *, rows: int, mask=None) -> PairsLayout:
+    """The layout `place_pairs` uses, from host arrays alone (e.g. for the shapes a memory plan
+    lowers): runs of consecutive pairs cut between prompts, each with the rows it reads, padded
+    to the longest run. Pairs whose rows interleave stay together (on one device, if need be)."""
+    pairs = np.asarray(pairs)
+    checks.check_ndim("pairs", pairs, 2, "[n, 2]")
+    checks.check_shape("pairs", pairs, (None, 2))
+    checks.check_integer("pairs", pairs)
+    checks.check_index_range("pairs", pairs, rows, "the rows of features")
+    n = len(pairs)
+    checks.require(n >= 1, "pairs is empty")
+    mask = np.ones(n, bool) if mask is None else np.asarray(mask, bool)
+    checks.check_shape("mask", mask, (n,))
+    bounds = [0, *(_cuts(pairs, parts) if parts > 1 else []), n]
+    runs = [(bounds[k], bounds[k + 1]) for k in range(parts)]
+    row_runs = _row_runs(pairs, runs, rows)
+    per_rows = max(max(stop - start_ for start_, stop in row_runs), 1)
+    per_pairs = max(max(stop - start_ for start_, stop in runs), 1)
+    layout = PairsLayout(
+        np.full(parts * per_rows, -1, np.int64), np.zeros((parts * per_pairs, 2), np.int32),
+        np.full(parts * per_pairs, -1, np.int32), np.zeros(parts * per_pairs, bool),
+    )
+    for k, ((p0, p1), (r0, r1)) in enumerate(zip(runs, row_runs)):
+        layout.rows[k * per_rows : k * per_rows + r1 - r0] = np.arange(r0, r1)
+        slots = slice(k * per_pairs, k * per_pairs + p1 - p0)
+        layout.pairs[slots] = pairs[p0:p1] - r0 + k * per_rows
+        layout.pairs[k * per_pairs + p1 - p0 : (k + 1) * per_pairs] = k * per_rows  # padding: φ = g_r − g_r = 0
+        layout.positions[slots] = np.arange(p0, p1)
+        layout.mask[slots] = mask[p0:p1]
+    return layout
+
+
+def place_pairs(features, pairs, mesh: Mesh, *, mask=None) -> PlacedPairs:
+    """Lay out per-response features g `[r, d]` and `pairs` `[n, 2]` over every device of `mesh`,
+    each device holding whole prompts (the rows its pairs read), padded to equal blocks
+    (`layout_pairs`); then `select_batch(placed.features, B, pairs=placed.pairs,
+    mask=placed.mask, ...)` runs on every device without moving g, and
+    `placed.restore(result.indices)` gives the caller's indices."""
+    layout = layout_pairs(pairs, mesh.size, rows=np.shape(features)[0], mask=mask)
+    axis = mesh_axes(mesh)
+    features = to_host(features)  # every process holds g; each copies out its own devices' blocks
+    if not np.array_equal(layout.rows, np.arange(features.shape[0])):
+        features = np.where((layout.rows >= 0)[:, None], features[np.maximum(layout.rows, 0)], np.zeros((), features.dtype))
+    return PlacedPairs(
+        place(features, NamedSharding(mesh, PartitionSpec(axis, None))),
+        place(layout.pairs, NamedSharding(mesh, PartitionSpec(axis, None))),
+        place(layout.mask, NamedSharding(mesh, PartitionSpec(axis))),
+        layout.positions,
+    )
