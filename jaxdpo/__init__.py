@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from jaxdpo.lazy import lazy_exports
 
-__version__ = "0.1.0"
+VERSION = "0.1.0"
+__version__ = VERSION  # the conventional name for tools that read it
 
 _EXPORTS = {
     "jaxdpo.projection": ("projection",),

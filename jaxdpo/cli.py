@@ -21,7 +21,7 @@ import signal
 import sys
 from pathlib import Path
 
-from jaxdpo import __version__, interrupts
+from jaxdpo import VERSION, interrupts
 from jaxdpo.annotate import DEFAULT_PORT
 from jaxdpo.errors import EXIT_USER_ERROR, UserError
 from jaxdpo.experiment.targets import TARGETS, quiet_libtpu
@@ -32,7 +32,7 @@ EXIT_LABELS_PENDING, EXIT_INTERRUPTED, EXIT_TERMINATED = 3, 128 + signal.SIGINT,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxdpo", description="ActiveDPO in JAX: active preference selection, then DPO.")
-    parser.add_argument("--version", action="version", version=f"jaxdpo {__version__}")
+    parser.add_argument("--version", action="version", version=f"jaxdpo {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run or resume an experiment")
     run.add_argument("config", nargs="?", help="TOML or YAML config (default: the embedded CPU demo)")
