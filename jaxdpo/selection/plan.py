@@ -22,6 +22,8 @@ STALLS_BEFORE_FULL = 2  # consecutive stalled lazy picks before the batch goes o
 BOUND_PASSES = 4  # the prior's leading directions in the bound pass cost about this many passes
 SLACK = 64  # rounding allowance of an exact score, in ulps of the score
 DRIFT = 16  # rounding allowance of one Sherman–Morrison update, in ulps of the score
+CACHE_SHARE = 4  # candidates' prior products are kept when they take at most 1/CACHE_SHARE of Φ's memory
+PREFETCH = 256  # rows of one product with the prior rows (it reads P once: about as long as a few rows)
 COORDINATE_ULPS = 256  # allowance of a coordinate score in ulps of ‖x‖², plus cond(U) of the prior
 # (measured at p = 450, d = 8192: at most 7 ulps up to cond(G) = 5e6, 59 at 5e7)
 
@@ -38,6 +40,8 @@ class Plan(NamedTuple):
     picks: int  # K = min(B, width): Householder reflectors
     lazy: bool
     values: bool  # initial scores are values with an error bound (not only upper bounds)
+    cached: bool  # each candidate's products with the prior rows are kept once computed
+    prefetch: int  # candidates whose ŝ⁰ one product with the prior rows computes (cached only, else 0)
     chunk: int  # coordinate evaluations per round
     block: int  # exact evaluations per round
     bound_rank: int  # leading prior directions in the bound pass (= p: the exact difference form)
@@ -72,10 +76,11 @@ def make_plan(
         lazy = not values or one_pass >= 2 * (chunk * coordinate + BLOCK * exact)
     else:
         lazy = strategy == "lazy"
+    cached = low and CACHE_SHARE * count * prior_rows <= rows * dim
     catch_up = one_pass * max(1.0, CATCH_UP / ratio)
     return Plan(
         count=count, rows=rows, dim=dim, width=width, prior_rows=prior_rows, batch=batch, picks=k, lazy=lazy,
-        values=values, chunk=chunk, block=min(BLOCK, count), bound_rank=bound_rank,
+        values=values, cached=cached, prefetch=min(count, PREFETCH) if cached else 0, chunk=chunk, block=min(BLOCK, count), bound_rank=bound_rank,
         stall_reads=catch_up / coordinate, ratio=ratio,
     )
 

@@ -60,6 +60,8 @@ class State(NamedTuple):
     coordinates: Array  # and the first pick made as "full" (B: none)
     passes: Array
     full_from: Array
+    products: Float[Array, "c p"]  # rows·Pᵀ of candidate i in row i, once computed (c = n if `plan.cached`, else 0)
+    stored: Bool[Array, " c"]
 
 
 def initial_state(ctx: Context, start: Start, mask: Array, lazy: bool) -> State:
@@ -83,6 +85,8 @@ def initial_state(ctx: Context, start: Start, mask: Array, lazy: bool) -> State:
         coordinates=jnp.int32(0),
         passes=jnp.int32(0),
         full_from=jnp.int32(0 if not lazy else plan.batch),
+        products=jnp.zeros((plan.count if plan.cached else 0, plan.prior_rows if plan.cached else 0), dtype),
+        stored=jnp.zeros((plan.count if plan.cached else 0,), bool),
     )
 
 
@@ -146,7 +150,7 @@ class Search(NamedTuple):
     """One pick's search; `best` is the best exact score so far, `remaining` the best bound of a
     candidate not exactly evaluated at this pick (both global), `floor` a lower bound on the
     winner's score. `held`/`held_row`: this device's best exact candidate and its rotated row
-    Qᵀω (the pick needs it); `chunk`/`products`: the last coordinate round's rows·Pᵀ."""
+    Qᵀω (the pick needs it)."""
 
     state: State
     tested: Bool[Array, " n"]  # coordinate-evaluated at this pick
@@ -157,29 +161,29 @@ class Search(NamedTuple):
     spent: Array  # coordinate evaluations at this pick (all devices)
     held: Leader
     held_row: Float[Array, " w"]
-    chunk: Int[Array, " chunk"]  # −1: no products kept
-    products: Float[Array, "chunk p"]
 
 
 def _scaled_rows(ctx: Context, indices: Array) -> Array:
     return ctx.scale.scaled(ctx.candidates.rows(indices), ctx.candidates.dtype)
 
 
-def _prior_rows(ctx: Context) -> int:
-    return ctx.prior.rows.shape[0] if ctx.prior.kind == "low" else 0
-
-
 def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array, Search]:
     """(coordinate score, its error bound) of candidates `chosen`: products with the picks' basis,
-    and with the prior rows for those whose ŝ⁰ is not known yet (then kept for an exact round)."""
+    and with the prior rows for those whose ŝ⁰ is not known yet (kept for exact rounds when cached)."""
     state, prior = search.state, ctx.prior
     x = _scaled_rows(ctx, chosen)
     known = state.energy[chosen]
     if prior.kind == "low":
-        missing = jnp.any(live & jnp.isnan(known))
-        products = jax.lax.cond(missing, lambda: alg.prior_products(prior, x), lambda: jnp.zeros_like(search.products))
+        new = live & jnp.isnan(known)
+        products = jax.lax.cond(
+            jnp.any(new), lambda: alg.prior_products(prior, x), lambda: jnp.zeros((x.shape[0], prior.rows.shape[0]), x.dtype)
+        )
         energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known)
-        search = search._replace(chunk=jnp.where(missing & live, chosen, -1), products=products)
+        if ctx.plan.cached:
+            state = state._replace(
+                products=state.products.at[chosen].set(jnp.where(new[:, None], products, state.products[chosen])),
+                stored=state.stored.at[chosen].set(state.stored[chosen] | new),
+            )
     else:
         energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, None), known)
     score = alg.coordinate_scores(prior, state.picks, ctx.scale.rho, state.pick, energy, x)
@@ -188,23 +192,23 @@ def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array)
     return score, coordinate_error(ctx.eps, prior, norms) + ctx.slack * jnp.abs(score), search
 
 
-def _exact_scores(ctx: Context, search: Search, chosen: Array) -> tuple[Array, Array]:
-    """(exact scores, rotated rows Qᵀω) of candidates `chosen`, reusing the last coordinate
-    round's products with the prior rows where it has them."""
-    prior, picks = ctx.prior, search.state.picks
+def _exact_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array]:
+    """(exact scores, rotated rows Qᵀω) of candidates `chosen`, reusing their cached products with
+    the prior rows when every live one has them."""
+    prior, state = ctx.prior, search.state
     x = _scaled_rows(ctx, chosen)
     if prior.kind == "low":
-        match = chosen[:, None] == search.chunk[None, :]
-        products = jax.lax.cond(
-            jnp.all(jnp.any(match, axis=1)),
-            lambda: alg.matmul(match.astype(x.dtype), search.products),
-            lambda: alg.prior_products(prior, x),
-        )
+        if ctx.plan.cached:
+            products = jax.lax.cond(
+                jnp.all(state.stored[chosen] | ~live), lambda: state.products[chosen], lambda: alg.prior_products(prior, x)
+            )
+        else:
+            products = alg.prior_products(prior, x)
         whitened = alg.whiten(prior, x, products)
     else:
         whitened = alg.whiten(prior, x)
-    rotated = alg.rotate(picks, whitened)
-    return alg.split_scores(picks, ctx.scale.rho, search.state.pick, rotated), rotated
+    rotated = alg.rotate(state.picks, whitened)
+    return alg.split_scores(state.picks, ctx.scale.rho, state.pick, rotated), rotated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,9 +246,43 @@ def _needs_coordinates(ctx: Context, search: Search) -> Array:
     return (above > ctx.plan.block) & (untested > 0)
 
 
+def _lacking(search: Search) -> Array:
+    """Open candidates without ŝ⁰ nor cached products (stored: tried once, even if not finite)."""
+    return _open(search) & jnp.isnan(search.state.energy) & ~search.state.stored
+
+
+def _prefetch(ctx: Context, search: Search) -> Search:
+    """ŝ⁰ (and the cached prior products) of the `plan.prefetch` open candidates of highest bound
+    that lack it: one product with the prior rows reads them once for all, where coordinate rounds
+    would read them once per round. ŝ⁰ + its error bounds every later score."""
+    state = search.state
+    values, chosen = jax.lax.top_k(jnp.where(_lacking(search), state.bounds, -jnp.inf), ctx.plan.prefetch)
+    live = values > -jnp.inf
+    x = _scaled_rows(ctx, chosen)
+    products = alg.prior_products(ctx.prior, x)
+    energy = alg.prior_energy(ctx.prior, x, products)
+    top = energy + coordinate_error(ctx.eps, ctx.prior, jnp.sum(x * x, axis=-1))
+    state = state._replace(
+        energy=state.energy.at[chosen].set(jnp.where(live, energy, state.energy[chosen])),
+        bounds=state.bounds.at[chosen].set(jnp.where(live, jnp.minimum(state.bounds[chosen], top), state.bounds[chosen])),
+        products=state.products.at[chosen].set(jnp.where(live[:, None], products, state.products[chosen])),
+        stored=state.stored.at[chosen].set(state.stored[chosen] | live),
+    )
+    return search._replace(state=state)
+
+
 def _coordinate_round(ctx: Context, search: Search) -> Search:
-    """Coordinate scores for the `chunk` untested candidates of highest bound (on each device)."""
-    values, chosen = jax.lax.top_k(jnp.where(_open(search) & ~search.tested, search.state.bounds, -jnp.inf), ctx.plan.chunk)
+    """Coordinate scores for the `chunk` untested candidates of highest bound (on each device),
+    after a prefetch of ŝ⁰ when some of them lack it and products are cached."""
+    untested = lambda s: jnp.where(_open(s) & ~s.tested, s.state.bounds, -jnp.inf)  # noqa: E731
+
+    def lacking(search: Search) -> Array:
+        values, chosen = jax.lax.top_k(untested(search), ctx.plan.chunk)
+        return jnp.any((values > -jnp.inf) & _lacking(search)[chosen])
+
+    if ctx.plan.prefetch:  # a loop, not a branch: XLA copies the cache through a branch
+        search = jax.lax.while_loop(lacking, partial(_prefetch, ctx), search)
+    values, chosen = jax.lax.top_k(untested(search), ctx.plan.chunk)
     live = values > -jnp.inf
     score, error, search = _coordinate_scores(ctx, search, chosen, live)
     state = search.state
@@ -263,7 +301,7 @@ def _exact_round(ctx: Context, search: Search) -> Search:
     state = search.state
     values, chosen = jax.lax.top_k(jnp.where(_open(search), state.bounds, -jnp.inf), ctx.plan.block)
     live = values > -jnp.inf
-    exact, rotated = _exact_scores(ctx, search, chosen)
+    exact, rotated = _exact_scores(ctx, search, chosen, live)
     exact = jnp.where(live, exact, -jnp.inf)
     rebase = live & (state.synced == state.pick)  # approx is current: restart its drift from exact
     state = state._replace(
@@ -322,11 +360,7 @@ def _first_search(ctx: Context, state: State, exact_start: bool) -> Search:
     dtype = state.bounds.dtype
     nobody = Leader(jnp.asarray(-jnp.inf, dtype), jnp.int32(NOBODY))
     none = jnp.zeros((n,), bool)
-    chunk = jnp.full((ctx.plan.chunk,), -1, jnp.int32)
-    search = Search(
-        state, none, none, _value_floor(ctx, state), nobody, nobody, jnp.int32(0), nobody,
-        jnp.zeros((ctx.plan.width,), dtype), chunk, jnp.zeros((ctx.plan.chunk, _prior_rows(ctx)), dtype),
-    )
+    search = Search(state, none, none, _value_floor(ctx, state), nobody, nobody, jnp.int32(0), nobody, jnp.zeros((ctx.plan.width,), dtype))
     if not exact_start:
         return search
     first = state.pick == 0  # decided: nothing can win above an infinite floor

@@ -66,7 +66,7 @@ def test_batch_equal_to_the_pool_picks_everyone_in_greedy_order(strategy):
     seed=st.integers(0, 2**31 - 1),
     rank=st.integers(1, D),
     log_reg=st.floats(-3, 1),
-    p=st.sampled_from([0, 4, 16]),
+    p=st.sampled_from([0, 2, 4, 16]),  # 2: products with the prior cached; 4: not; 16 ≥ d
     duplicated=st.booleans(),
 )
 def test_property_lazy_picks_equal_full_picks(seed, rank, log_reg, p, duplicated):
@@ -135,6 +135,18 @@ def test_correlated_features_auto_picks_the_float64_greedy_with_few_passes():
     np.testing.assert_array_equal(result.indices, indices)
     assert_close(result.scores, scores, ulps=SCORE_ULPS)
     assert stats.strategy == "lazy" and int(stats.passes) <= 6, stats  # "full" would make 29
+
+
+def test_a_cached_prior_over_a_pool_larger_than_one_prefetch_keeps_float64_greedy_picks():
+    """1200 candidates, 17 prior rows of width 80: the prior is seen through 16 leading directions
+    at first (bounds, not values) and products with it are cached (4·n·p ≤ n·d), fetched `PREFETCH`
+    candidates at a time as the picks' scores collapse."""
+    phi = _correlated(1200, 80, 4, seed=16)
+    prior = _correlated(17, 80, 4, seed=17)
+    result = jitted(phi, batch_size=20, prior=prior, strategy="lazy")
+    indices, scores = brute_force_greedy(phi, 20, 1.0, prior=prior)
+    np.testing.assert_array_equal(result.indices, indices)
+    assert_close(result.scores, scores, ulps=SCORE_ULPS)
 
 
 def test_nearly_tied_unit_features_keep_greedy_picks():
