@@ -21,7 +21,8 @@ from jaxdpo import checks
 from jaxdpo.selection.candidates import Candidates, start
 from jaxdpo.selection.comm import Comm
 from jaxdpo.selection.plan import DRIFT, SLACK, Plan
-from jaxdpo.selection.search import Context, Stats, coordinate_error, run
+from jaxdpo.selection.search import Stats, coordinate_error, run
+from jaxdpo.selection.state import Context
 from jaxdpo.sharding import place, to_host
 
 
