@@ -111,9 +111,10 @@ class Start(NamedTuple):
 def _exponent(candidates: Candidates, prior: Array | None, comm, stored: Array) -> tuple[Array, Array]:
     """(e, whether e came from the rare path): from the largest squared row norm when it is a
     normal float32 number, else (overflow, underflow) from max |entry| and a second pass."""
-    largest = comm.max(jnp.max(stored))
+    largest = jnp.max(stored)
     if prior is not None and prior.shape[0]:
         largest = jnp.maximum(largest, jnp.max(jnp.sum(prior * prior, axis=1)))
+    largest = comm.max(largest)  # the first collective, after the prior (replicated) is in place
     rare = ~((largest >= 2.0**-100) & (largest <= 2.0**100))
 
     def from_entries():
@@ -184,8 +185,9 @@ def start(candidates: Candidates, prior: Array | None, reg: Array, comm, bound_r
         scores = candidates.map_rows(lambda rows: jnp.sum(whiten(factor, sc.scaled(rows, candidates.dtype)) ** 2, axis=1))
         error = slack * scores
     scores = jnp.maximum(scores, 0.0)
-    valid = jnp.isfinite(reg) & (reg > 0) & (comm.sum(jnp.sum(~jnp.isfinite(scores))) == 0)
+    bad = jnp.sum(~jnp.isfinite(scores), dtype=jnp.int32)
     if candidates.pairs is not None:
         rows = candidates.features.shape[0]
-        valid &= comm.sum(jnp.sum((candidates.pairs < 0) | (candidates.pairs >= rows))) == 0
+        bad += jnp.sum((candidates.pairs < 0) | (candidates.pairs >= rows), dtype=jnp.int32)
+    valid = jnp.isfinite(reg) & (reg > 0) & (comm.sum(bad) == 0)
     return Start(sc, factor, scores, error, valid, exact, values)

@@ -3,7 +3,6 @@ reductions the greedy makes over the mesh axis holding candidate blocks."""
 
 from __future__ import annotations
 
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -39,15 +38,37 @@ def leader(values: Array, indices: Array) -> Leader:
 
 
 class Comm(NamedTuple):
-    """Reductions over the mesh axis (or axes) holding candidate blocks; `None`: one device."""
+    """Reductions over the mesh axis (or axes) holding candidate blocks; `None`: one device.
+
+    Every sync point of the greedy is ONE collective, and each depends on the one before: XLA's CPU
+    runtime runs independent operations concurrently, so two independent collectives may start in
+    a different order on each device — one device waiting in an all-gather while another waits in
+    an all-reduce hangs both (seen in multi-process runs). Scalars travel together through
+    `gather`; every device then reduces the same gathered values alike."""
 
     axis: object
 
+    def gather(self, *scalars) -> tuple[Array, ...]:
+        """Every device's value of each scalar, `[devices]` each, from one all-gather (their bytes
+        packed side by side, so any mix of dtypes travels at once)."""
+        scalars = [jnp.asarray(s) for s in scalars]
+        if self.axis is None:
+            return tuple(s[None] for s in scalars)
+        as_bytes = [jax.lax.bitcast_convert_type(s.astype(jnp.uint8) if s.dtype == jnp.bool_ else s, jnp.uint8).reshape(-1) for s in scalars]
+        rows = jax.lax.all_gather(jnp.concatenate(as_bytes), self.axis)  # [devices, bytes]
+        out, start = [], 0
+        for s, b in zip(scalars, as_bytes):
+            chunk = rows[:, start : start + b.shape[0]]
+            start += b.shape[0]
+            value = chunk[:, 0] if b.shape[0] == 1 else jax.lax.bitcast_convert_type(chunk, s.dtype)
+            out.append(value.astype(s.dtype))
+        return tuple(out)
+
     def sum(self, x):
-        return x if self.axis is None else jax.lax.psum(x, self.axis)
+        return jnp.sum(self.gather(x)[0])
 
     def max(self, x):
-        return x if self.axis is None else jax.lax.pmax(x, self.axis)
+        return jnp.max(self.gather(x)[0])
 
     def offset(self, block: int) -> Array:
         """Global index of this device's first candidate."""
@@ -55,10 +76,8 @@ class Comm(NamedTuple):
 
     def leader(self, local: Leader) -> Leader:
         """The best of every device's leader (all devices agree)."""
-        if self.axis is None:
-            return local
-        gather = partial(jax.lax.all_gather, axis_name=self.axis)
-        return leader(gather(local.value), gather(local.index))
+        return leader(*self.gather(local.value, local.index))
 
     def broadcast(self, row: Array, owned: Array) -> Array:
+        """The owner's `row` on every device (an all-reduce adding zeros: exact)."""
         return row if self.axis is None else jax.lax.psum(jnp.where(owned, row, 0.0), self.axis)

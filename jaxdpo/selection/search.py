@@ -125,20 +125,22 @@ def _remaining(ctx: Context, search: Search) -> Leader:
     return ctx.comm.leader(leader(open_, _positions(ctx, open_.shape[0])))
 
 
-def _value_floor(ctx: Context, state: State) -> Array:
-    """max(approx − error) over the eligible: a lower bound on the winner's score when `approx`
-    holds values synced to this pick, else −∞."""
-    lows = jnp.where(state.eligible, state.approx - state.error, -jnp.inf)
-    usable = ctx.plan.values & (state.synced == state.pick)
-    return jnp.where(usable, ctx.comm.max(jnp.max(lows)), -jnp.inf)
+def _lowest(state: State) -> Array:
+    """This device's max(approx − error) over the eligible."""
+    return jnp.max(jnp.where(state.eligible, state.approx - state.error, -jnp.inf))
+
+
+def _value_floor(ctx: Context, state: State, lowest: Array) -> Array:
+    """max(approx − error) over the eligible of every device (`lowest`: each device's): a lower
+    bound on the winner's score when `approx` holds values synced to this pick, else −∞."""
+    return jnp.where(ctx.plan.values & (state.synced == state.pick), jnp.max(lowest), -jnp.inf)
 
 
 def _needs_coordinates(ctx: Context, search: Search) -> Array:
     """More than `block` candidates could still win, and some of them lack a coordinate score."""
     open_ = _open(search)
-    above = ctx.comm.sum(jnp.sum(open_, dtype=jnp.int32))
-    untested = ctx.comm.sum(jnp.sum(open_ & ~search.tested, dtype=jnp.int32))
-    return (above > ctx.plan.block) & (untested > 0)
+    above, untested = ctx.comm.gather(jnp.sum(open_, dtype=jnp.int32), jnp.sum(open_ & ~search.tested, dtype=jnp.int32))
+    return (jnp.sum(above) > ctx.plan.block) & (jnp.sum(untested) > 0)
 
 
 def _lacking(search: Search) -> Array:
@@ -186,9 +188,9 @@ def _coordinate_round(ctx: Context, search: Search) -> Search:
         bounds=state.bounds.at[chosen].set(jnp.where(live, jnp.minimum(state.bounds[chosen], score + error), state.bounds[chosen])),
         coordinates=state.coordinates + count,
     )
-    floor = jnp.maximum(search.floor, ctx.comm.max(jnp.max(jnp.where(live, score - error, -jnp.inf))))
+    lows, counts = ctx.comm.gather(jnp.max(jnp.where(live, score - error, -jnp.inf)), count)
     tested = search.tested.at[chosen].set(search.tested[chosen] | live)
-    return search._replace(state=state, tested=tested, floor=floor, spent=search.spent + ctx.comm.sum(count))
+    return search._replace(state=state, tested=tested, floor=jnp.maximum(search.floor, jnp.max(lows)), spent=search.spent + jnp.sum(counts))
 
 
 def _exact_round(ctx: Context, search: Search) -> Search:
@@ -234,7 +236,8 @@ def _search(ctx: Context, search: Search) -> Search:
 
     def caught_up(search: Search) -> Search:
         state = catch_up(ctx, search.state)
-        return search._replace(state=state, floor=jnp.maximum(search.floor, _value_floor(ctx, state)))
+        floor = _value_floor(ctx, state, ctx.comm.gather(_lowest(state))[0])
+        return search._replace(state=state, floor=jnp.maximum(search.floor, floor))
 
     def exact_round(search: Search) -> Search:
         search = _exact_round(ctx, search)
@@ -250,19 +253,21 @@ def _search(ctx: Context, search: Search) -> Search:
 
 def _first_search(ctx: Context, state: State, exact_start: bool) -> Search:
     """Pick 0 is decided on exact initial scores when there are; otherwise every eligible
-    candidate is open."""
+    candidate is open. (The floor and the initial leader travel in one collective.)"""
     n = state.bounds.shape[0]
     dtype = state.bounds.dtype
     nobody = Leader(jnp.asarray(-jnp.inf, dtype), jnp.int32(NOBODY))
+    initial = leader(jnp.where(state.eligible, state.approx, -jnp.inf), _positions(ctx, n))
+    lowest, values, indices = ctx.comm.gather(_lowest(state), initial.value, initial.index)
     none = jnp.zeros((n,), bool)
-    search = Search(state, none, none, _value_floor(ctx, state), nobody, nobody, jnp.int32(0), nobody, jnp.zeros((ctx.plan.width,), dtype))
+    floor = _value_floor(ctx, state, lowest)
+    search = Search(state, none, none, floor, nobody, nobody, jnp.int32(0), nobody, jnp.zeros((ctx.plan.width,), dtype))
     if not exact_start:
         return search
     first = state.pick == 0  # decided: nothing can win above an infinite floor
-    initial = ctx.comm.leader(leader(jnp.where(state.eligible, state.approx, -jnp.inf), _positions(ctx, n)))
     return search._replace(
-        best=jax.tree.map(lambda a, b: jnp.where(first, a, b), initial, nobody),
-        floor=jnp.where(first, jnp.inf, search.floor),
+        best=jax.tree.map(lambda a, b: jnp.where(first, a, b), leader(values, indices), nobody),
+        floor=jnp.where(first, jnp.inf, floor),
     )
 
 
@@ -315,8 +320,9 @@ class Stats(NamedTuple):
 def run(ctx: Context, start: Start, mask: Array, lazy: bool) -> tuple[Array, Array, Stats]:
     """(indices, ŝ of each pick, statistics) of the greedy batch."""
     state = initial_state(ctx, start, mask, lazy)
-    eligible = ctx.comm.sum(jnp.sum(mask, dtype=jnp.int32))
-    stop = jnp.where(start.valid, jnp.minimum(ctx.plan.batch, eligible), 0)
+    eligible = ctx.comm.sum(jnp.where(start.valid, jnp.sum(mask, dtype=jnp.int32), 0))  # after start's collectives
+    stop = jnp.minimum(ctx.plan.batch, eligible)
     state = jax.lax.while_loop(lambda s: s.pick < stop, partial(_step, ctx, start.exact), state)
-    stats = Stats(ctx.comm.sum(state.rescored), ctx.comm.sum(state.coordinates), state.passes, state.full_from)
+    rescored, coordinates = ctx.comm.gather(state.rescored, state.coordinates)
+    stats = Stats(jnp.sum(rescored), jnp.sum(coordinates), state.passes, state.full_from)
     return state.indices, state.scores, stats

@@ -54,6 +54,47 @@ def gathers(text: str, shapes: set[tuple[int, ...]]) -> bool:
     return bool(found & shapes)
 
 
+def unordered_collectives(text: str) -> list[str]:
+    """Pairs of collectives (or loops/branches/calls holding one) in the same computation of a
+    compiled program with no data dependence between them: XLA's CPU runtime may start those in a
+    different order on each device, and a device in an all-gather with another in an all-reduce
+    hang (the greedy makes each sync point one collective that depends on the one before)."""
+    bodies, current = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            current = bodies.setdefault(head.group(1), {})
+        elif current is not None and (m := re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (.*)", line)):
+            current[m.group(1)] = m.group(2)
+    called = lambda body: re.findall(r"(?:calls|body|condition|branch_computations|true_computation|false_computation)=\{?%?([\w.\-]+)", body)  # noqa: E731
+    collective = lambda body: re.match(r"\S+ (all-reduce|all-gather|all-to-all|collective-permute)\(", body)  # noqa: E731
+    holds = {}
+
+    def has(name: str) -> bool:
+        if name not in holds:
+            holds[name] = False
+            holds[name] = any(collective(b) or any(has(c) for c in called(b) if c in bodies) for b in bodies[name].values())
+        return holds[name]
+
+    found = []
+    for name, body in bodies.items():
+        members = [i for i, b in body.items() if collective(b) or any(has(c) for c in called(b) if c in bodies)]
+        operands = {i: set(re.findall(r"%([\w.\-]+)", b.split(", metadata")[0])) & body.keys() for i, b in body.items()}
+
+        def after(a: str, b: str) -> bool:  # whether a depends on b
+            seen, stack = set(), [a]
+            while stack:
+                for x in operands[stack.pop()] - seen:
+                    if x == b:
+                        return True
+                    seen.add(x)
+                    stack.append(x)
+            return False
+
+        found += [f"{name}: {a} | {b}" for k, a in enumerate(members) for b in members[k + 1 :] if not after(a, b) and not after(b, a)]
+    return found
+
+
 out = {"devices": len(jax.devices())}
 jitted = jax.jit(jaxdpo.select_batch, static_argnames=("batch_size", "strategy"))
 sharded_phi = jax.device_put(phi, rows)
@@ -75,4 +116,11 @@ dense = jax.jit(partial(lower, mesh=mesh)).lower(jax.ShapeDtypeStruct((n, d), np
 placed_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in (placed.features, placed.pairs, placed.mask)]
 by_pairs = jax.jit(lambda f, p, k: select_on_mesh(f, batch, mesh=square, pairs=p, mask=k)).lower(*placed_shapes).compile().as_text()
 out["gathers_feature_matrix"] = gathers(dense, {(n, d)}) or gathers(by_pairs, {tuple(placed.features.shape), (len(placed.positions), d)})
+prior_shape = jax.ShapeDtypeStruct(prior.shape, prior.dtype)
+with_prior = {
+    strategy: jax.jit(lambda f, p, k, q, s=strategy: select_on_mesh(f, batch, mesh=square, pairs=p, mask=k, prior=q, strategy=s))
+    .lower(*placed_shapes, prior_shape).compile().as_text()
+    for strategy in ("full", "lazy")
+}
+out["unordered_collectives"] = [x for text in (dense, by_pairs, *with_prior.values()) for x in unordered_collectives(text)]
 print(json.dumps(out))

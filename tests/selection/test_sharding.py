@@ -22,6 +22,7 @@ def test_sharded_selection_matches_one_device():
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4
     assert not result["gathers_feature_matrix"]
+    assert result["unordered_collectives"] == []
     assert result["placed"] == {"rows": 48, "pairs": 72, "padding": 12}  # 10 prompts of 4 over 4 devices: 3 each
     for mode in ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior"):
         assert result[mode].get("shards", 4) == 4
