@@ -5,8 +5,6 @@ responses, and the fields a selector reads about them.
 timed under and the function that computes it from the round's `RoundInputs`, so a round
 computes exactly what its selector reads. A new selection method is a `Rule` in
 `jaxdpo.selection`'s registry; only a pool field no method read before needs a producer here.
-The pool carries the run's mesh: the ActiveDPO selector splits its pairs over it (whole prompts
-per device, `jaxdpo.selection.place_pairs`).
 """
 
 from __future__ import annotations
@@ -112,8 +110,7 @@ def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool
     computed under its stage (`stages.stage(name)` times it)."""
     m = inputs.setup.config.generation.responses_per_prompt
     fields = dict(
-        num_candidates=len(inputs.pairs), pairs=jnp.asarray(inputs.pairs), pair_prompt_ids=jnp.asarray(inputs.pairs[:, 0] // m),
-        mesh=inputs.setup.mesh,
+        num_candidates=len(inputs.pairs), pairs=jnp.asarray(inputs.pairs), pair_prompt_ids=jnp.asarray(inputs.pairs[:, 0] // m)
     )
     for name in sorted(selector.requires - BASE_FIELDS):
         stage, produce = PRODUCERS[name]

@@ -41,7 +41,7 @@ from jaxdpo.selection import SelectionPool, make_selector
 from jaxdpo.sequences import Sequences
 from jaxdpo.sharding import DATA, MODEL, data_multiple, param_spec, rows_sharding
 
-BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids", "mesh"})
+BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids"})
 """Pool fields every round has, whatever its selector requires."""
 
 
@@ -239,9 +239,8 @@ def _dpo_stage(shape: RoundShape, model, lora, calls: _Calls) -> Stage:
 
 
 def _selection_stage(shape: RoundShape, method: str, calls: Mapping[str, tuple[int, ...]]) -> Stage:
-    """The method's pick from the last round's pool (the largest prior), on one device with the
-    pool's fields gathered there. On a mesh the run's ActiveDPO splits the pairs over every device
-    (`jaxdpo.selection.place_pairs`), so this bounds its memory per device from above."""
+    """The method's pick from the last round's pool (the largest prior), on one device as the run
+    computes it (the pool's fields are gathered to the host first)."""
     config = shape.config
     selector = make_selector(method, **config.selection.options.get(method, {}))
     n, batch = config.candidates_per_round, config.selection.batch_size

@@ -14,14 +14,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
-from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo.selection import baselines
 from jaxdpo.selection.api import SelectionResult, select_batch
-from jaxdpo.selection.sharded import place_pairs
 from jaxdpo.selection.sharpe import sharp_rule, w_sharp_rule
-from jaxdpo.sharding import to_host
 
 
 class SelectionPool(NamedTuple):
@@ -36,7 +33,6 @@ class SelectionPool(NamedTuple):
       candidates to prompts.
     apo_features / apo_prior: frozen-model features for APO (same layout as features / prior).
     mask: `[n]` bool, eligible candidates.
-    mesh: the run's device mesh, if any: selectors that can split their candidates over it do.
     """
 
     num_candidates: int
@@ -49,7 +45,6 @@ class SelectionPool(NamedTuple):
     apo_features: Float[ArrayLike, "r h"] | None = None
     apo_prior: Float[ArrayLike, "p h"] | None = None
     mask: Bool[ArrayLike, " n"] | None = None
-    mesh: Mesh | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +66,7 @@ class Selector:
 
 
 def _activedpo(pool, batch_size, key, *, reg=1.0, strategy="auto"):
-    """Eq. 3-4; with a mesh of several devices, on all of them (whole prompts per device)."""
-    if pool.mesh is None or pool.mesh.size == 1 or pool.pairs is None:
-        return select_batch(pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy)
-    placed = place_pairs(pool.features, pool.pairs, pool.mesh, mask=pool.mask)
-    result = select_batch(placed.features, batch_size, reg=reg, prior=pool.prior, mask=placed.mask, pairs=placed.pairs, strategy=strategy)
-    return SelectionResult(placed.restore(result.indices), to_host(result.scores))
+    return select_batch(pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy)
 
 
 def _random(pool, batch_size, key):
