@@ -65,7 +65,8 @@ class Comm(NamedTuple):
         return tuple(out)
 
     def sum(self, x):
-        return jnp.sum(self.gather(x)[0])
+        values = self.gather(x)[0]
+        return jnp.sum(values, dtype=values.dtype)  # int32 stays int32 (jnp.sum widens it under x64)
 
     def max(self, x):
         return jnp.max(self.gather(x)[0])

@@ -190,7 +190,7 @@ def _coordinate_round(ctx: Context, search: Search) -> Search:
     )
     lows, counts = ctx.comm.gather(jnp.max(jnp.where(live, score - error, -jnp.inf)), count)
     tested = search.tested.at[chosen].set(search.tested[chosen] | live)
-    return search._replace(state=state, tested=tested, floor=jnp.maximum(search.floor, jnp.max(lows)), spent=search.spent + jnp.sum(counts))
+    return search._replace(state=state, tested=tested, floor=jnp.maximum(search.floor, jnp.max(lows)), spent=search.spent + jnp.sum(counts, dtype=jnp.int32))
 
 
 def _exact_round(ctx: Context, search: Search) -> Search:
@@ -324,5 +324,5 @@ def run(ctx: Context, start: Start, mask: Array, lazy: bool) -> tuple[Array, Arr
     stop = jnp.minimum(ctx.plan.batch, eligible)
     state = jax.lax.while_loop(lambda s: s.pick < stop, partial(_step, ctx, start.exact), state)
     rescored, coordinates = ctx.comm.gather(state.rescored, state.coordinates)
-    stats = Stats(jnp.sum(rescored), jnp.sum(coordinates), state.passes, state.full_from)
+    stats = Stats(jnp.sum(rescored, dtype=jnp.int32), jnp.sum(coordinates, dtype=jnp.int32), state.passes, state.full_from)
     return state.indices, state.scores, stats
