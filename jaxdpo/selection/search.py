@@ -257,16 +257,16 @@ def _first_search(ctx: Context, state: State, exact_start: bool) -> Search:
     n = state.bounds.shape[0]
     dtype = state.bounds.dtype
     nobody = Leader(jnp.asarray(-jnp.inf, dtype), jnp.int32(NOBODY))
-    initial = leader(jnp.where(state.eligible, state.approx, -jnp.inf), _positions(ctx, n))
-    lowest, values, indices = ctx.comm.gather(_lowest(state), initial.value, initial.index)
     none = jnp.zeros((n,), bool)
+    initial = leader(jnp.where(state.eligible, state.approx, -jnp.inf), _positions(ctx, n)) if exact_start else ()
+    lowest, *values_indices = ctx.comm.gather(_lowest(state), *initial)
     floor = _value_floor(ctx, state, lowest)
     search = Search(state, none, none, floor, nobody, nobody, jnp.int32(0), nobody, jnp.zeros((ctx.plan.width,), dtype))
     if not exact_start:
         return search
     first = state.pick == 0  # decided: nothing can win above an infinite floor
     return search._replace(
-        best=jax.tree.map(lambda a, b: jnp.where(first, a, b), leader(values, indices), nobody),
+        best=jax.tree.map(lambda a, b: jnp.where(first, a, b), leader(*values_indices), nobody),
         floor=jnp.where(first, jnp.inf, floor),
     )
 
