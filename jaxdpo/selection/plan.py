@@ -40,13 +40,17 @@ class Plan(NamedTuple):
     picks: int  # K = min(B, width): Householder reflectors
     lazy: bool
     values: bool  # initial scores are values with an error bound (not only upper bounds)
-    cached: bool  # each candidate's products with the prior rows are kept once computed
-    prefetch: int  # candidates whose ŝ⁰ one product with the prior rows computes (cached only, else 0)
+    prefetch: int  # candidates whose ŝ⁰ one product with the prior rows computes (0: products not cached)
     chunk: int  # coordinate evaluations per round
     block: int  # exact evaluations per round
     bound_rank: int  # leading prior directions in the bound pass (= p: the exact difference form)
     stall_reads: float  # coordinate evaluations that cost one catch-up pass (of CATCH_UP updates)
     ratio: float
+
+    @property
+    def cached(self) -> bool:
+        """Each candidate's products with the prior rows are kept once computed."""
+        return self.prefetch > 0
 
 
 def make_plan(
@@ -76,11 +80,11 @@ def make_plan(
         lazy = not values or one_pass >= 2 * (chunk * coordinate + BLOCK * exact)
     else:
         lazy = strategy == "lazy"
-    cached = low and CACHE_SHARE * count * prior_rows <= rows * dim
+    cached = low and CACHE_SHARE * count * prior_rows <= rows * dim  # each candidate's products with the prior rows kept
     catch_up = one_pass * max(1.0, CATCH_UP / ratio)
     return Plan(
         count=count, rows=rows, dim=dim, width=width, prior_rows=prior_rows, batch=batch, picks=k, lazy=lazy,
-        values=values, cached=cached, prefetch=min(count, PREFETCH) if cached else 0, chunk=chunk, block=min(BLOCK, count), bound_rank=bound_rank,
+        values=values, prefetch=min(count, PREFETCH) if cached else 0, chunk=chunk, block=min(BLOCK, count), bound_rank=bound_rank,
         stall_reads=catch_up / coordinate, ratio=ratio,
     )
 
