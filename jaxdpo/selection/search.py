@@ -64,7 +64,8 @@ def _scaled_rows(ctx: Context, indices: Array) -> Array:
 
 def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array, Search]:
     """(coordinate score, its error bound) of candidates `chosen`: products with the picks' basis,
-    and with the prior rows for those whose ŝ⁰ is not known yet (kept for exact rounds when cached)."""
+    and with the prior rows for those whose ŝ⁰ is not known yet (with a cache, `_prefetch` has
+    already computed and kept them)."""
     state, prior = search.state, ctx.prior
     x = _scaled_rows(ctx, chosen)
     known = state.energy[chosen]
@@ -74,11 +75,6 @@ def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array)
             jnp.any(new), lambda: alg.prior_products(prior, x), lambda: jnp.zeros((x.shape[0], prior.rows.shape[0]), x.dtype)
         )
         energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known)
-        if ctx.plan.cached:
-            state = state._replace(
-                products=state.products.at[chosen].set(jnp.where(new[:, None], products, state.products[chosen])),
-                stored=state.stored.at[chosen].set(state.stored[chosen] | new),
-            )
     else:
         energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, None), known)
     score = alg.coordinate_scores(prior, state.picks, ctx.scale.rho, state.pick, energy, x)
