@@ -63,6 +63,23 @@ def batched_logprobs_program(model, lora, rows: Sequences):
     return sequence_logprobs(model, lora, rows.input_ids, rows.response_mask, attention_mask=rows.attention_mask)
 
 
+def planned_selection(mesh) -> dict:
+    """The plan's ActiveDPO selection stage for the embedded config on `mesh` (None: one device):
+    rows of g per device, and whether the program compiles (the run's program on its layout)."""
+    from jaxdpo.config import config_from_dict
+    from jaxdpo.experiment.abstract import abstract_round
+    from jaxdpo.experiment.compiled import analyze
+    from jaxdpo.experiment.stages import round_stages
+
+    config = config_from_dict({"run": {"methods": ["activedpo"], "seeds": [0], "rounds": 2}, "oracle": {"kind": "human"}})
+    stage = next(s for s in round_stages(abstract_round(config, mesh)) if s.name == "selection: activedpo")
+    fields = stage.args[0]
+    features = fields["features"]
+    shard = features.shape if mesh is None else features.sharding.shard_shape(features.shape)
+    return dict(rows=features.shape[0], rows_per_device=shard[0], candidates=fields["pairs"].shape[0],
+                compile_error=analyze(stage.program, stage.args).error)
+
+
 def relative_diff(got, expected) -> float:
     """max |got − expected| in units of the largest |expected| (float32 sums reassociate over devices)."""
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
@@ -85,7 +102,7 @@ def main() -> None:
     model, data = tiny_model(), Sequences(*sequences(n=8))
     lora = trained_lora(model)
     expected = stages(model, lora, data, None)
-    out = {"devices": len(jax.devices())}
+    out = {"devices": len(jax.devices()), "planned_selection_1x1": planned_selection(None)}
     for data_axis, model_axis in [(8, 1), (4, 2), (2, 4)]:
         mesh = sharding.make_mesh(data_axis, model_axis)
         placed = sharding.shard_model(tiny_model(), mesh)
@@ -95,7 +112,7 @@ def main() -> None:
         norms = sum(x.nbytes for x in jax.tree.leaves(placed) if x.ndim <= 2 and x.shape[-1] == 16)  # norm weights, replicated
         result.update(param_fraction=on_device / total, bound=(total - norms) / model_axis / total + norms / total,
                       gate_shard=list(placed.layers["gate"][...].addressable_shards[0].data.shape),
-                      gathers_a_weight=gathers_a_weight(placed, placed_lora, data, mesh))
+                      gathers_a_weight=gathers_a_weight(placed, placed_lora, data, mesh), planned_selection=planned_selection(mesh))
         out[f"{data_axis}x{model_axis}"] = result
     print(json.dumps(out))
 

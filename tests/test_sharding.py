@@ -35,6 +35,10 @@ def test_every_stage_on_a_mesh_equals_one_device():
         assert got["gate_shard"] == [2, 16, 24 // model_axis]  # [layers, hidden, intermediate] split over "model"
         assert got["param_fraction"] <= got["bound"] + 1e-9, (mesh, got)  # 1/model of the weights + replicated norms
         assert not got["gathers_a_weight"], mesh  # no program gathers a split weight whole
+        # the plan's ActiveDPO selection is the run's program on all 8 devices (a block of whole prompts of g each)
+        one, planned = result["planned_selection_1x1"], got["planned_selection"]
+        assert planned["compile_error"] is None and one["compile_error"] is None, (mesh, planned, one)
+        assert planned["rows_per_device"] * 8 == planned["rows"] and planned["rows_per_device"] < one["rows"], (mesh, planned, one)
 
 
 FINAL_REWARD_TOLERANCE = 0.05

@@ -39,9 +39,9 @@ from jaxdpo.dpo import TrainState, reference_logprobs
 from jaxdpo.experiment import folder, memory, storage
 from jaxdpo.experiment.evaluation import evaluate
 from jaxdpo.experiment.live import LiveMetrics
-from jaxdpo.experiment.pool import RoundInputs, build_pool, triplets
+from jaxdpo.experiment.pool import RoundInputs, build_pool
 from jaxdpo.experiment.setup import Setup, build_setup, derive_key, start_devices
-from jaxdpo.experiment.stages import sampling
+from jaxdpo.experiment.stages import sampling, triplets
 from jaxdpo.errors import UserError
 from jaxdpo.experiment.checkpoints import Checkpoint, TrackCheckpoints
 from jaxdpo.experiment.folder import RunLock

@@ -5,12 +5,13 @@ responses, and the fields a selector reads about them.
 timed under and the function that computes it from the round's `RoundInputs`, so a round
 computes exactly what its selector reads. A new selection method is a `Rule` in
 `jaxdpo.selection`'s registry; only a pool field no method read before needs a producer here.
+The pool carries the run's mesh: the ActiveDPO selector splits its pairs over it (whole prompts
+per device, `jaxdpo.selection.place_pairs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from collections.abc import Callable
 
 import jax
@@ -25,12 +26,6 @@ from jaxdpo.models import LoRA
 from jaxdpo.selection import SelectionPool, Selector, predictive_entropy
 from jaxdpo.sequences import Sequences, map_in_chunks
 from jaxdpo.sharding import put_rows
-
-
-def triplets(num_prompts: int, m: int) -> np.ndarray:
-    """`[num_prompts · C(m, 2), 2]` response-row pairs: prompt i's responses are rows i·m … i·m + m − 1."""
-    within = np.asarray(list(itertools.combinations(range(m), 2)), np.int32)
-    return (np.arange(num_prompts, dtype=np.int32)[:, None, None] * m + within[None]).reshape(-1, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +105,8 @@ def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool
     computed under its stage (`stages.stage(name)` times it)."""
     m = inputs.setup.config.generation.responses_per_prompt
     fields = dict(
-        num_candidates=len(inputs.pairs), pairs=jnp.asarray(inputs.pairs), pair_prompt_ids=jnp.asarray(inputs.pairs[:, 0] // m)
+        num_candidates=len(inputs.pairs), pairs=jnp.asarray(inputs.pairs), pair_prompt_ids=jnp.asarray(inputs.pairs[:, 0] // m),
+        mesh=inputs.setup.mesh,
     )
     for name in sorted(selector.requires - BASE_FIELDS):
         stage, produce = PRODUCERS[name]

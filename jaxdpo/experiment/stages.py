@@ -20,6 +20,7 @@ position), the bound of what a run compiles for its responses.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -28,21 +29,29 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import chunk_logprobs, train_step
 from jaxdpo.errors import UserError
 from jaxdpo.features import gradient_features
-from jaxdpo.models import init_lora, last_token_states
+from jaxdpo.experiment import placement
+from jaxdpo.models import last_token_states
 from jaxdpo.oracles.scores import reward_scores
 from jaxdpo.sampling import generate
 from jaxdpo.selection import SelectionPool, make_selector
 from jaxdpo.sequences import Sequences
-from jaxdpo.sharding import DATA, MODEL, data_multiple, param_spec, rows_sharding
+from jaxdpo.sharding import DATA, data_multiple
 
-BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids"})
+BASE_FIELDS = frozenset({"num_candidates", "pairs", "pair_prompt_ids", "mesh"})
 """Pool fields every round has, whatever its selector requires."""
+
+
+def triplets(num_prompts: int, m: int) -> np.ndarray:
+    """A round's candidate pairs `[num_prompts · C(m, 2), 2]` (rows of its responses): prompt i's
+    responses are rows i·m … i·m + m − 1."""
+    within = np.asarray(list(itertools.combinations(range(m), 2)), np.int32)
+    return (np.arange(num_prompts, dtype=np.int32)[:, None, None] * m + within[None]).reshape(-1, 2)
 
 
 # -- rows per call ---------------------------------------------------------------------------------
@@ -176,38 +185,38 @@ class Stage:
 
 def long_lived(shape: RoundShape) -> dict[str, int]:
     """Bytes per device of what a run keeps on its devices throughout."""
-    lora = abstract_adapter(shape)
-    state = dict(policy=device_bytes(shape.model), adapter=device_bytes(lora), optimizer=device_bytes(abstract_optimizer(shape, lora)))
-    return state | ({"reward model": device_bytes(shape.reward_model)} if shape.reward_model is not None else {})
+    lora = placement.abstract_adapter(shape)
+    state = dict(policy=placement.device_bytes(shape.model), adapter=placement.device_bytes(lora), optimizer=placement.device_bytes(placement.abstract_optimizer(shape, lora)))
+    return state | ({"reward model": placement.device_bytes(shape.reward_model)} if shape.reward_model is not None else {})
 
 
 def round_stages(shape: RoundShape) -> list[Stage]:
     """Every program of a round of `shape.config` at its chunk shapes, each once (a program two
     stages share, like log-probs, counts the calls of both)."""
     config, mesh = shape.config, shape.mesh
-    model, lora = abstract(shape.model), abstract_adapter(shape)
+    model, lora = placement.abstract(shape.model), placement.abstract_adapter(shape)
     uses = {method: make_selector(method).requires for method in config.run.methods}
     calls = _Calls(shape, uses)
-    key = _replicated(shape, jax.eval_shape(lambda: jax.random.key(0)))
+    key = placement.replicated(shape, jax.eval_shape(lambda: jax.random.key(0)))
     stages = []
     for purpose, timed in (("responses", "generation"), ("entropy samples", "entropy"), ("evaluation", "eval")):
         counts = calls.generation(purpose)
         if any(map(any, counts.values())):
             s = sampling(config, purpose)
             prompts = prompts_per_call(config, s.num_samples, config.data.prompts_per_round, mesh)
-            tokens, index = _rows(shape, (prompts, shape.prompt_len)), _rows(shape, (prompts,))
+            tokens, index = placement.rows(shape, (prompts, shape.prompt_len)), placement.rows(shape, (prompts,))
             program = partial(sample, sampling=s, max_new_tokens=shape.max_new_tokens, eos_token_id=shape.eos_token_id, pad_token_id=shape.pad_token_id)
             stages.append(Stage(
                 f"generation: {purpose} ({s.num_samples} per prompt)", "generation.chunk_rows", program, (model, lora, tokens, tokens, index, key),
                 frozenset({"policy", "adapter"}), (timed,), counts, loop_trips=shape.max_new_tokens,
             ))
     window = shape.seq - 1
-    rows = _sequences(shape, (logprob_rows(config, mesh), shape.seq))
+    rows = placement.sequences(shape, (logprob_rows(config, mesh), shape.seq))
     stages.append(Stage(
         "log-probs", "dpo.logprob_chunk", partial(chunk_logprobs, window=window), (model, lora, rows), frozenset({"policy", "adapter"}),
         ("rewards", "entropy", "training", "eval"), calls.logprobs(),
     ))
-    rows = _sequences(shape, (feature_rows(config, mesh), shape.seq))
+    rows = placement.sequences(shape, (feature_rows(config, mesh), shape.seq))
     for fields, name, program, args in (
         ({"features", "prior"}, "features", partial(features, config=config), (model, lora, rows)),
         ({"apo_features", "apo_prior"}, "frozen features", frozen_features, (model, rows.input_ids, rows.attention_mask)),
@@ -219,9 +228,9 @@ def round_stages(shape: RoundShape) -> list[Stage]:
     stages.append(_dpo_stage(shape, model, lora, calls))
     stages += [_selection_stage(shape, method, calls.selection(method)) for method in config.run.methods]
     if shape.reward_model is not None:
-        tokens = _rows(shape, (reward_rows(config, mesh), config.oracle.max_length))
+        tokens = placement.rows(shape, (reward_rows(config, mesh), config.oracle.max_length))
         stages.append(Stage(
-            "reward model", "oracle.batch_size", reward_scores, (abstract(shape.reward_model), tokens, tokens), frozenset({"reward model"}),
+            "reward model", "oracle.batch_size", reward_scores, (placement.abstract(shape.reward_model), tokens, tokens), frozenset({"reward model"}),
             ("oracle", "eval"), calls.reward_model(),
         ))
     return stages
@@ -230,26 +239,33 @@ def round_stages(shape: RoundShape) -> list[Stage]:
 def _dpo_stage(shape: RoundShape, model, lora, calls: _Calls) -> Stage:
     trainer = shape.config.dpo.trainer()
     accum, rows = trainer.grad_accum, 2 * trainer.batch_size
-    batch = _sequences(shape, (accum, rows, shape.seq), axis=1)
-    ref = _rows(shape, (accum, rows), jnp.float32, axis=1)
-    weights = _replicated(shape, jax.ShapeDtypeStruct((accum, trainer.batch_size), jnp.float32))
+    batch = placement.sequences(shape, (accum, rows, shape.seq), axis=1)
+    ref = placement.rows(shape, (accum, rows), jnp.float32, axis=1)
+    weights = placement.replicated(shape, jax.ShapeDtypeStruct((accum, trainer.batch_size), jnp.float32))
     program = partial(train_step, trainer=trainer, window=shape.seq - 1)
-    args = (model, lora, abstract_optimizer(shape, lora), batch, ref, weights)
+    args = (model, lora, placement.abstract_optimizer(shape, lora), batch, ref, weights)
     return Stage("DPO step", "dpo.batch_size", program, args, frozenset({"policy", "adapter", "optimizer"}), ("training",), calls.dpo_steps())
 
 
 def _selection_stage(shape: RoundShape, method: str, calls: Mapping[str, tuple[int, ...]]) -> Stage:
-    """The method's pick from the last round's pool (the largest prior), on one device as the run
-    computes it (the pool's fields are gathered to the host first)."""
+    """The method's pick from the last round's pool (the largest prior). On a mesh of several
+    devices a method that splits its candidates (ActiveDPO) runs on all of them with the pool laid
+    out as the run lays it out (`place_pairs`: whole prompts per device); others run on one device
+    with the pool's fields gathered there."""
     config = shape.config
     selector = make_selector(method, **config.selection.options.get(method, {}))
-    n, batch = config.candidates_per_round, config.selection.batch_size
-    fields = {name: _pooled(shape, spec) for name, spec in _pool_fields(shape).items() if name in selector.requires | BASE_FIELDS}
+    batch = config.selection.batch_size
+    specs = {name: spec for name, spec in _pool_fields(shape).items() if name in selector.requires | BASE_FIELDS}
+    if selector.placed is not None and shape.mesh is not None and shape.mesh.size > 1:
+        pairs = triplets(config.data.prompts_per_round, config.generation.responses_per_prompt)
+        fields, select, mesh = placement.placed_pool(shape, specs, pairs), selector.on_placed, shape.mesh
+    else:
+        fields, select, mesh = {name: placement.pooled(shape, spec) for name, spec in specs.items()}, selector, None
 
     def program(fields, key):
-        return selector(SelectionPool(num_candidates=n, **fields), batch, key=key).indices
+        return select(SelectionPool(num_candidates=fields["pairs"].shape[0], mesh=mesh, **fields), batch, key=key).indices
 
-    key = _pooled(shape, jax.eval_shape(lambda: jax.random.key(0)))
+    key = placement.pooled(shape, jax.eval_shape(lambda: jax.random.key(0)))
     return Stage(
         f"selection: {method}", "data.prompts_per_round", program, (fields, key), frozenset(), ("selection",), calls
     )
@@ -328,62 +344,3 @@ class _Calls:
 
     def selection(self, method: str) -> dict[str, tuple[int, ...]]:
         return {m: (int(m == method),) * self.config.run.rounds for m in self.uses}
-
-
-# -- abstract inputs ---------------------------------------------------------------------------------
-
-
-def abstract(tree):
-    """`tree` with every array replaced by its shape, dtype and sharding (abstract trees pass)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
-
-
-def abstract_adapter(shape: RoundShape):
-    """The config's LoRA for the policy, abstract, placed as the run places it (`shard_params`)."""
-    c = shape.config.lora
-    lora = jax.eval_shape(lambda: init_lora(shape.model, rank=c.rank, alpha=c.alpha, targets=c.targets, key=jax.random.key(0)))
-    return _params(shape, lora)
-
-
-def abstract_optimizer(shape: RoundShape, lora):
-    """The DPO trainer's optimizer state for `lora`, abstract; its moments placed like the adapter."""
-    return _params(shape, jax.eval_shape(lambda lora: shape.config.dpo.trainer().init(lora).opt_state, lora))
-
-
-def device_bytes(tree) -> int:
-    """Bytes of `tree`'s arrays (concrete or abstract) that one device holds: its shard of each."""
-    def shard(x):
-        sharding = getattr(x, "sharding", None)
-        dims = x.shape if sharding is None else sharding.shard_shape(x.shape)
-        return math.prod(dims) * np.dtype(x.dtype).itemsize
-
-    return int(sum(shard(x) for x in jax.tree.leaves(tree)))
-
-
-def _params(shape: RoundShape, tree):
-    if shape.mesh is None:
-        return tree
-    size = shape.mesh.shape[MODEL]
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(shape.mesh, param_spec(x.shape, size, stacked=True))), tree)
-
-
-def _rows(shape: RoundShape, dims: tuple[int, ...], dtype=jnp.int32, axis: int = 0) -> jax.ShapeDtypeStruct:
-    """A chunk as `put_rows` places it: split over the data axis along `axis`."""
-    sharding = None if shape.mesh is None else rows_sharding(shape.mesh, len(dims), axis)
-    return jax.ShapeDtypeStruct(dims, dtype, sharding=sharding)
-
-
-def _sequences(shape: RoundShape, dims: tuple[int, ...], axis: int = 0) -> Sequences:
-    tokens = _rows(shape, dims, axis=axis)
-    return Sequences(tokens, tokens, tokens)
-
-
-def _replicated(shape: RoundShape, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    sharding = None if shape.mesh is None else NamedSharding(shape.mesh, PartitionSpec())
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-
-def _pooled(shape: RoundShape, x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
-    """A pool field where the run puts it: on the first device."""
-    sharding = None if shape.mesh is None else SingleDeviceSharding(shape.mesh.devices.flat[0])
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)

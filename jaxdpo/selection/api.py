@@ -174,6 +174,8 @@ def _select(features, batch_size, *, reg, prior, mask, pairs, strategy, mesh=Non
         plan = _plan(strategy, features, pairs, prior, int(batch_size), blocks(mesh, axis), mesh.devices.flat[0].platform)
         if checks.is_concrete(mask):
             mask = place(mask, NamedSharding(mesh, PartitionSpec(axis)))
+        if prior is not None and checks.is_concrete(prior):  # replicated: on several processes each copies its own
+            prior = place(to_host(prior), NamedSharding(mesh, PartitionSpec()))
         indices, scores, stats = sharded_program(features, pairs, prior, mask, reg, plan, mesh, axis)
     if checks.is_concrete(indices) and int(np.min(to_host(indices))) < 0:  # no program on a global array here
         _diagnose(features, pairs)

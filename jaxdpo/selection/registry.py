@@ -14,11 +14,14 @@ import inspect
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
+from jax.sharding import Mesh
 from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from jaxdpo.selection import baselines
-from jaxdpo.selection.api import SelectionResult, select_batch
+from jaxdpo.selection.api import SelectionResult, select_batch, select_on_mesh
+from jaxdpo.selection.sharded import place_pairs
 from jaxdpo.selection.sharpe import sharp_rule, w_sharp_rule
+from jaxdpo.sharding import to_host
 
 
 class SelectionPool(NamedTuple):
@@ -33,6 +36,7 @@ class SelectionPool(NamedTuple):
       candidates to prompts.
     apo_features / apo_prior: frozen-model features for APO (same layout as features / prior).
     mask: `[n]` bool, eligible candidates.
+    mesh: the run's device mesh, if any: selectors that can split their candidates over it do.
     """
 
     num_candidates: int
@@ -45,6 +49,7 @@ class SelectionPool(NamedTuple):
     apo_features: Float[ArrayLike, "r h"] | None = None
     apo_prior: Float[ArrayLike, "p h"] | None = None
     mask: Bool[ArrayLike, " n"] | None = None
+    mesh: Mesh | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,16 +62,42 @@ class Selector:
     options: dict[str, Any]
     select: Callable[..., SelectionResult]
     optional: frozenset[str] = frozenset()
+    placed: Callable[..., SelectionResult] | None = None
 
     def __call__(self, pool: SelectionPool, batch_size: int, *, key: Array) -> SelectionResult:
+        return self.select(self._checked(pool), batch_size, key, **self.options)
+
+    def on_placed(self, pool: SelectionPool, batch_size: int, *, key: Array) -> SelectionResult:
+        """The rule on every device of `pool.mesh`, with g, pairs and mask already laid out by
+        `place_pairs` (indices into that layout): what `selector(pool, ...)` runs after placing
+        them, so a memory plan can lower it from shapes. Only for rules that split over a mesh."""
+        if self.placed is None:
+            raise ValueError(f"selector {self.name!r} does not split its candidates over a mesh")
+        return self.placed(self._checked(pool), batch_size, key, **self.options)
+
+    def _checked(self, pool: SelectionPool) -> SelectionPool:
         missing = sorted(field for field in self.requires - self.optional if getattr(pool, field) is None)
         if missing:
             raise ValueError(f"selector {self.name!r} needs pool fields {missing}, which are None")
-        return self.select(pool, batch_size, key, **self.options)
+        return pool
 
 
 def _activedpo(pool, batch_size, key, *, reg=1.0, strategy="auto"):
-    return select_batch(pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy)
+    """Eq. 3-4; with a mesh of several devices, on all of them (whole prompts per device)."""
+    if pool.mesh is None or pool.mesh.size == 1 or pool.pairs is None:
+        return select_batch(pool.features, batch_size, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy)
+    placed = place_pairs(pool.features, pool.pairs, pool.mesh, mask=pool.mask)
+    pool = pool._replace(features=placed.features, pairs=placed.pairs, mask=placed.mask)
+    result = _activedpo_placed(pool, batch_size, key, reg=reg, strategy=strategy)
+    return SelectionResult(placed.restore(result.indices), to_host(result.scores))
+
+
+def _activedpo_placed(pool, batch_size, key, *, reg=1.0, strategy="auto"):
+    """Eq. 3-4 on every device of `pool.mesh`, the pool's g, pairs and mask laid out by
+    `place_pairs` (indices into that layout): the program a run on a mesh executes."""
+    return select_on_mesh(
+        pool.features, batch_size, mesh=pool.mesh, reg=reg, prior=pool.prior, mask=pool.mask, pairs=pool.pairs, strategy=strategy
+    )[0]
 
 
 def _random(pool, batch_size, key):
@@ -115,10 +146,11 @@ class Rule(NamedTuple):
     requires: frozenset[str]
     policy: Literal["current", "initial"] = "current"
     optional: frozenset[str] = frozenset()
+    placed: Callable[..., SelectionResult] | None = None  # `select` once the pool is laid out over its mesh
 
 
 _RULES: dict[str, Rule] = {
-    "activedpo": Rule(_activedpo, frozenset({"features", "prior"}), optional=frozenset({"prior"})),
+    "activedpo": Rule(_activedpo, frozenset({"features", "prior"}), optional=frozenset({"prior"}), placed=_activedpo_placed),
     "random": Rule(_random, frozenset()),
     "certainty": Rule(_certainty, frozenset({"margins"})),
     "uncertainty": Rule(_uncertainty, frozenset({"margins"})),
@@ -146,4 +178,4 @@ def make_selector(name: str, **options: Any) -> Selector:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise ValueError(f"selection method {name!r} takes options {accepted}, got unknown {unknown}")
-    return Selector(canonical, rule.requires, rule.policy, dict(options), rule.select, rule.optional)
+    return Selector(canonical, rule.requires, rule.policy, dict(options), rule.select, rule.optional, rule.placed)

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import jaxdpo  # noqa: E402
-from jaxdpo.experiment.pool import triplets  # noqa: E402
+from jaxdpo.experiment.stages import triplets  # noqa: E402
 from jaxdpo.selection import place_pairs, select_on_mesh  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)  # as in the test suite: compile time dominates

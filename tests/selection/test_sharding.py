@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxdpo.experiment.pool import triplets
+from jaxdpo.experiment.stages import triplets
 from jaxdpo.selection import layout_pairs
 from tests.tolerance import F32_EPS
 
