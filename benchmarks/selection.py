@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdpo import checks, select_batch
-from jaxdpo.experiment.pool import triplets
+from jaxdpo.experiment.stages import triplets
 
 HIGHEST = jax.lax.Precision.HIGHEST
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
