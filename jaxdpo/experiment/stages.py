@@ -34,8 +34,8 @@ from jax.sharding import Mesh
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.dpo import chunk_logprobs, train_step
 from jaxdpo.errors import UserError
-from jaxdpo.features import gradient_features
 from jaxdpo.experiment import placement
+from jaxdpo.features import gradient_features
 from jaxdpo.models import last_token_states
 from jaxdpo.oracles.scores import reward_scores
 from jaxdpo.sampling import generate
