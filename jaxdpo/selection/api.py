@@ -175,7 +175,7 @@ def _select(features, batch_size, *, reg, prior, mask, pairs, strategy, mesh=Non
         if checks.is_concrete(mask):
             mask = place(mask, NamedSharding(mesh, PartitionSpec(axis)))
         if prior is not None and checks.is_concrete(prior):  # replicated: on several processes each copies its own
-            prior = place(to_host(prior), NamedSharding(mesh, PartitionSpec()))
+            prior = place(prior if prior.is_fully_addressable else to_host(prior), NamedSharding(mesh, PartitionSpec()))
         indices, scores, stats = sharded_program(features, pairs, prior, mask, reg, plan, mesh, axis)
     if checks.is_concrete(indices) and int(np.min(to_host(indices))) < 0:  # no program on a global array here
         _diagnose(features, pairs)
