@@ -134,7 +134,10 @@ def _row(stage: stages.Stage, analysis, held: dict[str, int], limit: int | None,
 
 
 def _notes(config: ExperimentConfig) -> list[str]:
-    notes = ["selection runs on one device, as the run computes it (its pool gathered from the host)"]
+    notes = [
+        "selection as the run computes it: on a mesh, ActiveDPO on every device (whole prompts of its pool per device), "
+        "other methods on one device (their pool gathered from the host)"
+    ]
     if config.oracle.kind == "torch_reward_model":
         notes.append("the oracle is a PyTorch reward model: it runs outside JAX and is not planned")
     return notes
