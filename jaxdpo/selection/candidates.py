@@ -147,22 +147,28 @@ def bound_rows(prior: Prior, rank: int) -> Float[Array, "r d"]:
     return solve_t(triangular(r), matmul(w.T, prior.rows).T).T
 
 
-def start(candidates: Candidates, prior: Array | None, reg: Array, comm, bound_rank: int | None, slack: float, allowance) -> Start:
+def start(
+    candidates: Candidates, prior: Array | None, reg: Array, comm, bound_rank: int | None, slack: float, allowance, pair_bounds: bool = False
+) -> Start:
     """Scale, prior factor and initial scores: one pass over Φ (pairs: over g, then the pairs'
-    differences), plus with a prior of p < d rows a pass of `bound_rank` products (None: exact
-    whitened scores of every candidate, a pass of 2p products)."""
+    differences, or with `pair_bounds` and no prior only the bounds (‖g_a‖ + ‖g_b‖)²), plus with a
+    prior of p < d rows a pass of `bound_rank` products (None: exact whitened scores of every
+    candidate, a pass of 2p products)."""
     stored = candidates.stored_norms()
     exponent, rare = _exponent(candidates, prior, comm, stored)
     sc = scale(exponent, reg)
     factor = factor_prior(None if prior is None else sc.scaled(prior, candidates.dtype), sc.rho)
 
+    def scaled_stored():
+        return jax.lax.cond(
+            rare,
+            lambda: jnp.sum(sc.scaled(candidates.features, candidates.dtype) ** 2, axis=1),
+            lambda: times_power_of_two(times_power_of_two(stored, -exponent), -exponent),
+        )
+
     def scaled_norms():
         if candidates.pairs is None:
-            return jax.lax.cond(
-                rare,
-                lambda: jnp.sum(sc.scaled(candidates.features, candidates.dtype) ** 2, axis=1),
-                lambda: times_power_of_two(times_power_of_two(stored, -exponent), -exponent),
-            )
+            return scaled_stored()
         return jax.lax.cond(
             rare,
             lambda: candidates.map_pairs(lambda a, b: jnp.sum(sc.scaled(candidates.pair_rows(a, b), candidates.dtype) ** 2, axis=1)),
@@ -170,7 +176,12 @@ def start(candidates: Candidates, prior: Array | None, reg: Array, comm, bound_r
         )
 
     exact, values = True, True
-    if factor.kind == "none":
+    if factor.kind == "none" and pair_bounds:  # ‖g_a − g_b‖ ≤ ‖g_a‖ + ‖g_b‖
+        lengths = jnp.sqrt(scaled_stored())
+        scores = jnp.square(lengths[candidates.pairs[:, 0]] + lengths[candidates.pairs[:, 1]])
+        error = allowance(factor, scores)
+        exact, values = False, False
+    elif factor.kind == "none":
         scores = scaled_norms()
         error = slack * scores
     elif factor.kind == "low" and bound_rank is not None:

@@ -19,11 +19,15 @@ MIN_CHUNK, MAX_CHUNK = 8, 4096  # coordinate evaluations per round
 BLOCK = 4  # exact evaluations per round (the contenders left after the coordinate rounds)
 CATCH_UP = 8  # pending updates applied per catch-up pass (its products stay cheaper than ~2 passes)
 STALLS_BEFORE_FULL = 2  # consecutive stalled lazy picks before the batch goes on as "full"
+PAIR_BOUNDS_FROM = 2**19  # pairs (no prior) from which the norms' bounds beat their exact pass (CPU: between 3e5 and 6e5)
 BOUND_PASSES = 4  # the prior's leading directions in the bound pass cost about this many passes
 SLACK = 64  # rounding allowance of an exact score, in ulps of the score
 DRIFT = 16  # rounding allowance of one Sherman–Morrison update, in ulps of the score
 CACHE_SHARE = 4  # candidates' prior products are kept when they take at most 1/CACHE_SHARE of Φ's memory
 PREFETCH = 256  # rows of one product with the prior rows (it reads P once: about as long as a few rows)
+TWO_STEP_TOP_K = 2**17  # vectors at least this long and …
+TWO_STEP_SPREAD = 256  # … at least this many times k take the top k in two steps (`search.largest`)
+WIDE_SPREAD = 4096  # … in blocks of 64 entries from n = WIDE_SPREAD·k on, else of 16 (measured on CPU)
 COORDINATE_ULPS = 256  # allowance of a coordinate score in ulps of ‖x‖², plus cond(U) of the prior
 # (measured at p = 450, d = 8192: at most 7 ulps up to cond(G) = 5e6, 59 at 5e7)
 
@@ -44,6 +48,7 @@ class Plan(NamedTuple):
     chunk: int  # coordinate evaluations per round
     block: int  # exact evaluations per round
     bound_rank: int  # leading prior directions in the bound pass (= p: the exact difference form)
+    pair_bounds: bool  # pairs without a prior start from (‖g_a‖ + ‖g_b‖)², not from a pass over the pairs
     stall_reads: float  # coordinate evaluations that cost one catch-up pass (of CATCH_UP updates)
     ratio: float
 
@@ -74,7 +79,8 @@ def make_plan(
     exact = dim * (gathers + (whiten + 2 * k * width / dim) / ratio)
     one_pass = rows * dim
     bound_rank = min(prior_rows, int(BOUND_PASSES * ratio)) if low else 0
-    values = not low or bound_rank == prior_rows
+    pair_bounds = pairs and not prior_rows and strategy != "full" and count >= PAIR_BOUNDS_FROM
+    values = (not low or bound_rank == prior_rows) and not pair_bounds
     chunk = int(min(count, MAX_CHUNK, max(MIN_CHUNK, one_pass / (ROUND_SHARE * coordinate))))
     if strategy == "auto":
         lazy = not values or one_pass >= 2 * (chunk * coordinate + BLOCK * exact)
@@ -85,6 +91,7 @@ def make_plan(
     return Plan(
         count=count, rows=rows, dim=dim, width=width, prior_rows=prior_rows, batch=batch, picks=k, lazy=lazy,
         values=values, prefetch=min(count, PREFETCH) if cached else 0, chunk=chunk, block=min(BLOCK, count), bound_rank=bound_rank,
+        pair_bounds=pair_bounds,
         stall_reads=catch_up / coordinate, ratio=ratio,
     )
 

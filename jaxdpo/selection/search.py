@@ -28,12 +28,27 @@ from jaxtyping import Array, Bool, Float
 from jaxdpo.selection import algebra as alg
 from jaxdpo.selection.candidates import Start
 from jaxdpo.selection.comm import NOBODY, Leader, best_of, better, leader
-from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS
+from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS, TWO_STEP_SPREAD, TWO_STEP_TOP_K, WIDE_SPREAD
 from jaxdpo.selection.state import Context, State, apply_latest, catch_up, initial_state, passes_needed
 
 
 # ---------------------------------------------------------------------------------------------
 # Scores of a few candidates
+
+
+def largest(values: Float[Array, " n"], k: int) -> tuple[Array, Array]:
+    """`lax.top_k(values, k)` (ties: lowest index first), on a long vector in two steps: the top k
+    of the maxima of blocks of 16 or 64 entries, then the top k among those blocks' entries. Exact:
+    an entry outside those blocks is beaten by each of the k block maxima chosen above it."""
+    n = values.shape[0]
+    if n < TWO_STEP_TOP_K or n < TWO_STEP_SPREAD * k:
+        return tuple(jax.lax.top_k(values, k))
+    block = 64 if n >= WIDE_SPREAD * k else 16
+    blocks = -(-n // block)
+    padded = jnp.pad(values, (0, blocks * block - n), constant_values=-jnp.inf).reshape(blocks, block)
+    chosen = jnp.sort(jax.lax.top_k(jnp.max(padded, axis=1), min(k, blocks))[1])  # in index order: ties stay lowest first
+    top, within = jax.lax.top_k(padded[chosen].reshape(-1), k)
+    return top, chosen[within // block] * block + within % block
 
 
 def coordinate_error(eps: float, prior: alg.Prior, norms: Array) -> Array:
@@ -135,7 +150,8 @@ def _value_floor(ctx: Context, state: State, lowest: Array) -> Array:
 def _needs_coordinates(ctx: Context, search: Search) -> Array:
     """More than `block` candidates could still win, and some of them lack a coordinate score."""
     open_ = _open(search)
-    above, untested = ctx.comm.gather(jnp.sum(open_, dtype=jnp.int32), jnp.sum(open_ & ~search.tested, dtype=jnp.int32))
+    counts = jnp.sum(jnp.stack([open_, open_ & ~search.tested]), axis=1, dtype=jnp.int32)  # one read of the masks
+    above, untested = ctx.comm.gather(counts[0], counts[1])
     return (jnp.sum(above) > ctx.plan.block) & (jnp.sum(untested) > 0)
 
 
@@ -149,7 +165,7 @@ def _prefetch(ctx: Context, search: Search) -> Search:
     that lack it: one product with the prior rows reads them once for all, where coordinate rounds
     would read them once per round. ŝ⁰ + its error bounds every later score."""
     state = search.state
-    values, chosen = jax.lax.top_k(jnp.where(_lacking(search), state.bounds, -jnp.inf), ctx.plan.prefetch)
+    values, chosen = largest(jnp.where(_lacking(search), state.bounds, -jnp.inf), ctx.plan.prefetch)
     live = values > -jnp.inf
     x = _scaled_rows(ctx, chosen)
     products = alg.prior_products(ctx.prior, x)
@@ -170,12 +186,12 @@ def _coordinate_round(ctx: Context, search: Search) -> Search:
     untested = lambda s: jnp.where(_open(s) & ~s.tested, s.state.bounds, -jnp.inf)  # noqa: E731
 
     def lacking(search: Search) -> Array:
-        values, chosen = jax.lax.top_k(untested(search), ctx.plan.chunk)
+        values, chosen = largest(untested(search), ctx.plan.chunk)
         return jnp.any((values > -jnp.inf) & _lacking(search)[chosen])
 
     if ctx.plan.prefetch:  # a loop, not a branch: XLA copies the cache through a branch
         search = jax.lax.while_loop(lacking, partial(_prefetch, ctx), search)
-    values, chosen = jax.lax.top_k(untested(search), ctx.plan.chunk)
+    values, chosen = largest(untested(search), ctx.plan.chunk)
     live = values > -jnp.inf
     score, error, search = _coordinate_scores(ctx, search, chosen, live)
     state = search.state
@@ -192,7 +208,7 @@ def _coordinate_round(ctx: Context, search: Search) -> Search:
 def _exact_round(ctx: Context, search: Search) -> Search:
     """Exact scores for the `block` candidates of highest bound not yet exactly scored."""
     state = search.state
-    values, chosen = jax.lax.top_k(jnp.where(_open(search), state.bounds, -jnp.inf), ctx.plan.block)
+    values, chosen = largest(jnp.where(_open(search), state.bounds, -jnp.inf), ctx.plan.block)
     live = values > -jnp.inf
     exact, rotated = _exact_scores(ctx, search, chosen, live)
     exact = jnp.where(live, exact, -jnp.inf)

@@ -32,7 +32,7 @@ def greedy(features, pairs, prior, mask, reg, plan: Plan, comm: Comm) -> tuple[j
     candidates = Candidates(features, pairs, dtype)
     eps = float(jnp.finfo(dtype).eps)
     slack, drift = SLACK * eps, DRIFT * eps
-    first = start(candidates, prior, reg, comm, plan.bound_rank, slack, partial(coordinate_error, eps))
+    first = start(candidates, prior, reg, comm, plan.bound_rank, slack, partial(coordinate_error, eps), plan.pair_bounds)
     ctx = Context(candidates, first.prior, first.scale, comm, plan, slack, drift, eps)
     indices, scores, stats = run(ctx, first, mask, plan.lazy)
     return indices, first.scale.report(scores), stats

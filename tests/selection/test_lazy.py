@@ -3,6 +3,8 @@ brute force, including adversarial pools; invalid input under jit; scale invaria
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxdpo
+from jaxdpo.selection import plan as selection_plan
 from tests.selection.reference import brute_force_greedy, replay_gaps
 from tests.tolerance import F32_EPS, assert_close
 
@@ -96,6 +99,31 @@ def test_pairs_mode_equals_materialized_differences(strategy):
     indices, scores = brute_force_greedy(phi, B, 0.5, mask=mask)
     np.testing.assert_array_equal(result.indices, indices)
     assert_close(result.scores, scores, ulps=SCORE_ULPS)
+
+
+@pytest.mark.parametrize("pool", ["normal", "exact_ties"])
+def test_pairs_started_from_norm_bounds_pick_the_float64_greedy(pool, monkeypatch):
+    """A pool of pairs large enough starts from the bounds (‖g_a‖ + ‖g_b‖)² (no pass over the
+    pairs); here any pool does."""
+    rng = _rng(6)
+    g = rng.integers(-1, 2, size=(16, D)) if pool == "exact_ties" else rng.normal(size=(16, D)) * np.exp(rng.normal(size=(16, 1)))
+    g = g.astype(np.float32)
+    pairs = rng.integers(0, 16, size=(N, 2)).astype(np.int32)
+    mask = np.asarray(pairs[:, 0] != pairs[:, 1])
+    monkeypatch.setattr(selection_plan, "PAIR_BOUNDS_FROM", 0)
+    assert selection_plan.make_plan("auto", N, 16, D, 0, B, True, "cpu").pair_bounds
+    result, stats = jaxdpo.select_batch(g, B, reg=0.5, pairs=pairs, mask=mask, with_stats=True)
+    indices, scores = brute_force_greedy(_pairs_features(g, pairs), B, 0.5, mask=mask)
+    np.testing.assert_array_equal(result.indices, indices)
+    assert_close(result.scores, scores, ulps=SCORE_ULPS)
+    assert stats.strategy == "lazy" and int(stats.coordinates) > 0, stats
+
+
+def test_a_million_pairs_start_from_norm_bounds_unless_full():
+    plan = partial(selection_plan.make_plan, count=1_000_000, rows=285_720, dim=2048, prior_rows=0, batch=50, backend="cpu")
+    assert plan("auto", pairs=True).pair_bounds and plan("lazy", pairs=True).pair_bounds
+    assert not plan("full", pairs=True).pair_bounds and not plan("auto", pairs=False).pair_bounds
+    assert not plan("auto", pairs=True, prior_rows=450).pair_bounds
 
 
 def _planned(n: int, d: int, prior: int = 0, pairs: int | None = None, batch: int = 50) -> str:
