@@ -179,8 +179,8 @@ def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text(json.dumps(TINY_LLAMA))
     (tmp_path / "prompts.jsonl").write_text("")
-    config = {
-        **SMALL, "model": {"path": "model", "dtype": "bfloat16"},
+    config = {  # ActiveDPO brings the features stage and the selection split over the mesh's 4 chips
+        **SMALL, "run": {**SMALL["run"], "methods": ["random", "activedpo"]}, "model": {"path": "model", "dtype": "bfloat16"},
         "data": {"source": "jsonl", "path": "prompts.jsonl", "max_prompt_tokens": 24, "prompts_per_round": 8},
         "generation": {"max_new_tokens": 8},
     }
@@ -193,7 +193,10 @@ def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
     assert (report["devices"], report["device_kind"], report["mesh"]) == (4, "TPU v4", {"data": 2, "model": 2})
     assert 30 * 2**30 < report["limit_bytes"] <= 32 * 2**30  # what the v4 compiler says a program may use
     rows = {row["stage"]: row for row in report["stages"]}
-    assert set(rows) == {"generation: responses (3 per prompt)", "generation: evaluation (1 per prompt)", "log-probs", "DPO step", "selection: random"}
+    assert set(rows) == {
+        "generation: responses (3 per prompt)", "generation: evaluation (1 per prompt)", "log-probs", "features", "DPO step", "selection: random",
+        "selection: activedpo",
+    }
     assert report["fits"]
     chip = report["chip"]
     for row in rows.values():
@@ -202,6 +205,7 @@ def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
     every_round = sum(row["seconds_per_call"] * sum(map(sum, row["calls"].values())) for row in rows.values())
     assert report["round_seconds"] == pytest.approx(last_round) and report["run_seconds"] == pytest.approx(every_round)
     assert rows["DPO step"]["calls"]["random"] == [2 * 1, 2 * 2, 2 * 3]  # 2 epochs over 4, 8, 12 pairs in batches of 4
+    assert rows["selection: activedpo"]["calls"] == {"random": [0, 0, 0], "activedpo": [1, 1, 1]} and rows["selection: activedpo"]["flops"] > 0
     # log-probs of 16 rows × 32 tokens, every position: 2 FLOPs per weight and token in the layers' matmuls and the head,
     # plus attention (QKᵀ and PV: 4·seq·heads·head_dim per token and layer); the rows split over 2 data devices, the
     # weights over 2 model devices (which share out the work, or not: between a quarter and a half per device)
