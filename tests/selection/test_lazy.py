@@ -119,6 +119,26 @@ def test_pairs_started_from_norm_bounds_pick_the_float64_greedy(pool, monkeypatc
     assert stats.strategy == "lazy" and int(stats.coordinates) > 0, stats
 
 
+_lazy_pairs = jax.jit(lambda g, pairs, mask, reg: jaxdpo.select_batch(g, B, reg=reg, pairs=pairs, mask=mask, strategy="lazy"))
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rank=st.integers(1, D), spread=st.floats(0, 3), log_reg=st.floats(-3, 1))
+def test_property_pairs_from_norm_bounds_pick_as_full(seed, rank, spread, log_reg):
+    """Rows of g of low rank with log-normal norms (spread: their σ), pairs anywhere among them."""
+    rng = _rng(seed)
+    g = rng.normal(size=(16, rank)) @ rng.normal(size=(rank, D)) * np.exp(spread * rng.normal(size=(16, 1)))
+    g = g.astype(np.float32)
+    pairs = rng.integers(0, 16, size=(N, 2)).astype(np.int32)
+    mask = jnp.asarray(pairs[:, 0] != pairs[:, 1])
+    full = jitted(g, batch_size=B, pairs=pairs, mask=mask, reg=10.0**log_reg, strategy="full")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(selection_plan, "PAIR_BOUNDS_FROM", 0)
+        lazy = _lazy_pairs(g, pairs, mask, 10.0**log_reg)
+    np.testing.assert_array_equal(lazy.indices, full.indices)
+    assert_close(lazy.scores, full.scores, ulps=SCORE_ULPS)
+
+
 def test_a_million_pairs_start_from_norm_bounds_unless_full():
     plan = partial(selection_plan.make_plan, count=1_000_000, rows=285_720, dim=2048, prior_rows=0, batch=50, backend="cpu")
     assert plan("auto", pairs=True).pair_bounds and plan("lazy", pairs=True).pair_bounds
