@@ -133,7 +133,9 @@ def _plan(strategy, features, pairs, prior, batch_size: int, shards: int, backen
     checks.require(strategy in STRATEGIES, f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
     count = features.shape[0] if pairs is None else pairs.shape[0]
     prior_rows = 0 if prior is None else prior.shape[0]
-    return make_plan(strategy, count // shards, features.shape[0] // shards, features.shape[1], prior_rows, batch_size, pairs is not None, backend)
+    return make_plan(
+        strategy, count // shards, features.shape[0] // shards, features.shape[1], prior_rows, batch_size, pairs is not None, backend, shards
+    )
 
 
 def _split(features, pairs, mesh: Mesh | None) -> tuple[Mesh, object] | None:

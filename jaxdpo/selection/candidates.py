@@ -35,13 +35,22 @@ class Candidates(NamedTuple):
     features: Array  # φ [n, d], or g [r, d] when pairs is given; float32/64, or half precision
     pairs: Array | None  # [n, 2] int: φ_i = g[a_i] − g[b_i] (indices into this block of g)
     dtype: object  # the compute dtype (float32 for half-precision features)
+    subset: Array | None = None  # [k]: candidate j of this view is candidate subset[j] (rows only)
 
     @property
     def count(self) -> int:
+        if self.subset is not None:
+            return self.subset.shape[0]
         return self.features.shape[0] if self.pairs is None else self.pairs.shape[0]
+
+    def restricted(self, subset: Int[Array, " k"]) -> Candidates:
+        """The view of candidates `subset` (for `rows`; a pass still reads every candidate)."""
+        return self._replace(subset=subset)
 
     def rows(self, indices: Int[Array, " k"]) -> Float[Array, "k d"]:
         """Candidate rows φ (unscaled) in the compute dtype."""
+        if self.subset is not None:
+            indices = self.subset[indices]
         if self.pairs is None:
             return self.features[indices].astype(self.dtype)
         return self.pair_rows(self.pairs[indices, 0], self.pairs[indices, 1])

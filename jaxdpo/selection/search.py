@@ -13,7 +13,9 @@ Each pick runs rounds until the best exact score beats every bound left (ties: l
 "full" applies the last pick's update to every candidate first (one pass over Φ), so that the
 values ± error already bound every score; "lazy" (Minoux) makes no pass unless a pick's
 coordinate evaluations cost more than applying the pending updates: then it catches up, and after
-`STALLS_BEFORE_FULL` such picks in a row (nearly tied scores) it goes on as "full".
+`STALLS_BEFORE_FULL` such picks in a row (nearly tied scores) it goes on as "full". A lazy search
+on bounds only (no passes) over a big pool first runs on its `plan.active` candidates of highest
+bound, while each pick beats every bound outside them: its rounds then read short vectors.
 """
 
 from __future__ import annotations
@@ -28,27 +30,13 @@ from jaxtyping import Array, Bool, Float
 from jaxdpo.selection import algebra as alg
 from jaxdpo.selection.candidates import Start
 from jaxdpo.selection.comm import NOBODY, Leader, best_of, better, leader
-from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS, TWO_STEP_SPREAD, TWO_STEP_TOP_K, WIDE_SPREAD
+from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS
+from jaxdpo.selection.ranking import highest, largest
 from jaxdpo.selection.state import Context, State, apply_latest, catch_up, initial_state, passes_needed
 
 
 # ---------------------------------------------------------------------------------------------
 # Scores of a few candidates
-
-
-def largest(values: Float[Array, " n"], k: int) -> tuple[Array, Array]:
-    """`lax.top_k(values, k)` (ties: lowest index first), on a long vector in two steps: the top k
-    of the maxima of blocks of 16 or 64 entries, then the top k among those blocks' entries. Exact:
-    an entry outside those blocks is beaten by each of the k block maxima chosen above it."""
-    n = values.shape[0]
-    if n < TWO_STEP_TOP_K or n < TWO_STEP_SPREAD * k:
-        return tuple(jax.lax.top_k(values, k))
-    block = 64 if n >= WIDE_SPREAD * k else 16
-    blocks = -(-n // block)
-    padded = jnp.pad(values, (0, blocks * block - n), constant_values=-jnp.inf).reshape(blocks, block)
-    chosen = jnp.sort(jax.lax.top_k(jnp.max(padded, axis=1), min(k, blocks))[1])  # in index order: ties stay lowest first
-    top, within = jax.lax.top_k(padded[chosen].reshape(-1), k)
-    return top, chosen[within // block] * block + within % block
 
 
 def coordinate_error(eps: float, prior: alg.Prior, norms: Array) -> Array:
@@ -122,7 +110,17 @@ def _exact_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> t
 
 
 def _positions(ctx: Context, n: int) -> Array:
-    return jnp.arange(n, dtype=jnp.int32) + ctx.comm.offset(n)
+    """Global index of each candidate of this device (ties go to the lowest)."""
+    return jnp.arange(n, dtype=jnp.int32) + ctx.comm.offset(n) if ctx.positions is None else ctx.positions
+
+
+def _slot(ctx: Context, index: Array, n: int) -> tuple[Array, Array]:
+    """(this device's slot of the candidate with global `index`, whether it holds it)."""
+    if ctx.positions is None:
+        local = index - ctx.comm.offset(n)
+        return jnp.clip(local, 0, n - 1), (local >= 0) & (local < n)
+    hits = ctx.positions == index
+    return jnp.argmax(hits).astype(jnp.int32), jnp.any(hits)
 
 
 def _open(search: Search) -> Array:
@@ -219,7 +217,7 @@ def _exact_round(ctx: Context, search: Search) -> Search:
         error=state.error.at[chosen].set(jnp.where(rebase, ctx.slack * exact, state.error[chosen])),
         rescored=state.rescored + jnp.sum(live, dtype=jnp.int32),
     )
-    local = leader(exact, chosen + ctx.comm.offset(state.bounds.shape[0]))
+    local = leader(exact, _positions(ctx, state.bounds.shape[0])[chosen])
     keep = better(local, search.held)
     row = rotated[jnp.argmax(jnp.where(exact == local.value, -chosen, -jnp.iinfo(jnp.int32).max))]
     best = best_of(search.best, ctx.comm.leader(local))
@@ -256,8 +254,9 @@ def _search(ctx: Context, search: Search) -> Search:
         return search._replace(remaining=_remaining(ctx, search))
 
     coordinates = partial(_coordinate_round, ctx)
-    search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, s) & ~_stalls(ctx, s), coordinates, search)
-    search = jax.lax.cond(_stalls(ctx, search), caught_up, lambda s: s, search)
+    if ctx.plan.values:  # else no pick stalls
+        search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, s) & ~_stalls(ctx, s), coordinates, search)
+        search = jax.lax.cond(_stalls(ctx, search), caught_up, lambda s: s, search)
     search = jax.lax.while_loop(partial(_needs_coordinates, ctx), coordinates, search)
     search = search._replace(remaining=_remaining(ctx, search))
     return jax.lax.while_loop(lambda s: ~better(s.best, s.remaining) & (s.remaining.value > -jnp.inf), exact_round, search)
@@ -298,14 +297,12 @@ def _picked_row(ctx: Context, search: Search, local: Array, owned: Array) -> Arr
 
 def _step(ctx: Context, exact_start: bool, state: State) -> State:
     """One pick: Eq. (3) argmax of the exact scores, then Eq. (4) folded into the factor."""
-    state = jax.lax.cond(state.full & (state.pick > 0), partial(apply_latest, ctx), lambda s: s, state)
+    if passes_needed(ctx.plan):  # else never "full"
+        state = jax.lax.cond(state.full & (state.pick > 0), partial(apply_latest, ctx), lambda s: s, state)
     stalls = state.stalls
     search = _search(ctx, _first_search(ctx, state, exact_start))
     state, best = search.state, search.best
-    n = state.bounds.shape[0]
-    local = best.index - ctx.comm.offset(n)
-    owned = (local >= 0) & (local < n)
-    local = jnp.clip(local, 0, n - 1)
+    local, owned = _slot(ctx, best.index, state.bounds.shape[0])
     b = state.pick
     rotated = _picked_row(ctx, search, local, owned)
     if passes_needed(ctx.plan):
@@ -322,6 +319,30 @@ def _step(ctx: Context, exact_start: bool, state: State) -> State:
     )
 
 
+_COMMITTED = ("pick", "stalls", "eligible", "picks", "directions", "indices", "scores")  # what a pick changes
+
+
+def _on_active_set(ctx: Context, exact_start: bool, stop: Array, state: State) -> State:
+    """Picks among the `plan.active` candidates of highest bound while each beats every bound left
+    outside them (strictly: a tie could go to a lower index outside); the first that does not is
+    left to the search over all candidates, with the bounds this one tightened."""
+    chosen, outside = highest(jnp.where(state.eligible, state.bounds, -jnp.inf), ctx.plan.active)
+    per_candidate = ("bounds", "approx", "error", "energy", "eligible") + (("products", "stored") if ctx.plan.cached else ())
+    active = ctx._replace(candidates=ctx.candidates.restricted(chosen), positions=chosen)
+
+    def step(carry: tuple[State, Array]) -> tuple[State, Array]:
+        before = carry[0]
+        after = _step(active, exact_start, before)
+        won = after.scores[before.pick] > outside
+        kept = {f: jax.tree.map(lambda a, b: jnp.where(won, a, b), getattr(after, f), getattr(before, f)) for f in _COMMITTED}
+        return after._replace(**kept), ~won
+
+    start = state._replace(**{f: getattr(state, f)[chosen] for f in per_candidate})
+    start = start._replace(eligible=start.eligible & (chosen < state.bounds.shape[0]))  # the padding slots
+    done, _ = jax.lax.while_loop(lambda c: (c[0].pick < stop) & ~c[1], step, (start, jnp.bool_(False)))
+    return done._replace(**{f: getattr(state, f).at[chosen].set(getattr(done, f), mode="drop") for f in per_candidate})
+
+
 class Stats(NamedTuple):
     rescored: Array  # exact evaluations (all devices)
     coordinates: Array  # coordinate evaluations (all devices)
@@ -334,6 +355,8 @@ def run(ctx: Context, start: Start, mask: Array, lazy: bool) -> tuple[Array, Arr
     state = initial_state(ctx, start, mask, lazy)
     eligible = ctx.comm.sum(jnp.where(start.valid, jnp.sum(mask, dtype=jnp.int32), 0))  # after start's collectives
     stop = jnp.minimum(ctx.plan.batch, eligible)
+    if ctx.plan.active:
+        state = _on_active_set(ctx, start.exact, stop, state)
     state = jax.lax.while_loop(lambda s: s.pick < stop, partial(_step, ctx, start.exact), state)
     rescored, coordinates = ctx.comm.gather(state.rescored, state.coordinates)
     stats = Stats(jnp.sum(rescored, dtype=jnp.int32), jnp.sum(coordinates, dtype=jnp.int32), state.passes, state.full_from)

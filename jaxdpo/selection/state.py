@@ -25,6 +25,7 @@ class Context(NamedTuple):
     slack: float  # relative rounding allowance of an exact score
     drift: float  # relative rounding allowance of one Sherman–Morrison update
     eps: float  # the compute dtype's machine epsilon
+    positions: Array | None = None  # global index of each candidate of `candidates` (None: its block's)
 
 
 class State(NamedTuple):

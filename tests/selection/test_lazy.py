@@ -139,6 +139,38 @@ def test_property_pairs_from_norm_bounds_pick_as_full(seed, rank, spread, log_re
     assert_close(lazy.scores, full.scores, ulps=SCORE_ULPS)
 
 
+@pytest.mark.parametrize("case", ["pairs", "pairs_ties", "prior", "dominant"])
+def test_a_search_on_an_active_set_of_highest_bounds_picks_the_float64_greedy(case, monkeypatch):
+    """Searches on bounds (pairs from the norms' bounds, a prior seen through its leading
+    directions) first run on the quarter of candidates of highest bound (patched: any pool does),
+    until a pick does not beat every bound outside; ties across that edge included."""
+    monkeypatch.setattr(selection_plan, "PAIR_BOUNDS_FROM", 0)
+    monkeypatch.setattr(selection_plan, "ACTIVE_FROM", 0)
+    monkeypatch.setattr(selection_plan, "ACTIVE_SHARE", 4)
+    rng = _rng(9)
+    prior = pairs = mask = None
+    if case in ("prior", "dominant"):  # d = 64 and 32 labeled rows: more than the bound pass's 16 directions
+        features = rng.normal(size=(4 * N, 64)) * np.exp(rng.normal(size=(4 * N, 1)))
+        if case == "dominant":  # one row whose score, once picked, still beats every other: picked once only
+            features *= 0.01
+            features[5] *= 1e3
+        features = features.astype(np.float32)
+        prior = rng.normal(size=(32, 64)).astype(np.float32)
+        phi = features
+    else:
+        g = rng.integers(-1, 2, size=(24, D)) if case == "pairs_ties" else rng.normal(size=(24, D)) * np.exp(rng.normal(size=(24, 1)))
+        features = g.astype(np.float32)
+        pairs = rng.integers(0, 24, size=(4 * N, 2)).astype(np.int32)
+        mask = np.asarray(pairs[:, 0] != pairs[:, 1])
+        phi = _pairs_features(features, pairs)
+    plan = selection_plan.make_plan("auto", 4 * N, len(features), features.shape[1], 0 if prior is None else 32, 2 * B, pairs is not None, "cpu")
+    assert plan.lazy and not plan.values and 0 < plan.active < 4 * N, plan
+    result, stats = jaxdpo.select_batch(features, 2 * B, reg=0.5, prior=prior, pairs=pairs, mask=mask, with_stats=True)
+    indices, scores = brute_force_greedy(phi, 2 * B, 0.5, prior=prior, mask=mask)
+    np.testing.assert_array_equal(result.indices, indices)
+    assert_close(result.scores, scores, ulps=SCORE_ULPS)
+
+
 def test_a_million_pairs_start_from_norm_bounds_unless_full():
     plan = partial(selection_plan.make_plan, count=1_000_000, rows=285_720, dim=2048, prior_rows=0, batch=50, backend="cpu")
     assert plan("auto", pairs=True).pair_bounds and plan("lazy", pairs=True).pair_bounds

@@ -1,5 +1,6 @@
-"""`search.largest`: the two-step top k equals `lax.top_k`, ties (lowest index first) and -inf
-included, on vectors long enough to take the two-step path."""
+"""`ranking`: the two-step top k equals `lax.top_k`, ties (lowest index first) and -inf included,
+on vectors long enough to take the two-step path; `highest` gives the largest set of candidates of
+highest bound that fits, as a NumPy sort does."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxdpo.selection.plan import TWO_STEP_SPREAD, TWO_STEP_TOP_K, WIDE_SPREAD
-from jaxdpo.selection.search import largest
+from jaxdpo.selection.ranking import highest, largest
 
 LENGTHS = (TWO_STEP_TOP_K, TWO_STEP_TOP_K + 37)  # a multiple of both blocks, and one that pads
 KS = (1, 4, TWO_STEP_TOP_K // WIDE_SPREAD + 1, TWO_STEP_TOP_K // TWO_STEP_SPREAD)  # 64-entry blocks, then 16
@@ -46,3 +47,25 @@ def test_a_vector_of_minus_inf_gives_the_lowest_indices(k):
     (top, where), _ = _both(values, k)
     np.testing.assert_array_equal(where, np.arange(k))
     assert np.all(top == -np.inf)
+
+
+@partial(jax.jit, static_argnums=1)
+def _highest(bounds, k):
+    return highest(bounds, k)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([1, 5, 40, 64, 100]), levels=st.sampled_from([2, 7, 0]))
+def test_highest_takes_every_bound_above_the_largest_threshold_that_fits(seed, k, levels):
+    rng = np.random.default_rng(seed)
+    n = 64
+    bounds = rng.integers(0, levels, n).astype(np.float32) if levels else rng.exponential(size=n).astype(np.float32)
+    bounds[rng.random(n) < rng.uniform(0, 0.5)] = -np.inf
+    chosen, outside = _highest(bounds, k)
+    keys = np.where(bounds >= 0, bounds.view(np.int32), -1)
+    ordered = np.sort(keys)[::-1]
+    threshold = ordered[k] if k < n else -1  # the (k+1)-th key stays out, and every key equal to it
+    expected = np.flatnonzero(keys > threshold)
+    np.testing.assert_array_equal(np.asarray(chosen), np.concatenate([expected, np.full(k - len(expected), n)]))
+    rest = np.delete(bounds, expected)
+    assert float(outside) == (rest.max() if len(rest) else -np.inf)
