@@ -28,7 +28,7 @@ DRIFT = 16  # rounding allowance of one Sherman–Morrison update, in ulps of th
 CACHE_SHARE = 4  # candidates' prior products are kept when they take at most 1/CACHE_SHARE of Φ's memory
 PREFETCH = 256  # rows of one product with the prior rows (it reads P once: about as long as a few rows)
 TWO_STEP_TOP_K = 2**17  # vectors at least this long and …
-TWO_STEP_SPREAD = 256  # … at least this many times k take the top k in two steps (`search.largest`)
+TWO_STEP_SPREAD = 256  # … at least this many times k take the top k in two steps (`ranking.largest`)
 WIDE_SPREAD = 4096  # … in blocks of 64 entries from n = WIDE_SPREAD·k on, else of 16 (measured on CPU)
 COORDINATE_ULPS = 256  # allowance of a coordinate score in ulps of ‖x‖², plus cond(U) of the prior
 # (measured at p = 450, d = 8192: at most 7 ulps up to cond(G) = 5e6, 59 at 5e7)
