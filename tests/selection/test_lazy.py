@@ -165,7 +165,7 @@ def test_a_search_on_an_active_set_of_highest_bounds_picks_the_float64_greedy(ca
         phi = _pairs_features(features, pairs)
     plan = selection_plan.make_plan("auto", 4 * N, len(features), features.shape[1], 0 if prior is None else 32, 2 * B, pairs is not None, "cpu")
     assert plan.lazy and not plan.values and 0 < plan.active < 4 * N, plan
-    result, stats = jaxdpo.select_batch(features, 2 * B, reg=0.5, prior=prior, pairs=pairs, mask=mask, with_stats=True)
+    result = jaxdpo.select_batch(features, 2 * B, reg=0.5, prior=prior, pairs=pairs, mask=mask)
     indices, scores = brute_force_greedy(phi, 2 * B, 0.5, prior=prior, mask=mask)
     np.testing.assert_array_equal(result.indices, indices)
     assert_close(result.scores, scores, ulps=SCORE_ULPS)
