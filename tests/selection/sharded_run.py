@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 import jaxdpo  # noqa: E402
 from jaxdpo.experiment.stages import triplets  # noqa: E402
 from jaxdpo.selection import place_pairs, select_on_mesh  # noqa: E402
+from jaxdpo.selection import plan as selection_plan  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)  # as in the test suite: compile time dominates
 
@@ -104,7 +105,11 @@ for name, kwargs in [("full", {"strategy": "full"}), ("lazy", {"strategy": "lazy
 
 placed = place_pairs(g, pairs, square)
 out["placed"] = {"rows": int(placed.features.shape[0]), "pairs": int(placed.pairs.shape[0]), "padding": int(np.sum(placed.positions < 0))}
-for name, kwargs in [("pairs_full", {"strategy": "full"}), ("pairs_lazy", {"strategy": "lazy"}), ("pairs_prior", {"prior": prior})]:
+wide_prior = rng.normal(size=(20, d)).astype(np.float32)  # more rows than the bound pass's 16 directions: bounds only
+pair_modes = [("pairs_full", {"strategy": "full"}), ("pairs_lazy", {"strategy": "lazy"}), ("pairs_prior", {"prior": prior})]
+bounds_from = selection_plan.PAIR_BOUNDS_FROM
+for name, kwargs in [*pair_modes, ("pairs_bounds", {}), ("pairs_wide_prior", {"prior": wide_prior})]:
+    selection_plan.PAIR_BOUNDS_FROM = 0 if name == "pairs_bounds" else bounds_from  # "pairs_bounds": any pool starts from them
     one = jaxdpo.select_batch(g, batch, pairs=pairs, **kwargs)
     many = jaxdpo.select_batch(placed.features, batch, pairs=placed.pairs, mask=placed.mask, **kwargs)
     restored = jaxdpo.SelectionResult(placed.restore(many.indices), many.scores)

@@ -24,11 +24,11 @@ def test_sharded_selection_matches_one_device():
     assert not result["gathers_feature_matrix"]
     assert result["unordered_collectives"] == []
     assert result["placed"] == {"rows": 48, "pairs": 72, "padding": 12}  # 10 prompts of 4 over 4 devices: 3 each
-    for mode in ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior"):
+    for mode in ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior", "pairs_bounds", "pairs_wide_prior"):
         assert result[mode].get("shards", 4) == 4
         if mode in ("full", "lazy"):
             assert result[mode]["first"] == 3, result  # row 40 on another device ties it
-        elif mode not in ("lazy_prior", "pairs_prior"):
+        elif mode not in ("lazy_prior", "pairs_prior", "pairs_wide_prior"):
             assert 6 <= result[mode]["first"] < 12, result  # prompt 1's pairs; prompt 8's (48..53) tie them
         assert result[mode]["same_picks"], result
         assert result[mode]["max_score_diff"] < 64 * F32_EPS, result  # relative to the largest score
