@@ -40,5 +40,5 @@ def highest(bounds: Float[Array, " n"], k: int) -> tuple[Array, Array]:
 
     infinity = jax.lax.bitcast_convert_type(jnp.float32(jnp.inf), jnp.int32)
     _, tau = jax.lax.fori_loop(0, 32, halve, (jnp.int32(-1), infinity))
-    chosen = jnp.nonzero(keys > tau, size=k, fill_value=n)[0].astype(jnp.int32)
-    return chosen, jnp.max(jnp.where(keys > tau, -jnp.inf, bounds))
+    above = keys > tau
+    return jnp.nonzero(above, size=k, fill_value=n)[0].astype(jnp.int32), jnp.max(jnp.where(above, -jnp.inf, bounds))

@@ -32,7 +32,7 @@ from jaxdpo.selection.candidates import Start
 from jaxdpo.selection.comm import NOBODY, Leader, best_of, better, leader
 from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS
 from jaxdpo.selection.ranking import highest, largest
-from jaxdpo.selection.state import Context, State, apply_latest, catch_up, initial_state, passes_needed
+from jaxdpo.selection.state import Context, State, apply_latest, catch_up, initial_state, passes_needed, per_candidate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ def _on_active_set(ctx: Context, exact_start: bool, stop: Array, state: State) -
     outside them (strictly: a tie could go to a lower index outside); the first that does not is
     left to the search over all candidates, with the bounds this one tightened."""
     chosen, outside = highest(jnp.where(state.eligible, state.bounds, -jnp.inf), ctx.plan.active)
-    per_candidate = ("bounds", "approx", "error", "energy", "eligible") + (("products", "stored") if ctx.plan.cached else ())
+    fields = per_candidate(ctx.plan)
     active = ctx._replace(candidates=ctx.candidates.restricted(chosen), positions=chosen)
 
     def step(carry: tuple[State, Array]) -> tuple[State, Array]:
@@ -337,10 +337,10 @@ def _on_active_set(ctx: Context, exact_start: bool, stop: Array, state: State) -
         kept = {f: jax.tree.map(lambda a, b: jnp.where(won, a, b), getattr(after, f), getattr(before, f)) for f in _COMMITTED}
         return after._replace(**kept), ~won
 
-    start = state._replace(**{f: getattr(state, f)[chosen] for f in per_candidate})
+    start = state._replace(**{f: getattr(state, f)[chosen] for f in fields})
     start = start._replace(eligible=start.eligible & (chosen < state.bounds.shape[0]))  # the padding slots
     done, _ = jax.lax.while_loop(lambda c: (c[0].pick < stop) & ~c[1], step, (start, jnp.bool_(False)))
-    return done._replace(**{f: getattr(state, f).at[chosen].set(getattr(done, f), mode="drop") for f in per_candidate})
+    return done._replace(**{f: getattr(state, f).at[chosen].set(getattr(done, f), mode="drop") for f in fields})
 
 
 class Stats(NamedTuple):

@@ -50,6 +50,11 @@ class State(NamedTuple):
     stored: Bool[Array, " c"]
 
 
+def per_candidate(plan: Plan) -> tuple[str, ...]:
+    """The fields of `State` with one entry per candidate (the prior products' cache when kept)."""
+    return ("bounds", "approx", "error", "energy", "eligible") + (("products", "stored") if plan.cached else ())
+
+
 def initial_state(ctx: Context, start: Start, mask: Array, lazy: bool) -> State:
     plan = ctx.plan
     dtype = start.scores.dtype
