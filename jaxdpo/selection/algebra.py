@@ -32,6 +32,7 @@ RHO_EXPONENT = 60  # ρ is clamped to [2^-60, 2^60]: beyond that float32 cannot 
 GRAM_CONDITION = 2.0**-3  # largest ε·cond(G) (Gershgorin bound) factored through the Gram matrix
 POWER_STEPS = 16  # power iterations estimating λ_max(G) for the error model
 CHOLESKY_BLOCK = 32  # blocks of the Gram matrix's Cholesky factored a column at a time
+SLAB = 16  # basis vectors multiplied at once by a coordinate score (slabs past the picks so far are skipped)
 
 
 def matmul(a: Array, b: Array) -> Array:
@@ -329,9 +330,14 @@ def coordinate_scores(prior: Prior, picks: Picks, rho: Array, count: Array, ener
     is its top part up to the whitening's rounding (measured ≤ 5 ulps of ‖x‖ per coordinate)."""
     x = whiten(prior, rows) if prior.kind == "full" else rows
     x = jnp.pad(x, ((0, 0), (0, picks.basis.shape[1] - x.shape[1])))  # zeros against q_j's bottom: no copy of a slice of it
-    c = matmul(x, picks.basis.T)
+    c = jnp.concatenate([_slab_products(x, picks.basis[j : j + SLAB], count - j) for j in range(0, picks.basis.shape[0], SLAB)], axis=1)
     c = jnp.where(jnp.arange(c.shape[1]) < count, c, 0.0)
     return energy - jnp.sum(c * c, axis=-1) + span_part(picks, rho, c)
+
+
+def _slab_products(x: Array, slab: Float[Array, "s w"], used: Array) -> Float[Array, "k s"]:
+    """x·slabᵀ when the slab holds any of the `used` basis vectors, else zeros (skipped)."""
+    return jax.lax.cond(used > 0, lambda: matmul(x, slab.T), lambda: jnp.zeros((x.shape[0], slab.shape[0]), x.dtype))
 
 
 def update_direction(picks: Picks, rho: Array, count: Array, rotated: Array, score: Array) -> Array:
