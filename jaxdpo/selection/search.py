@@ -72,6 +72,10 @@ def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array)
     state, prior = search.state, ctx.prior
     x = _scaled_rows(ctx, chosen)
     known = state.energy[chosen]
+    if prior.kind == "none" and ctx.plan.values:  # ŝ⁰ = ‖x‖², known for every candidate: x is not read for it
+        score = alg.coordinate_scores(prior, state.picks, ctx.scale.rho, state.pick, known, x)
+        norms = known * (1.0 + x.shape[1] * ctx.eps)  # covers the rounding of a sum taken in another order
+        return score, coordinate_error(ctx.eps, prior, norms) + ctx.slack * jnp.abs(score), search
     if prior.kind == "low":
         new = live & jnp.isnan(known)
         products = jax.lax.cond(
