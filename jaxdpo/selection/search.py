@@ -65,29 +65,32 @@ def _scaled_rows(ctx: Context, indices: Array) -> Array:
     return ctx.scale.scaled(ctx.candidates.rows(indices), ctx.candidates.dtype)
 
 
-def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array, Search]:
-    """(coordinate score, its error bound) of candidates `chosen`: products with the picks' basis,
-    and with the prior rows for those whose ŝ⁰ is not known yet (with a cache, `_prefetch` has
-    already computed and kept them)."""
-    state, prior = search.state, ctx.prior
-    x = _scaled_rows(ctx, chosen)
+def _energies(ctx: Context, state: State, x: Array, chosen: Array, live: Array) -> tuple[Array, Array, State]:
+    """(ŝ⁰, an upper bound on ‖x‖², state) of rows x of candidates `chosen`: ŝ⁰ from the state where
+    known, else computed (with the prior rows' products) and kept."""
+    prior = ctx.prior
     known = state.energy[chosen]
     if prior.kind == "none" and ctx.plan.values:  # ŝ⁰ = ‖x‖², known for every candidate: x is not read for it
-        score = alg.coordinate_scores(prior, state.picks, ctx.scale.rho, state.pick, known, x)
-        norms = known * (1.0 + x.shape[1] * ctx.eps)  # covers the rounding of a sum taken in another order
-        return score, coordinate_error(ctx.eps, prior, norms) + ctx.slack * jnp.abs(score), search
+        return known, known * (1.0 + x.shape[1] * ctx.eps), state  # (1 + dε): a sum taken in another order
+    products = None
     if prior.kind == "low":
         new = live & jnp.isnan(known)
         products = jax.lax.cond(
             jnp.any(new), lambda: alg.prior_products(prior, x), lambda: jnp.zeros((x.shape[0], prior.rows.shape[0]), x.dtype)
         )
-        energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known)
-    else:
-        energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, None), known)
-    score = alg.coordinate_scores(prior, state.picks, ctx.scale.rho, state.pick, energy, x)
-    search = search._replace(state=state._replace(energy=state.energy.at[chosen].set(jnp.where(live, energy, known))))
-    norms = jnp.sum(x * x, axis=-1)
-    return score, coordinate_error(ctx.eps, prior, norms) + ctx.slack * jnp.abs(score), search
+    energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known)
+    state = state._replace(energy=state.energy.at[chosen].set(jnp.where(live, energy, known)))
+    return energy, jnp.sum(x * x, axis=-1), state
+
+
+def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array, Search]:
+    """(coordinate score, its error bound) of candidates `chosen`: products with the picks' basis,
+    and with the prior rows for those whose ŝ⁰ is not known yet (with a cache, `_prefetch` has
+    already computed and kept them)."""
+    x = _scaled_rows(ctx, chosen)
+    energy, norms, state = _energies(ctx, search.state, x, chosen, live)
+    score = alg.coordinate_scores(ctx.prior, state.picks, ctx.scale.rho, state.pick, energy, x)
+    return score, coordinate_error(ctx.eps, ctx.prior, norms) + ctx.slack * jnp.abs(score), search._replace(state=state)
 
 
 def _exact_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array]:
