@@ -134,7 +134,7 @@ def _plan(strategy, features, pairs, prior, batch_size: int, shards: int, backen
     count = features.shape[0] if pairs is None else pairs.shape[0]
     prior_rows = 0 if prior is None else prior.shape[0]
     return make_plan(
-        strategy, count // shards, features.shape[0] // shards, features.shape[1], prior_rows, batch_size, pairs is not None, backend, shards
+        strategy, count // shards, features.shape[0] // shards, features.shape[1], prior_rows, batch_size, pairs is not None, backend
     )
 
 

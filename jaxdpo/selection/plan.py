@@ -20,7 +20,7 @@ BLOCK = 4  # exact evaluations per round (the contenders left after the coordina
 CATCH_UP = 8  # pending updates applied per catch-up pass (its products stay cheaper than ~2 passes)
 STALLS_BEFORE_FULL = 2  # consecutive stalled lazy picks before the batch goes on as "full"
 PAIR_BOUNDS_FROM = 2**19  # pairs (no prior) from which the norms' bounds beat their exact pass (CPU: between 3e5 and 6e5)
-ACTIVE_FROM, ACTIVE_SHARE = 2**17, 8  # a lazy search on bounds over at least ACTIVE_FROM candidates first
+ACTIVE_FROM, ACTIVE_SHARE = 2**17, 8  # a lazy search over at least ACTIVE_FROM candidates (per device) first
 # runs on the 1/ACTIVE_SHARE of highest bound (its per-round reads of every bound shrink alike)
 BOUND_PASSES = 4  # the prior's leading directions in the bound pass cost about this many passes
 SLACK = 64  # rounding allowance of an exact score, in ulps of the score
@@ -51,7 +51,7 @@ class Plan(NamedTuple):
     block: int  # exact evaluations per round
     bound_rank: int  # leading prior directions in the bound pass (= p: the exact difference form)
     pair_bounds: bool  # pairs without a prior start from (‖g_a‖ + ‖g_b‖)², not from a pass over the pairs
-    active: int  # a lazy search on bounds first runs on this many candidates of highest bound (0: on all)
+    active: int  # a lazy search first runs on this many candidates of highest bound per device (0: on all)
     stall_reads: float  # coordinate evaluations that cost one catch-up pass (of CATCH_UP updates)
     ratio: float
 
@@ -70,10 +70,9 @@ def make_plan(
     batch: int,
     pairs: bool,
     backend: str,
-    devices: int = 1,
 ) -> Plan:
     """The plan for `count` candidates over `rows` stored rows of width `dim` on one device (of
-    `devices` holding the candidates)."""
+    those holding the candidates)."""
     ratio = COMPUTE_RATIO.get(backend, DEFAULT_RATIO)
     low = 0 < prior_rows < dim
     width = dim + prior_rows if low else dim
@@ -96,7 +95,7 @@ def make_plan(
     prefetch = min(count, PREFETCH) if cached else 0
     block = min(BLOCK, count)
     active = 0
-    if lazy and not values and devices == 1 and count >= ACTIVE_FROM:
+    if lazy and count >= ACTIVE_FROM:
         active = max(count // ACTIVE_SHARE, chunk, prefetch, block)
         active = active if active < count else 0
     return Plan(

@@ -14,8 +14,8 @@ Each pick runs rounds until the best exact score beats every bound left (ties: l
 values ± error already bound every score; "lazy" (Minoux) makes no pass unless a pick's
 coordinate evaluations cost more than applying the pending updates: then it catches up, and after
 `STALLS_BEFORE_FULL` such picks in a row (nearly tied scores) it goes on as "full". A lazy search
-on bounds only (no passes) over a big pool first runs on its `plan.active` candidates of highest
-bound, while each pick beats every bound outside them: its rounds then read short vectors.
+over a big pool first runs on its `plan.active` candidates of highest bound (on each device),
+while each pick beats every bound outside them: its rounds then read short vectors.
 """
 
 from __future__ import annotations
@@ -261,7 +261,7 @@ def _search(ctx: Context, search: Search) -> Search:
         return search._replace(remaining=_remaining(ctx, search))
 
     coordinates = partial(_coordinate_round, ctx)
-    if ctx.plan.values:  # else no pick stalls
+    if ctx.plan.values and ctx.positions is None:  # else no pick stalls (`_on_active_set`)
         search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, s) & ~_stalls(ctx, s), coordinates, search)
         search = jax.lax.cond(_stalls(ctx, search), caught_up, lambda s: s, search)
     search = jax.lax.while_loop(partial(_needs_coordinates, ctx), coordinates, search)
@@ -304,7 +304,7 @@ def _picked_row(ctx: Context, search: Search, local: Array, owned: Array) -> Arr
 
 def _step(ctx: Context, exact_start: bool, state: State) -> State:
     """One pick: Eq. (3) argmax of the exact scores, then Eq. (4) folded into the factor."""
-    if passes_needed(ctx.plan):  # else never "full"
+    if passes_needed(ctx.plan) and ctx.positions is None:  # else never "full" (`_on_active_set`: lazy, no catch-up)
         state = jax.lax.cond(state.full & (state.pick > 0), partial(apply_latest, ctx), lambda s: s, state)
     stalls = state.stalls
     search = _search(ctx, _first_search(ctx, state, exact_start))
@@ -326,16 +326,21 @@ def _step(ctx: Context, exact_start: bool, state: State) -> State:
     )
 
 
+PADDING = NOBODY - 1  # the global index of an active set's padding slots: no candidate's, and not NOBODY
 _COMMITTED = ("pick", "stalls", "eligible", "picks", "directions", "indices", "scores")  # what a pick changes
 
 
 def _on_active_set(ctx: Context, exact_start: bool, stop: Array, state: State) -> State:
-    """Picks among the `plan.active` candidates of highest bound while each beats every bound left
-    outside them (strictly: a tie could go to a lower index outside); the first that does not is
-    left to the search over all candidates, with the bounds this one tightened."""
+    """Picks among the `plan.active` candidates of highest bound (on each device) while each beats
+    every bound left outside them (strictly: a tie could go to a lower index outside); the first
+    that does not is left to the search over all candidates, with the bounds this one tightened.
+    No pick catches up here: a pass would sync the values of the active candidates alone."""
+    n = state.bounds.shape[0]
     chosen, outside = highest(jnp.where(state.eligible, state.bounds, -jnp.inf), ctx.plan.active)
+    outside = ctx.comm.max(jnp.where(stop > 0, outside, -jnp.inf))  # after the collective `stop` comes from
     fields = per_candidate(ctx.plan)
-    active = ctx._replace(candidates=ctx.candidates.restricted(chosen), positions=chosen)
+    positions = jnp.where(chosen < n, _positions(ctx, n)[jnp.minimum(chosen, n - 1)], PADDING)
+    active = ctx._replace(candidates=ctx.candidates.restricted(chosen), positions=positions)
 
     def step(carry: tuple[State, Array]) -> tuple[State, Array]:
         before = carry[0]
@@ -345,7 +350,7 @@ def _on_active_set(ctx: Context, exact_start: bool, stop: Array, state: State) -
         return after._replace(**kept), ~won
 
     start = state._replace(**{f: getattr(state, f)[chosen] for f in fields})
-    start = start._replace(eligible=start.eligible & (chosen < state.bounds.shape[0]))  # the padding slots
+    start = start._replace(eligible=start.eligible & (chosen < n))  # the padding slots
     done, _ = jax.lax.while_loop(lambda c: (c[0].pick < stop) & ~c[1], step, (start, jnp.bool_(False)))
     return done._replace(**{f: getattr(state, f).at[chosen].set(getattr(done, f), mode="drop") for f in fields})
 

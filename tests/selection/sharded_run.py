@@ -107,7 +107,7 @@ placed = place_pairs(g, pairs, square)
 out["placed"] = {"rows": int(placed.features.shape[0]), "pairs": int(placed.pairs.shape[0]), "padding": int(np.sum(placed.positions < 0))}
 wide_prior = rng.normal(size=(20, d)).astype(np.float32)  # more rows than the bound pass's 16 directions: bounds only
 pair_modes = [("pairs_full", {"strategy": "full"}), ("pairs_lazy", {"strategy": "lazy"}), ("pairs_prior", {"prior": prior})]
-bounds_from = selection_plan.PAIR_BOUNDS_FROM
+bounds_from, active_from, active_share = selection_plan.PAIR_BOUNDS_FROM, selection_plan.ACTIVE_FROM, selection_plan.ACTIVE_SHARE
 for name, kwargs in [*pair_modes, ("pairs_bounds", {}), ("pairs_wide_prior", {"prior": wide_prior})]:
     selection_plan.PAIR_BOUNDS_FROM = 0 if name == "pairs_bounds" else bounds_from  # "pairs_bounds": any pool starts from them
     one = jaxdpo.select_batch(g, batch, pairs=pairs, **kwargs)
@@ -115,12 +115,31 @@ for name, kwargs in [*pair_modes, ("pairs_bounds", {}), ("pairs_wide_prior", {"p
     restored = jaxdpo.SelectionResult(placed.restore(many.indices), many.scores)
     out[name] = {"shards": len(placed.features.sharding.device_set), **compare(one, restored)}
 
-# Compiled from shapes alone (a memory plan's view): per round only leaders and one row move.
+# Active sets (patched: any lazy search first runs on the quarter of candidates of highest bound on
+# each device): on bounds (pairs from the norms' bounds) and on values (dense, pairs without a prior).
+selection_plan.ACTIVE_FROM, selection_plan.ACTIVE_SHARE = 0, 4
 lower = partial(select_on_mesh, batch_size=batch)
-dense = jax.jit(partial(lower, mesh=mesh)).lower(jax.ShapeDtypeStruct((n, d), np.float32, sharding=rows)).compile().as_text()
 placed_shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in (placed.features, placed.pairs, placed.mask)]
+one = jaxdpo.select_batch(jax.device_put(phi, single), batch, strategy="lazy")
+out["lazy_active"] = {"shards": len(sharded_phi.sharding.device_set), **compare(one, jitted(sharded_phi, batch_size=batch, strategy="lazy"))}
+for name, kwargs, bounds in [("pairs_active", {}, 0), ("pairs_active_values", {"strategy": "lazy"}, bounds_from)]:
+    selection_plan.PAIR_BOUNDS_FROM = bounds
+    one = jaxdpo.select_batch(g, batch, pairs=pairs, **kwargs)
+    many = jaxdpo.select_batch(placed.features, batch, pairs=placed.pairs, mask=placed.mask, **kwargs)
+    out[name] = {"shards": len(placed.features.sharding.device_set), **compare(one, jaxdpo.SelectionResult(placed.restore(many.indices), many.scores))}
+selection_plan.PAIR_BOUNDS_FROM = 0
+active_texts = [
+    jax.jit(lambda f, p, k: select_on_mesh(f, batch, mesh=square, pairs=p, mask=k)).lower(*placed_shapes).compile().as_text(),
+    jax.jit(partial(lower, mesh=mesh, strategy="lazy")).lower(jax.ShapeDtypeStruct((n, d), np.float32, sharding=rows)).compile().as_text(),
+]
+selection_plan.ACTIVE_FROM, selection_plan.ACTIVE_SHARE, selection_plan.PAIR_BOUNDS_FROM = active_from, active_share, bounds_from
+
+# Compiled from shapes alone (a memory plan's view): per round only leaders and one row move.
+dense = jax.jit(partial(lower, mesh=mesh)).lower(jax.ShapeDtypeStruct((n, d), np.float32, sharding=rows)).compile().as_text()
 by_pairs = jax.jit(lambda f, p, k: select_on_mesh(f, batch, mesh=square, pairs=p, mask=k)).lower(*placed_shapes).compile().as_text()
-out["gathers_feature_matrix"] = gathers(dense, {(n, d)}) or gathers(by_pairs, {tuple(placed.features.shape), (len(placed.positions), d)})
+placed_matrices = {tuple(placed.features.shape), (len(placed.positions), d)}
+out["gathers_feature_matrix"] = gathers(dense, {(n, d)}) or gathers(by_pairs, placed_matrices)
+out["gathers_feature_matrix"] |= gathers(active_texts[0], placed_matrices) or gathers(active_texts[1], {(n, d)})
 prior_shape = jax.ShapeDtypeStruct(prior.shape, prior.dtype)
 with_prior = {
     strategy: jax.jit(lambda f, p, k, q, s=strategy: select_on_mesh(f, batch, mesh=square, pairs=p, mask=k, prior=q, strategy=s))
@@ -128,4 +147,5 @@ with_prior = {
     for strategy in ("full", "lazy")
 }
 out["unordered_collectives"] = [x for text in (dense, by_pairs, *with_prior.values()) for x in unordered_collectives(text)]
+out["unordered_collectives"] += [x for text in active_texts for x in unordered_collectives(text)]
 print(json.dumps(out))

@@ -139,17 +139,26 @@ def test_property_pairs_from_norm_bounds_pick_as_full(seed, rank, spread, log_re
     assert_close(lazy.scores, full.scores, ulps=SCORE_ULPS)
 
 
-@pytest.mark.parametrize("case", ["pairs", "pairs_ties", "prior", "dominant"])
+@pytest.mark.parametrize("case", ["pairs", "pairs_ties", "prior", "dominant", "values", "values_collapse"])
 def test_a_search_on_an_active_set_of_highest_bounds_picks_the_float64_greedy(case, monkeypatch):
-    """Searches on bounds (pairs from the norms' bounds, a prior seen through its leading
-    directions) first run on the quarter of candidates of highest bound (patched: any pool does),
-    until a pick does not beat every bound outside; ties across that edge included."""
+    """Lazy searches (on bounds: pairs from the norms' bounds, a prior seen through its leading
+    directions; on values: dense rows without a prior) first run on the quarter of candidates of
+    highest bound (patched: any pool does), until a pick does not beat every bound outside; ties
+    across that edge included. "values_collapse": the quarter of largest rows lie in a subspace of
+    rank 4 (plus small noise), so after 4 picks their scores collapse and the search must leave
+    the active set for the smaller rows outside."""
     monkeypatch.setattr(selection_plan, "PAIR_BOUNDS_FROM", 0)
     monkeypatch.setattr(selection_plan, "ACTIVE_FROM", 0)
     monkeypatch.setattr(selection_plan, "ACTIVE_SHARE", 4)
     rng = _rng(9)
     prior = pairs = mask = None
-    if case in ("prior", "dominant"):  # d = 64 and 32 labeled rows: more than the bound pass's 16 directions
+    strategy = "lazy" if case.startswith("values") else "auto"
+    if case.startswith("values"):
+        features = rng.normal(size=(4 * N, D)) * np.exp(rng.normal(size=(4 * N, 1)))
+        if case == "values_collapse":
+            features[:N] = 100 * rng.normal(size=(N, 4)) @ rng.normal(size=(4, D)) + 1e-3 * rng.normal(size=(N, D))
+        features = phi = features.astype(np.float32)
+    elif case in ("prior", "dominant"):  # d = 64 and 32 labeled rows: more than the bound pass's 16 directions
         features = rng.normal(size=(4 * N, 64)) * np.exp(rng.normal(size=(4 * N, 1)))
         if case == "dominant":  # one row whose score, once picked, still beats every other: picked once only
             features *= 0.01
@@ -163,9 +172,10 @@ def test_a_search_on_an_active_set_of_highest_bounds_picks_the_float64_greedy(ca
         pairs = rng.integers(0, 24, size=(4 * N, 2)).astype(np.int32)
         mask = np.asarray(pairs[:, 0] != pairs[:, 1])
         phi = _pairs_features(features, pairs)
-    plan = selection_plan.make_plan("auto", 4 * N, len(features), features.shape[1], 0 if prior is None else 32, 2 * B, pairs is not None, "cpu")
-    assert plan.lazy and not plan.values and 0 < plan.active < 4 * N, plan
-    result = jaxdpo.select_batch(features, 2 * B, reg=0.5, prior=prior, pairs=pairs, mask=mask)
+    prior_rows = 0 if prior is None else 32
+    plan = selection_plan.make_plan(strategy, 4 * N, len(features), features.shape[1], prior_rows, 2 * B, pairs is not None, "cpu")
+    assert plan.lazy and plan.values == case.startswith("values") and 0 < plan.active < 4 * N, plan
+    result = jaxdpo.select_batch(features, 2 * B, reg=0.5, prior=prior, pairs=pairs, mask=mask, strategy=strategy)
     indices, scores = brute_force_greedy(phi, 2 * B, 0.5, prior=prior, mask=mask)
     np.testing.assert_array_equal(result.indices, indices)
     assert_close(result.scores, scores, ulps=SCORE_ULPS)

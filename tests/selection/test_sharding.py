@@ -24,9 +24,10 @@ def test_sharded_selection_matches_one_device():
     assert not result["gathers_feature_matrix"]
     assert result["unordered_collectives"] == []
     assert result["placed"] == {"rows": 48, "pairs": 72, "padding": 12}  # 10 prompts of 4 over 4 devices: 3 each
-    for mode in ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior", "pairs_bounds", "pairs_wide_prior"):
+    modes = ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior", "pairs_bounds", "pairs_wide_prior")
+    for mode in (*modes, "lazy_active", "pairs_active", "pairs_active_values"):  # the last three first on active sets
         assert result[mode].get("shards", 4) == 4
-        if mode in ("full", "lazy"):
+        if mode in ("full", "lazy", "lazy_active"):
             assert result[mode]["first"] == 3, result  # row 40 on another device ties it
         elif mode not in ("lazy_prior", "pairs_prior", "pairs_wide_prior"):
             assert 6 <= result[mode]["first"] < 12, result  # prompt 1's pairs; prompt 8's (48..53) tie them
