@@ -9,7 +9,7 @@ width of those positions, shared by every row.
 
 Fixed-shape work: `pad_rows` repeats the last row (valid data, so padding never produces NaN), and
 `map_in_chunks` runs a jitted function over a host array `chunk` rows at a time, so one compiled
-shape serves every pool size.
+shape serves every pool size (`map_on_devices`: its results left on the devices).
 """
 
 from __future__ import annotations
@@ -93,12 +93,24 @@ def pad_rows(x, rows: int):
     return xp.concatenate([x, xp.repeat(x[-1:], extra, axis=0)]) if extra > 0 else x
 
 
-def map_in_chunks(fn: Callable, batch, chunk: int) -> np.ndarray:
-    """`fn(rows)` over a pytree of host arrays with a leading row axis, `chunk` rows per call (the
-    last chunk padded by `pad_rows`), concatenated and cut back to the row count."""
-    leaves = jax.tree.leaves(batch)
-    n = leaves[0].shape[0]
+def _chunk_calls(fn: Callable, batch, chunk: int):
+    """(`fn` of each `chunk` rows of a pytree of host arrays, in order, called as iterated (the
+    last chunk padded by `pad_rows`); the row count)."""
+    n = jax.tree.leaves(batch)[0].shape[0]
     total = math.ceil(n / chunk) * chunk
     padded = jax.tree.map(lambda x: pad_rows(np.asarray(x), total), batch)
-    out = [to_host(fn(jax.tree.map(lambda x: x[i : i + chunk], padded))) for i in range(0, total, chunk)]
-    return np.concatenate(out)[:n]
+    return (fn(jax.tree.map(lambda x: x[i : i + chunk], padded)) for i in range(0, total, chunk)), n
+
+
+def map_in_chunks(fn: Callable, batch, chunk: int) -> np.ndarray:
+    """`fn(rows)` over a pytree of host arrays with a leading row axis, `chunk` rows per call,
+    each result brought to the host, concatenated and cut back to the row count."""
+    calls, n = _chunk_calls(fn, batch, chunk)
+    return np.concatenate([to_host(out) for out in calls])[:n]
+
+
+def map_on_devices(fn: Callable, batch, chunk: int) -> jax.Array:
+    """`map_in_chunks` whose results stay on the devices that computed them: concatenated there
+    (a global array on several processes), never brought to the host."""
+    calls, n = _chunk_calls(fn, batch, chunk)
+    return jnp.concatenate(list(calls))[:n]

@@ -6,7 +6,7 @@ timed under and the function that computes it from the round's `RoundInputs`, so
 computes exactly what its selector reads. A new selection method is a `Rule` in
 `jaxdpo.selection`'s registry; only a pool field no method read before needs a producer here.
 The pool carries the run's mesh: the ActiveDPO selector splits its pairs over it (whole prompts
-per device, `jaxdpo.selection.place_pairs`).
+per device, `jaxdpo.selection.place_pairs`), reading g where the features stage left it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from jaxdpo.experiment.setup import Prompts, Setup
 from jaxdpo.experiment.stages import BASE_FIELDS
 from jaxdpo.models import LoRA
 from jaxdpo.selection import SelectionPool, Selector, predictive_entropy
-from jaxdpo.sequences import Sequences, map_in_chunks
-from jaxdpo.sharding import put_rows
+from jaxdpo.sequences import Sequences, map_in_chunks, map_on_devices
+from jaxdpo.sharding import put_rows, to_host
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +48,10 @@ class RoundInputs:
         """Rows per feature call (`stages.feature_rows`)."""
         return stages.feature_rows(self.setup.config, self.setup.mesh)
 
-    def of_responses(self, features: Callable[[RoundInputs, Sequences], np.ndarray]) -> np.ndarray:
-        return map_in_chunks(lambda rows: features(self, rows), self.responses, self.chunk)
+    def of_responses(self, features: Callable[[RoundInputs, Sequences], jax.Array], *, on_devices: bool = False):
+        """`features` of every response, on the host (NumPy) or left on the devices (`map_on_devices`)."""
+        apply = map_on_devices if on_devices else map_in_chunks
+        return apply(lambda rows: features(self, rows), self.responses, self.chunk)
 
     def of_labeled(self, features: Callable[[RoundInputs, Sequences], np.ndarray], width: int) -> np.ndarray:
         """φ = f(chosen) − f(rejected) of every labeled triplet `[p, width]` (p = 0 before the first label)."""
@@ -91,7 +93,7 @@ def _hidden_size(inputs: RoundInputs) -> int:
 
 
 PRODUCERS: dict[str, tuple[str, Callable[[RoundInputs], np.ndarray]]] = {
-    "features": ("features", lambda r: r.of_responses(_gradient_features)),
+    "features": ("features", lambda r: r.of_responses(_gradient_features, on_devices=True)),
     "prior": ("features", lambda r: r.of_labeled(_gradient_features, r.setup.config.features.dim)),
     "margins": ("rewards", _margins),
     "prompt_entropy": ("entropy", _prompt_entropy),
@@ -100,9 +102,14 @@ PRODUCERS: dict[str, tuple[str, Callable[[RoundInputs], np.ndarray]]] = {
 }
 
 
+ON_DEVICES = frozenset({"features"})  # what a selector that splits over the mesh reads where it was computed
+
+
 def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool:
     """The SelectionPool with the base fields and exactly the fields `selector` requires, each
-    computed under its stage (`stages.stage(name)` times it)."""
+    computed under its stage (`stages.stage(name)` times it). A selector that splits its
+    candidates over the mesh (`Selector.placed`) gets g on the devices, so `place_pairs` lays it
+    out there and g never visits the host; every other field is brought to the host."""
     m = inputs.setup.config.generation.responses_per_prompt
     fields = dict(
         num_candidates=len(inputs.pairs), pairs=jnp.asarray(inputs.pairs), pair_prompt_ids=jnp.asarray(inputs.pairs[:, 0] // m),
@@ -111,5 +118,6 @@ def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool
     for name in sorted(selector.requires - BASE_FIELDS):
         stage, produce = PRODUCERS[name]
         with stages.stage(stage):
-            fields[name] = jnp.asarray(produce(inputs))
+            value = jax.block_until_ready(produce(inputs))
+            fields[name] = value if name in ON_DEVICES and selector.placed is not None else jnp.asarray(to_host(value))
     return SelectionPool(**fields)

@@ -173,17 +173,36 @@ def layout_pairs(pairs, parts: int, *, rows: int, mask=None) -> PairsLayout:
 def place_pairs(features, pairs, mesh: Mesh, *, mask=None) -> PlacedPairs:
     """Lay out per-response features g `[r, d]` and `pairs` `[n, 2]` over every device of `mesh`,
     each device holding whole prompts (the rows its pairs read), padded to equal blocks
-    (`layout_pairs`); then `select_batch(placed.features, B, pairs=placed.pairs,
-    mask=placed.mask, ...)` runs on every device without moving g, and
-    `placed.restore(result.indices)` gives the caller's indices."""
+    (`layout_pairs`; g already spread over several devices is laid out by them, never through
+    the host); then `select_batch(placed.features, B, pairs=placed.pairs, mask=placed.mask,
+    ...)` runs on every device without moving g, and `placed.restore(result.indices)` gives the
+    caller's indices."""
     layout = layout_pairs(pairs, mesh.size, rows=np.shape(features)[0], mask=mask)
     axis = mesh_axes(mesh)
-    features = to_host(features)  # every process holds g; each copies out its own devices' blocks
-    if not np.array_equal(layout.rows, np.arange(features.shape[0])):
-        features = np.where((layout.rows >= 0)[:, None], features[np.maximum(layout.rows, 0)], np.zeros((), features.dtype))
+    rows = NamedSharding(mesh, PartitionSpec(axis, None))
+    identity = np.array_equal(layout.rows, np.arange(np.shape(features)[0]))
+    if isinstance(features, jax.Array) and len(features.sharding.device_set) > 1:  # laid out by the devices
+        features = _resharded(features, rows) if identity else _taken_rows(features, layout.rows.astype(np.int32), rows)
+    else:  # every process holds g; each copies out its own devices' blocks
+        features = np.asarray(features)
+        if not identity:
+            features = np.where((layout.rows >= 0)[:, None], features[np.maximum(layout.rows, 0)], np.zeros((), features.dtype))
+        features = place(features, rows)
     return PlacedPairs(
-        place(features, NamedSharding(mesh, PartitionSpec(axis, None))),
+        features,
         place(layout.pairs, NamedSharding(mesh, PartitionSpec(axis, None))),
         place(layout.mask, NamedSharding(mesh, PartitionSpec(axis))),
         layout.positions,
     )
+
+
+@partial(jax.jit, static_argnames="sharding")
+def _resharded(features: jax.Array, sharding: NamedSharding) -> jax.Array:
+    return jax.lax.with_sharding_constraint(features, sharding)
+
+
+@partial(jax.jit, static_argnames="sharding")
+def _taken_rows(features: jax.Array, rows: jax.Array, sharding: NamedSharding) -> jax.Array:
+    """Rows `rows` of `features` (−1: a zero row), split by `sharding`."""
+    taken = jnp.where((rows >= 0)[:, None], features[jnp.maximum(rows, 0)], jnp.zeros((), features.dtype))
+    return jax.lax.with_sharding_constraint(taken, sharding)

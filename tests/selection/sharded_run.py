@@ -105,6 +105,11 @@ for name, kwargs in [("full", {"strategy": "full"}), ("lazy", {"strategy": "lazy
 
 placed = place_pairs(g, pairs, square)
 out["placed"] = {"rows": int(placed.features.shape[0]), "pairs": int(placed.pairs.shape[0]), "padding": int(np.sum(placed.positions < 0))}
+by_data = NamedSharding(square, PartitionSpec("data", None))  # g as the features stage leaves it
+out["placed_on_devices"] = {  # laid out by the devices, as from the host
+    name: bool(np.array_equal(np.asarray(place_pairs(jax.device_put(x, by_data), p, square).features), np.asarray(place_pairs(x, p, square).features)))
+    for name, x, p in [("padded", g, pairs), ("even", g[: 8 * m], triplets(8, m))]  # 8 prompts over 4 devices: no padding
+}
 wide_prior = rng.normal(size=(20, d)).astype(np.float32)  # more rows than the bound pass's 16 directions: bounds only
 pair_modes = [("pairs_full", {"strategy": "full"}), ("pairs_lazy", {"strategy": "lazy"}), ("pairs_prior", {"prior": prior})]
 bounds_from, active_from, active_share = selection_plan.PAIR_BOUNDS_FROM, selection_plan.ACTIVE_FROM, selection_plan.ACTIVE_SHARE
