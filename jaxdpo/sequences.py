@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -111,6 +112,16 @@ def map_in_chunks(fn: Callable, batch, chunk: int) -> np.ndarray:
 
 def map_on_devices(fn: Callable, batch, chunk: int) -> jax.Array:
     """`map_in_chunks` whose results stay on the devices that computed them: concatenated there
-    (a global array on several processes), never brought to the host."""
+    (a global array on several processes), never brought to the host, and split by rows as each
+    chunk's result is when the row count allows (else as XLA chooses)."""
     calls, n = _chunk_calls(fn, batch, chunk)
-    return jnp.concatenate(list(calls))[:n]
+    outs = tuple(calls)
+    sharding = outs[0].sharding
+    blocks = outs[0].shape[0] // sharding.shard_shape(outs[0].shape)[0]
+    return _joined(outs, n, sharding if n % blocks == 0 else None)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _joined(outs: tuple[jax.Array, ...], n: int, sharding) -> jax.Array:
+    joined = jnp.concatenate(outs)[:n]
+    return joined if sharding is None else jax.lax.with_sharding_constraint(joined, sharding)
