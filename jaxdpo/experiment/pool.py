@@ -25,7 +25,7 @@ from jaxdpo.experiment.stages import BASE_FIELDS
 from jaxdpo.models import LoRA
 from jaxdpo.selection import SelectionPool, Selector, predictive_entropy
 from jaxdpo.sequences import Sequences, map_in_chunks, map_on_devices
-from jaxdpo.sharding import put_rows, to_host
+from jaxdpo.sharding import put_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _hidden_size(inputs: RoundInputs) -> int:
 
 
 PRODUCERS: dict[str, tuple[str, Callable[[RoundInputs], np.ndarray]]] = {
-    "features": ("features", lambda r: r.of_responses(_gradient_features, on_devices=True)),
+    "features": ("features", lambda r: r.of_responses(_gradient_features)),
     "prior": ("features", lambda r: r.of_labeled(_gradient_features, r.setup.config.features.dim)),
     "margins": ("rewards", _margins),
     "prompt_entropy": ("entropy", _prompt_entropy),
@@ -102,14 +102,16 @@ PRODUCERS: dict[str, tuple[str, Callable[[RoundInputs], np.ndarray]]] = {
 }
 
 
-ON_DEVICES = frozenset({"features"})  # what a selector that splits over the mesh reads where it was computed
+ON_DEVICES: dict[str, Callable[[RoundInputs], jax.Array]] = {  # for a selector that splits over the mesh
+    "features": lambda r: r.of_responses(_gradient_features, on_devices=True),
+}
 
 
 def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool:
     """The SelectionPool with the base fields and exactly the fields `selector` requires, each
     computed under its stage (`stages.stage(name)` times it). A selector that splits its
     candidates over the mesh (`Selector.placed`) gets g on the devices, so `place_pairs` lays it
-    out there and g never visits the host; every other field is brought to the host."""
+    out there and g never visits the host (`ON_DEVICES`); every other field comes from the host."""
     m = inputs.setup.config.generation.responses_per_prompt
     fields = dict(
         num_candidates=len(inputs.pairs), pairs=jnp.asarray(inputs.pairs), pair_prompt_ids=jnp.asarray(inputs.pairs[:, 0] // m),
@@ -117,7 +119,8 @@ def build_pool(selector: Selector, inputs: RoundInputs, stages) -> SelectionPool
     )
     for name in sorted(selector.requires - BASE_FIELDS):
         stage, produce = PRODUCERS[name]
+        if selector.placed is not None:
+            produce = ON_DEVICES.get(name, produce)
         with stages.stage(stage):
-            value = jax.block_until_ready(produce(inputs))
-            fields[name] = value if name in ON_DEVICES and selector.placed is not None else jnp.asarray(to_host(value))
+            fields[name] = jax.block_until_ready(jnp.asarray(produce(inputs)))
     return SelectionPool(**fields)
