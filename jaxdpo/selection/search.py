@@ -355,6 +355,23 @@ def _on_active_set(ctx: Context, exact_start: bool, stop: Array, state: State) -
     return done._replace(**{f: getattr(state, f).at[chosen].set(getattr(done, f), mode="drop") for f in fields})
 
 
+def _on_active_sets(ctx: Context, exact_start: bool, stop: Array, state: State) -> State:
+    """Picks on active sets (`_on_active_set`), each pick one did not win made over all candidates,
+    then a new active set of the highest bounds so far; until an active set wins no pick. (Nor
+    once the batch goes on as "full", whose passes must follow every pick: with active picks,
+    which never stall, between them, that takes STALLS_BEFORE_FULL = 1.)"""
+
+    def phase(carry: tuple[State, Array]) -> tuple[State, Array]:
+        before = carry[0]
+        state = _on_active_set(ctx, exact_start, stop, before)
+        after_active = state.pick
+        state = jax.lax.while_loop(lambda s: s.pick < jnp.minimum(stop, after_active + 1), partial(_step, ctx, exact_start), state)
+        return state, after_active > before.pick
+
+    go_on = lambda c: (c[0].pick < stop) & c[1] & ~c[0].full  # noqa: E731
+    return jax.lax.while_loop(go_on, phase, (state, jnp.bool_(True)))[0]
+
+
 class Stats(NamedTuple):
     rescored: Array  # exact evaluations (all devices)
     coordinates: Array  # coordinate evaluations (all devices)
@@ -368,7 +385,7 @@ def run(ctx: Context, start: Start, mask: Array, lazy: bool) -> tuple[Array, Arr
     eligible = ctx.comm.sum(jnp.where(start.valid, jnp.sum(mask, dtype=jnp.int32), 0))  # after start's collectives
     stop = jnp.minimum(ctx.plan.batch, eligible)
     if ctx.plan.active:
-        state = _on_active_set(ctx, start.exact, stop, state)
+        state = _on_active_sets(ctx, start.exact, stop, state)
     state = jax.lax.while_loop(lambda s: s.pick < stop, partial(_step, ctx, start.exact), state)
     rescored, coordinates = ctx.comm.gather(state.rescored, state.coordinates)
     stats = Stats(jnp.sum(rescored, dtype=jnp.int32), jnp.sum(coordinates, dtype=jnp.int32), state.passes, state.full_from)
