@@ -181,7 +181,10 @@ def place_pairs(features, pairs, mesh: Mesh, *, mask=None) -> PlacedPairs:
     axis = mesh_axes(mesh)
     rows = NamedSharding(mesh, PartitionSpec(axis, None))
     identity = np.array_equal(layout.rows, np.arange(np.shape(features)[0]))
-    if isinstance(features, jax.Array) and len(features.sharding.device_set) > 1:  # laid out by the devices
+    split = row_axis(features) if isinstance(features, jax.Array) else None
+    if split is not None and split[0] == mesh and not identity:  # laid out by the devices, blocks to neighbours
+        features = moved_rows(features, layout.rows, mesh, split[1])
+    elif isinstance(features, jax.Array) and len(features.sharding.device_set) > 1:  # laid out by the devices
         features = _resharded(features, rows) if identity else _taken_rows(features, layout.rows.astype(np.int32), rows)
     else:  # every process holds g; each copies out its own devices' blocks
         features = np.asarray(features)
@@ -206,3 +209,73 @@ def _taken_rows(features: jax.Array, rows: jax.Array, sharding: NamedSharding) -
     """Rows `rows` of `features` (−1: a zero row), split by `sharding`."""
     taken = jnp.where((rows >= 0)[:, None], features[jnp.maximum(rows, 0)], jnp.zeros((), features.dtype))
     return jax.lax.with_sharding_constraint(taken, sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# g split by rows over the devices (as the features stage leaves it) moved to a padded layout
+
+
+class Moves(NamedTuple):
+    """How rows split in equal source blocks reach a layout's devices: in round k, device `dst`
+    receives the whole source block of device `src` for each (src, dst) of `rounds[k]`; then each
+    device takes its rows from what it received (`take[t, j]`: k·P + row within the block, or
+    K·P for a zero row)."""
+
+    rounds: tuple[tuple[tuple[int, int], ...], ...]
+    take: np.ndarray
+
+
+def plan_moves(layout_rows: np.ndarray, block_of_device: np.ndarray, per_block: int) -> Moves:
+    """The fewest rounds found greedily in which every device receives each source block its rows
+    of `layout_rows` (one equal slice per device, −1: a zero row) lie in, each device sending and
+    receiving at most one block per round (a permutation: one `ppermute`). `block_of_device[t]`:
+    the source block device t holds."""
+    devices = len(block_of_device)
+    wanted = layout_rows.reshape(devices, -1)
+    holders = {int(b): np.flatnonzero(block_of_device == b) for b in np.unique(block_of_device)}
+    rounds: list[dict[int, int]] = []  # per round: dst -> src
+    sending: list[set[int]] = []
+    received = np.zeros((devices, len(holders)), np.int64)  # round in which dst got block b (+1)
+    for dst in range(devices):
+        for block in np.unique(wanted[dst][wanted[dst] >= 0] // per_block):
+            for k in range(len(rounds) + 1):
+                if k == len(rounds):
+                    rounds.append({})
+                    sending.append(set())
+                free = [int(h) for h in holders[int(block)] if int(h) not in sending[k]]
+                if dst not in rounds[k] and free:
+                    src = dst if dst in free else free[0]
+                    rounds[k][dst] = src
+                    sending[k].add(src)
+                    received[dst, block] = k + 1
+                    break
+    blocks_ = np.maximum(wanted, 0) // per_block
+    take = (received[np.arange(devices)[:, None], blocks_] - 1) * per_block + np.maximum(wanted, 0) % per_block
+    take = np.where(wanted >= 0, take, len(rounds) * per_block).astype(np.int32)
+    return Moves(tuple(tuple(sorted((src, dst) for dst, src in r.items())) for r in rounds), take)
+
+
+def moved_rows(features: jax.Array, layout_rows: np.ndarray, mesh: Mesh, axis) -> jax.Array:
+    """Rows `layout_rows` of `features` (split by rows over `axis` of `mesh`; −1: a zero row), split
+    over every device of `mesh`: each device receives only the source blocks its rows lie in from
+    the devices holding them (neighbours, for layouts of consecutive rows), never all of g."""
+    axes = mesh_axes(mesh)
+    source = axis if isinstance(axis, tuple) else (axis,)
+    coords = np.indices(mesh.devices.shape).reshape(len(axes), -1)  # device t's coordinates, t in mesh order
+    sizes = [mesh.shape[a] for a in source]
+    block_of_device = np.ravel_multi_index(tuple(coords[axes.index(a)] for a in source), sizes)
+    moves = plan_moves(np.asarray(layout_rows), block_of_device, features.shape[0] // int(np.prod(sizes)))
+    take = place(moves.take, NamedSharding(mesh, PartitionSpec(axes, None)))
+    return _moved(features, take, mesh=mesh, source=PartitionSpec(axis, None), rounds=moves.rounds)
+
+
+@partial(jax.jit, static_argnames=("mesh", "source", "rounds"))
+def _moved(features, take, *, mesh: Mesh, source: PartitionSpec, rounds):
+    axes = mesh_axes(mesh)
+
+    def body(block, take):
+        received = [jax.lax.ppermute(block, axes, perm=list(moves)) for moves in rounds]
+        return jnp.concatenate([*received, jnp.zeros((1, block.shape[1]), block.dtype)])[take[0]]
+
+    specs = (source, PartitionSpec(axes, None))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(axes, None), check_vma=False)(features, take)

@@ -17,8 +17,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 import jaxdpo  # noqa: E402
 from jaxdpo.experiment.stages import triplets  # noqa: E402
-from jaxdpo.selection import place_pairs, select_on_mesh  # noqa: E402
+from jaxdpo.selection import layout_pairs, place_pairs, select_on_mesh  # noqa: E402
 from jaxdpo.selection import plan as selection_plan  # noqa: E402
+from jaxdpo.selection.sharded import moved_rows  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)  # as in the test suite: compile time dominates
 
@@ -110,6 +111,10 @@ out["placed_on_devices"] = {  # laid out by the devices, as from the host
     name: bool(np.array_equal(np.asarray(place_pairs(jax.device_put(x, by_data), p, square).features), np.asarray(place_pairs(x, p, square).features)))
     for name, x, p in [("padded", g, pairs), ("even", g[: 8 * m], triplets(8, m))]  # 8 prompts over 4 devices: no padding
 }
+padded_rows = layout_pairs(pairs, square.size, rows=len(g)).rows  # g split over 'data' moved to the padded layout:
+moved = jax.jit(lambda f: moved_rows(f, padded_rows, square, "data")).lower(jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=by_data))
+moved_text = moved.compile().as_text()  # blocks to neighbours (collective permutes), never all of g
+out["moved_rows"] = {"gathers": gathers(moved_text, {g.shape, (len(padded_rows), d)}), "permutes": "collective-permute" in moved_text}
 wide_prior = rng.normal(size=(20, d)).astype(np.float32)  # more rows than the bound pass's 16 directions: bounds only
 pair_modes = [("pairs_full", {"strategy": "full"}), ("pairs_lazy", {"strategy": "lazy"}), ("pairs_prior", {"prior": prior})]
 bounds_from, active_from, active_share = selection_plan.PAIR_BOUNDS_FROM, selection_plan.ACTIVE_FROM, selection_plan.ACTIVE_SHARE

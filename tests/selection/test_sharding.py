@@ -8,9 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxdpo.experiment.stages import triplets
 from jaxdpo.selection import layout_pairs
+from jaxdpo.selection.sharded import plan_moves
 from tests.tolerance import F32_EPS
 
 
@@ -25,6 +28,7 @@ def test_sharded_selection_matches_one_device():
     assert result["unordered_collectives"] == []
     assert result["placed"] == {"rows": 48, "pairs": 72, "padding": 12}  # 10 prompts of 4 over 4 devices: 3 each
     assert result["placed_on_devices"] == {"padded": True, "even": True}
+    assert result["moved_rows"] == {"gathers": False, "permutes": True}
     modes = ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior", "pairs_bounds", "pairs_wide_prior")
     for mode in (*modes, "lazy_active", "pairs_active", "pairs_active_values"):  # the last three first on active sets
         assert result[mode].get("shards", 4) == 4
@@ -58,3 +62,26 @@ def test_interleaved_pairs_stay_together():
     layout = layout_pairs(pairs, 2, rows=5)
     np.testing.assert_array_equal(layout.positions[:3], [0, 1, 2])
     assert np.all(layout.positions[3:] == -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompts=st.integers(1, 30), m=st.integers(2, 5), devices=st.sampled_from([2, 3, 4, 6, 8]), data=st.data())
+def test_moved_blocks_give_every_device_its_rows(prompts, m, devices, data):
+    """plan_moves: each round a permutation (a device sends and receives at most one block), and
+    what each device receives, taken as `take` says, is its slice of the layout."""
+    rows = prompts * m
+    sources = data.draw(st.sampled_from([s for s in range(1, devices + 1) if devices % s == 0 and rows % s == 0]))
+    layout = layout_pairs(triplets(prompts, m), devices, rows=rows)
+    block_of_device = np.arange(devices) // (devices // sources)  # source block b held by devices//sources devices
+    moves = plan_moves(layout.rows, block_of_device, rows // sources)
+    g = np.arange(rows, dtype=np.float64) + 1  # row r holds r + 1; a zero row is 0
+    blocks = g.reshape(sources, -1)
+    for moved in moves.rounds:
+        assert len({src for src, _ in moved}) == len({dst for _, dst in moved}) == len(moved)
+    for t in range(devices):
+        received = [blocks[block_of_device[src]] if dst == t else np.zeros(rows // sources) for moved in moves.rounds
+                    for src, dst in [next(((s, d) for s, d in moved if d == t), (-1, -1))]]
+        got = np.concatenate([*received, [0.0]])[moves.take[t]]
+        want = layout.rows.reshape(devices, -1)[t] + 1.0
+        np.testing.assert_array_equal(got, want)
+    assert len(moves.rounds) <= -(-devices // sources) + 2  # a device's rows span a few source blocks
