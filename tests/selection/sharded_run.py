@@ -107,10 +107,11 @@ for name, kwargs in [("full", {"strategy": "full"}), ("lazy", {"strategy": "lazy
 placed = place_pairs(g, pairs, square)
 out["placed"] = {"rows": int(placed.features.shape[0]), "pairs": int(placed.pairs.shape[0]), "padding": int(np.sum(placed.positions < 0))}
 by_data = NamedSharding(square, PartitionSpec("data", None))  # g as the features stage leaves it
+everywhere = NamedSharding(square, PartitionSpec())  # g not split by rows: every device takes its own rows
 out["placed_on_devices"] = {  # laid out by the devices, as from the host
-    name: bool(np.array_equal(np.asarray(place_pairs(jax.device_put(x, by_data), p, square).features), np.asarray(place_pairs(x, p, square).features)))
-    for name, x, p in [("padded", g, pairs), ("even", g[: 8 * m], triplets(8, m))]  # 8 prompts over 4 devices: no padding
-}
+    name: bool(np.array_equal(np.asarray(place_pairs(jax.device_put(x, on), p, square).features), np.asarray(place_pairs(x, p, square).features)))
+    for name, x, p, on in [("padded", g, pairs, by_data), ("even", g[: 8 * m], triplets(8, m), by_data), ("replicated", g, pairs, everywhere)]
+}  # 8 prompts over 4 devices: no padding
 padded_rows = layout_pairs(pairs, square.size, rows=len(g)).rows  # g split over 'data' moved to the padded layout:
 moved = jax.jit(lambda f: moved_rows(f, padded_rows, square, "data")).lower(jax.ShapeDtypeStruct(g.shape, g.dtype, sharding=by_data))
 moved_text = moved.compile().as_text()  # blocks to neighbours (collective permutes), never all of g

@@ -27,7 +27,7 @@ def test_sharded_selection_matches_one_device():
     assert not result["gathers_feature_matrix"]
     assert result["unordered_collectives"] == []
     assert result["placed"] == {"rows": 48, "pairs": 72, "padding": 12}  # 10 prompts of 4 over 4 devices: 3 each
-    assert result["placed_on_devices"] == {"padded": True, "even": True}
+    assert result["placed_on_devices"] == {"padded": True, "even": True, "replicated": True}
     assert result["moved_rows"] == {"gathers": False, "permutes": True}
     modes = ("full", "lazy", "lazy_prior", "pairs_full", "pairs_lazy", "pairs_prior", "pairs_bounds", "pairs_wide_prior")
     for mode in (*modes, "lazy_active", "pairs_active", "pairs_active_values"):  # the last three first on active sets
