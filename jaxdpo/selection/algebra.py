@@ -20,6 +20,7 @@ explicit basis q_j = Qe_j (fixed once pick j is made) gives the cheaper "coordin
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -150,9 +151,11 @@ def _small_cholesky(a: Array) -> tuple[Array, Array]:
     return lower, jax.lax.fori_loop(0, n, row, jnp.zeros_like(a))
 
 
-def rank_one_update(tri: Triangular, row: Array) -> Triangular:
+def rank_one_update(tri: Triangular, row: Array, used: Array | int | None = None) -> Triangular:
     """T′ᵀT′ = TᵀT + rrᵀ by Givens rotations of [T; rᵀ] (orthogonal, hence stable), applied as
-    well to [M; 0]: from [T; rᵀ] = Q̃[T′; 0], T′⁻ᵀ = Q̃[:K, :K]ᵀM. One Newton step then cleans M."""
+    well to [M; 0]: from [T; rᵀ] = Q̃[T′; 0], T′⁻ᵀ = Q̃[:K, :K]ᵀM. One Newton step then cleans M.
+    `used`: r is zero from there on and T is ρI past it (ρ > 0), where each rotation would be the
+    identity exactly (c = 1, s = 0): only the first `used` run."""
 
     def rotate(j, carry):
         factor, inverse, extra_t, extra_m = carry
@@ -168,7 +171,7 @@ def rank_one_update(tri: Triangular, row: Array) -> Triangular:
         )
 
     carry = (tri.factor, tri.inverse, row, jnp.zeros_like(row))
-    factor, inverse, _, _ = jax.lax.fori_loop(0, row.shape[0], rotate, carry)
+    factor, inverse, _, _ = jax.lax.fori_loop(0, row.shape[0] if used is None else used, rotate, carry)
     return Triangular(factor, 2.0 * inverse - matmul(matmul(inverse, factor.T), inverse))
 
 
@@ -292,10 +295,14 @@ def no_picks(width: int, batch: int, rho: Array, dtype) -> Picks:
     return Picks(zeros, jnp.zeros((k, k), dtype), Triangular(rho * eye, eye / rho), zeros)
 
 
-def rotate(picks: Picks, rows: Float[Array, "k w"]) -> Float[Array, "k w"]:
-    """Qᵀω for each row."""
-    v = picks.reflectors
-    return rows - matmul(matmul(matmul(rows, v.T), picks.wy), v)
+def rotate(picks: Picks, rows: Float[Array, "k w"], count: Array) -> Float[Array, "k w"]:
+    """Qᵀω for each row, reading only the slabs of V that hold any of the first `count`
+    reflectors (the rest are zero, as are their rows and columns of S)."""
+    v, k = picks.reflectors, picks.reflectors.shape[0]
+    starts = range(0, k, SLAB)
+    products = matmul(jnp.concatenate([_slab_products(rows, v[j : j + SLAB], count - j) for j in starts], axis=1), picks.wy)
+    back = [_slab_products(products[:, j : j + SLAB], v[j : j + SLAB].T, count - j) for j in starts]
+    return rows - functools.reduce(jnp.add, back)
 
 
 def unrotate(picks: Picks, vector: Float[Array, " w"]) -> Float[Array, " w"]:
@@ -373,6 +380,6 @@ def add_pick(picks: Picks, count: Array, rotated: Array) -> Picks:
     )
     q = unrotate(grown, jnp.zeros((width,), rotated.dtype).at[j].set(1.0))
     return grown._replace(
-        tri=rank_one_update(picks.tri, coords),
+        tri=rank_one_update(picks.tri, coords, jnp.where(grows, j + 1, k)),  # T is ρI past the picks so far
         basis=picks.basis.at[j].set(jnp.where(grows, q, picks.basis[j])),
     )

@@ -108,7 +108,7 @@ def _exact_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> t
         whitened = alg.whiten(prior, x, products)
     else:
         whitened = alg.whiten(prior, x)
-    rotated = alg.rotate(state.picks, whitened)
+    rotated = alg.rotate(state.picks, whitened, state.pick)
     return alg.split_scores(state.picks, ctx.scale.rho, state.pick, rotated), rotated
 
 
@@ -297,7 +297,7 @@ def _picked_row(ctx: Context, search: Search, local: Array, owned: Array) -> Arr
     def whitened() -> Array:
         row = ctx.comm.broadcast(ctx.candidates.rows(local[None])[0], owned)
         omega = alg.whiten(ctx.prior, ctx.scale.scaled(row[None], ctx.candidates.dtype))
-        return alg.rotate(search.state.picks, omega)[0]
+        return alg.rotate(search.state.picks, omega, search.state.pick)[0]
 
     return jax.lax.cond(ctx.comm.max(held), lambda: ctx.comm.broadcast(search.held_row, held), whitened)
 
