@@ -226,10 +226,10 @@ class Moves(NamedTuple):
 
 
 def plan_moves(layout_rows: np.ndarray, block_of_device: np.ndarray, per_block: int) -> Moves:
-    """The fewest rounds found greedily in which every device receives each source block its rows
-    of `layout_rows` (one equal slice per device, −1: a zero row) lie in, each device sending and
-    receiving at most one block per round (a permutation: one `ppermute`). `block_of_device[t]`:
-    the source block device t holds."""
+    """Rounds (first fit, greedily) in which every device receives each source block its rows of
+    `layout_rows` (one equal slice per device, −1: a zero row) lie in, each device sending and
+    receiving at most one block per round (a permutation: one `ppermute`); a device holding a
+    block it needs sends it to itself. `block_of_device[t]`: the source block device t holds."""
     devices = len(block_of_device)
     wanted = layout_rows.reshape(devices, -1)
     holders = {int(b): np.flatnonzero(block_of_device == b) for b in np.unique(block_of_device)}
@@ -249,8 +249,8 @@ def plan_moves(layout_rows: np.ndarray, block_of_device: np.ndarray, per_block: 
                     sending[k].add(src)
                     received[dst, block] = k + 1
                     break
-    blocks_ = np.maximum(wanted, 0) // per_block
-    take = (received[np.arange(devices)[:, None], blocks_] - 1) * per_block + np.maximum(wanted, 0) % per_block
+    rows = np.maximum(wanted, 0)
+    take = (received[np.arange(devices)[:, None], rows // per_block] - 1) * per_block + rows % per_block
     take = np.where(wanted >= 0, take, len(rounds) * per_block).astype(np.int32)
     return Moves(tuple(tuple(sorted((src, dst) for dst, src in r.items())) for r in rounds), take)
 
