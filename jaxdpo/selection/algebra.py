@@ -151,11 +151,11 @@ def _small_cholesky(a: Array) -> tuple[Array, Array]:
     return lower, jax.lax.fori_loop(0, n, row, jnp.zeros_like(a))
 
 
-def rank_one_update(tri: Triangular, row: Array, used: Array | int | None = None) -> Triangular:
+def rank_one_update(tri: Triangular, row: Array, used: Array | int) -> Triangular:
     """T′ᵀT′ = TᵀT + rrᵀ by Givens rotations of [T; rᵀ] (orthogonal, hence stable), applied as
     well to [M; 0]: from [T; rᵀ] = Q̃[T′; 0], T′⁻ᵀ = Q̃[:K, :K]ᵀM. One Newton step then cleans M.
-    `used`: r is zero from there on and T is ρI past it (ρ > 0), where each rotation would be the
-    identity exactly (c = 1, s = 0): only the first `used` run."""
+    Only the first `used` rotations run: past them r is zero and T is ρI (ρ > 0), where each
+    rotation would be the identity exactly (c = 1, s = 0)."""
 
     def rotate(j, carry):
         factor, inverse, extra_t, extra_m = carry
@@ -171,7 +171,7 @@ def rank_one_update(tri: Triangular, row: Array, used: Array | int | None = None
         )
 
     carry = (tri.factor, tri.inverse, row, jnp.zeros_like(row))
-    factor, inverse, _, _ = jax.lax.fori_loop(0, row.shape[0] if used is None else used, rotate, carry)
+    factor, inverse, _, _ = jax.lax.fori_loop(0, used, rotate, carry)
     return Triangular(factor, 2.0 * inverse - matmul(matmul(inverse, factor.T), inverse))
 
 

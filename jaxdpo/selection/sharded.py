@@ -193,7 +193,7 @@ def place_pairs(features, pairs, mesh: Mesh, *, mask=None) -> PlacedPairs:
         features = place(features, rows)
     return PlacedPairs(
         features,
-        place(layout.pairs, NamedSharding(mesh, PartitionSpec(axis, None))),
+        place(layout.pairs, rows),
         place(layout.mask, NamedSharding(mesh, PartitionSpec(axis))),
         layout.positions,
     )
