@@ -30,7 +30,7 @@ from jaxtyping import Array, Bool, Float
 from jaxdpo.selection import algebra as alg
 from jaxdpo.selection.candidates import Start
 from jaxdpo.selection.comm import NOBODY, Leader, best_of, better, leader
-from jaxdpo.selection.plan import CATCH_UP, COORDINATE_ULPS
+from jaxdpo.selection.plan import COORDINATE_ULPS
 from jaxdpo.selection.ranking import highest, largest
 from jaxdpo.selection.state import Context, State, apply_latest, catch_up, initial_state, passes_needed, per_candidate
 
@@ -152,12 +152,18 @@ def _value_floor(ctx: Context, state: State, lowest: Array) -> Array:
     return jnp.where(ctx.plan.values & (state.synced == state.pick), jnp.max(lowest), -jnp.inf)
 
 
-def _needs_coordinates(ctx: Context, search: Search) -> Array:
-    """More than `block` candidates could still win, and some of them lack a coordinate score."""
+def _open_counts(ctx: Context, search: Search) -> tuple[Array, Array]:
+    """(candidates that could still win, those of them without a coordinate score), all devices."""
     open_ = _open(search)
     counts = jnp.sum(jnp.stack([open_, open_ & ~search.tested]), axis=1, dtype=jnp.int32)  # one read of the masks
     above, untested = ctx.comm.gather(counts[0], counts[1])
-    return (jnp.sum(above) > ctx.plan.block) & (jnp.sum(untested) > 0)
+    return jnp.sum(above), jnp.sum(untested)
+
+
+def _needs_coordinates(ctx: Context, search: Search) -> Array:
+    """More than `block` candidates could still win, and some of them lack a coordinate score."""
+    above, untested = _open_counts(ctx, search)
+    return (above > ctx.plan.block) & (untested > 0)
 
 
 def _lacking(search: Search) -> Array:
@@ -236,12 +242,15 @@ def _exact_round(ctx: Context, search: Search) -> Search:
 
 
 def _stalls(ctx: Context, search: Search) -> Array:
-    """A lazy pick whose coordinate evaluations cost more than catching up on the pending updates
-    (only when the initial scores are values: updated bounds of a prior's bound pass stay loose)."""
+    """A lazy pick whose coordinate evaluations, those spent and those of every candidate still
+    open after its first round, cost more than catching up on the pending updates (only when the
+    initial scores are values: updated bounds of a prior's bound pass stay loose)."""
     state = search.state
     pending = state.pick - state.synced
-    passes = (pending + CATCH_UP - 1) // CATCH_UP
-    return ctx.plan.values & ~state.full & (pending > 0) & (search.spent >= ctx.plan.stall_reads * passes)
+    passes = (pending + ctx.plan.catch_up - 1) // ctx.plan.catch_up
+    untested = _open_counts(ctx, search)[1]
+    costly = (search.spent > 0) & (search.spent + untested >= ctx.plan.stall_reads * passes)
+    return ctx.plan.values & ~state.full & (pending > 0) & costly
 
 
 def _search(ctx: Context, search: Search) -> Search:

@@ -13,7 +13,7 @@ from jaxtyping import Array, Bool, Float, Int
 from jaxdpo.selection import algebra as alg
 from jaxdpo.selection.candidates import Candidates, Start
 from jaxdpo.selection.comm import Comm
-from jaxdpo.selection.plan import CATCH_UP, STALLS_BEFORE_FULL, Plan
+from jaxdpo.selection.plan import STALLS_BEFORE_FULL, Plan
 
 
 class Context(NamedTuple):
@@ -112,10 +112,10 @@ def apply_latest(ctx: Context, state: State) -> State:
 
 
 def catch_up(ctx: Context, state: State) -> State:
-    """A lazy pick that stalls: apply every update not yet applied, `CATCH_UP` per pass (a pass
-    with a few updates reads Φ once like a pass with one); after `STALLS_BEFORE_FULL` such picks
-    in a row the batch goes on as "full"."""
-    width = min(CATCH_UP, state.directions.shape[0])
+    """A lazy pick that stalls: apply every update not yet applied, `plan.catch_up` per pass (a
+    pass with a few updates reads Φ once like a pass with one); after `STALLS_BEFORE_FULL` such
+    picks in a row the batch goes on as "full"."""
+    width = ctx.plan.catch_up
 
     def apply_chunk(state: State) -> State:
         k = state.synced + jnp.arange(width)

@@ -219,12 +219,29 @@ def _correlated(n: int, d: int, rank: int, seed: int) -> np.ndarray:
 
 
 def test_correlated_features_auto_picks_the_float64_greedy_with_few_passes():
+    """The scores collapse past pick 4: that pick catches up in one pass after its first round."""
     phi = _correlated(3000, 24, 4, seed=14)
     result, stats = jax.jit(jaxdpo.select_batch, static_argnames=("batch_size", "with_stats"))(phi, batch_size=30, with_stats=True)
     indices, scores = brute_force_greedy(phi, 30, 1.0)
     np.testing.assert_array_equal(result.indices, indices)
     assert_close(result.scores, scores, ulps=SCORE_ULPS)
-    assert stats.strategy == "lazy" and int(stats.passes) <= 6, stats  # "full" would make 29
+    assert stats.strategy == "lazy" and 1 <= int(stats.passes) <= 6, stats  # "full" would make 29
+
+
+@pytest.mark.parametrize(("catch_up", "passes"), [(32, 2), (4, 3)])
+def test_a_collapse_after_six_picks_catches_up_in_passes_of_plan_catch_up_updates(catch_up, passes, monkeypatch):
+    """Six orthogonal rows are picked first; then every other row (along their mean, plus noise)
+    has collapsed: pick 7 catches up on 6 pending updates (with 4 per pass: in two passes), and
+    pick 8, stalling again, on the 7th (one more pass)."""
+    monkeypatch.setattr(selection_plan, "CATCH_UP", catch_up)
+    lead = 10.0 * np.eye(D)[:6]
+    along = np.concatenate([np.full((N - 6, 6), 5.0 / np.sqrt(6)), np.zeros((N - 6, D - 6))], axis=1)
+    phi = np.concatenate([lead, along + 1e-2 * _rng(3).normal(size=(N - 6, D))]).astype(np.float32)
+    result, stats = jaxdpo.select_batch(phi, 8, strategy="lazy", with_stats=True)
+    indices, scores = brute_force_greedy(phi, 8, 1.0)
+    np.testing.assert_array_equal(result.indices, indices)
+    assert_close(result.scores, scores, ulps=SCORE_ULPS)
+    assert int(stats.passes) == passes, stats
 
 
 def test_a_cached_prior_over_a_pool_larger_than_one_prefetch_keeps_float64_greedy_picks():
