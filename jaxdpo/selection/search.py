@@ -160,9 +160,8 @@ def _open_counts(ctx: Context, search: Search) -> tuple[Array, Array]:
     return jnp.sum(above), jnp.sum(untested)
 
 
-def _needs_coordinates(ctx: Context, search: Search) -> Array:
+def _needs_coordinates(ctx: Context, above: Array, untested: Array) -> Array:
     """More than `block` candidates could still win, and some of them lack a coordinate score."""
-    above, untested = _open_counts(ctx, search)
     return (above > ctx.plan.block) & (untested > 0)
 
 
@@ -241,14 +240,13 @@ def _exact_round(ctx: Context, search: Search) -> Search:
     )
 
 
-def _stalls(ctx: Context, search: Search) -> Array:
-    """A lazy pick whose coordinate evaluations, those spent and those of every candidate still
-    open after its first round, cost more than catching up on the pending updates (only when the
-    initial scores are values: updated bounds of a prior's bound pass stay loose)."""
+def _stalls(ctx: Context, search: Search, untested: Array) -> Array:
+    """A lazy pick whose coordinate evaluations, those spent and those of the `untested` candidates
+    still open after its first round, cost more than catching up on the pending updates (only when
+    the initial scores are values: updated bounds of a prior's bound pass stay loose)."""
     state = search.state
     pending = state.pick - state.synced
     passes = (pending + ctx.plan.catch_up - 1) // ctx.plan.catch_up
-    untested = _open_counts(ctx, search)[1]
     costly = (search.spent > 0) & (search.spent + untested >= ctx.plan.stall_reads * passes)
     return ctx.plan.values & ~state.full & (pending > 0) & costly
 
@@ -269,11 +267,15 @@ def _search(ctx: Context, search: Search) -> Search:
         search = _exact_round(ctx, search)
         return search._replace(remaining=_remaining(ctx, search))
 
+    def unstalled(search: Search) -> Array:
+        above, untested = _open_counts(ctx, search)  # one collective for both
+        return _needs_coordinates(ctx, above, untested) & ~_stalls(ctx, search, untested)
+
     coordinates = partial(_coordinate_round, ctx)
     if ctx.plan.values and ctx.positions is None:  # else no pick stalls (`_on_active_set`)
-        search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, s) & ~_stalls(ctx, s), coordinates, search)
-        search = jax.lax.cond(_stalls(ctx, search), caught_up, lambda s: s, search)
-    search = jax.lax.while_loop(partial(_needs_coordinates, ctx), coordinates, search)
+        search = jax.lax.while_loop(unstalled, coordinates, search)
+        search = jax.lax.cond(_stalls(ctx, search, _open_counts(ctx, search)[1]), caught_up, lambda s: s, search)
+    search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, *_open_counts(ctx, s)), coordinates, search)
     search = search._replace(remaining=_remaining(ctx, search))
     return jax.lax.while_loop(lambda s: ~better(s.best, s.remaining) & (s.remaining.value > -jnp.inf), exact_round, search)
 
