@@ -152,17 +152,13 @@ def _value_floor(ctx: Context, state: State, lowest: Array) -> Array:
     return jnp.where(ctx.plan.values & (state.synced == state.pick), jnp.max(lowest), -jnp.inf)
 
 
-def _open_counts(ctx: Context, search: Search) -> tuple[Array, Array]:
-    """(candidates that could still win, those of them without a coordinate score), all devices."""
+def _coordinates_needed(ctx: Context, search: Search) -> tuple[Array, Array]:
+    """(whether more than `block` candidates could still win and some of them lack a coordinate
+    score, how many lack one), over all devices in one collective."""
     open_ = _open(search)
     counts = jnp.sum(jnp.stack([open_, open_ & ~search.tested]), axis=1, dtype=jnp.int32)  # one read of the masks
-    above, untested = ctx.comm.gather(counts[0], counts[1])
-    return jnp.sum(above), jnp.sum(untested)
-
-
-def _needs_coordinates(ctx: Context, above: Array, untested: Array) -> Array:
-    """More than `block` candidates could still win, and some of them lack a coordinate score."""
-    return (above > ctx.plan.block) & (untested > 0)
+    above, untested = (jnp.sum(x) for x in ctx.comm.gather(counts[0], counts[1]))
+    return (above > ctx.plan.block) & (untested > 0), untested
 
 
 def _lacking(search: Search) -> Array:
@@ -268,14 +264,14 @@ def _search(ctx: Context, search: Search) -> Search:
         return search._replace(remaining=_remaining(ctx, search))
 
     def unstalled(search: Search) -> Array:
-        above, untested = _open_counts(ctx, search)  # one collective for both
-        return _needs_coordinates(ctx, above, untested) & ~_stalls(ctx, search, untested)
+        needed, untested = _coordinates_needed(ctx, search)
+        return needed & ~_stalls(ctx, search, untested)
 
     coordinates = partial(_coordinate_round, ctx)
     if ctx.plan.values and ctx.positions is None:  # else no pick stalls (`_on_active_set`)
         search = jax.lax.while_loop(unstalled, coordinates, search)
-        search = jax.lax.cond(_stalls(ctx, search, _open_counts(ctx, search)[1]), caught_up, lambda s: s, search)
-    search = jax.lax.while_loop(lambda s: _needs_coordinates(ctx, *_open_counts(ctx, s)), coordinates, search)
+        search = jax.lax.cond(_stalls(ctx, search, _coordinates_needed(ctx, search)[1]), caught_up, lambda s: s, search)
+    search = jax.lax.while_loop(lambda s: _coordinates_needed(ctx, s)[0], coordinates, search)
     search = search._replace(remaining=_remaining(ctx, search))
     return jax.lax.while_loop(lambda s: ~better(s.best, s.remaining) & (s.remaining.value > -jnp.inf), exact_round, search)
 
