@@ -12,7 +12,8 @@ Each pick runs rounds until the best exact score beats every bound left (ties: l
 - exact rounds: the `block` candidates of highest bound get the exact score (sums of squares).
 "full" applies the last pick's update to every candidate first (one pass over Φ), so that the
 values ± error already bound every score; "lazy" (Minoux) makes no pass unless a pick's
-coordinate evaluations cost more than applying the pending updates: then it catches up, and after
+coordinate evaluations (spent, and due for the candidates still open after its first round) cost
+more than applying the pending updates: then it catches up, and after
 `STALLS_BEFORE_FULL` such picks in a row (nearly tied scores) it goes on as "full". A lazy search
 over a big pool first runs on its `plan.active` candidates of highest bound (on each device),
 while each pick beats every bound outside them: its rounds then read short vectors.
