@@ -316,10 +316,20 @@ def span(picks: Picks, count: Array) -> Array:
     return jnp.arange(picks.reflectors.shape[1]) < jnp.minimum(count, picks.wy.shape[0])
 
 
-def span_part(picks: Picks, rho: Array, coords: Float[Array, "k K"]) -> Float[Array, " k"]:
-    """‖ρT⁻ᵀc‖² of each row of in-span coordinates c."""
-    whitened = rho * solve_t(picks.tri, coords)
-    return jnp.sum(whitened * whitened, axis=-1)
+def span_part(picks: Picks, rho: Array, coords: Float[Array, "k K"], count: Array) -> Float[Array, " k"]:
+    """‖ρT⁻ᵀc‖² of each row of in-span coordinates c (zero past the first `count`), from the
+    leading slabs of T and M that hold those picks: T = diag(T₁₁, ρI) and M = diag(M₁₁, I/ρ)
+    exactly (`rank_one_update` never touches their rest), so the rest only adds zeros."""
+    k = coords.shape[1]
+    sizes = sorted({min(size, k) for size in range(SLAB, k + SLAB, SLAB)})
+
+    def part(size: int) -> Array:
+        tri = Triangular(picks.tri.factor[:size, :size], picks.tri.inverse[:size, :size])
+        whitened = rho * solve_t(tri, coords[:, :size])
+        return jnp.sum(whitened * whitened, axis=-1)
+
+    slabs = jnp.clip((count + SLAB - 1) // SLAB, 1, len(sizes))
+    return jax.lax.switch(slabs - 1, [functools.partial(part, size) for size in sizes])
 
 
 def split_scores(picks: Picks, rho: Array, count: Array, rotated: Float[Array, "k w"]) -> Float[Array, " k"]:
@@ -327,7 +337,7 @@ def split_scores(picks: Picks, rho: Array, count: Array, rotated: Float[Array, "
     in_span = span(picks, count)
     k = picks.wy.shape[0]
     residual = jnp.sum(jnp.where(in_span, 0.0, rotated * rotated), axis=-1)
-    return residual + span_part(picks, rho, jnp.where(in_span[:k], rotated[:, :k], 0.0))
+    return residual + span_part(picks, rho, jnp.where(in_span[:k], rotated[:, :k], 0.0), count)
 
 
 def coordinate_scores(prior: Prior, picks: Picks, rho: Array, count: Array, energy: Array, rows: Float[Array, "k d"]) -> Float[Array, " k"]:
@@ -339,7 +349,7 @@ def coordinate_scores(prior: Prior, picks: Picks, rho: Array, count: Array, ener
     x = jnp.pad(x, ((0, 0), (0, picks.basis.shape[1] - x.shape[1])))  # zeros against q_j's bottom: no copy of a slice of it
     c = jnp.concatenate([_slab_products(x, picks.basis[j : j + SLAB], count - j) for j in range(0, picks.basis.shape[0], SLAB)], axis=1)
     c = jnp.where(jnp.arange(c.shape[1]) < count, c, 0.0)
-    return energy - jnp.sum(c * c, axis=-1) + span_part(picks, rho, c)
+    return energy - jnp.sum(c * c, axis=-1) + span_part(picks, rho, c, count)
 
 
 def _slab_products(x: Array, slab: Float[Array, "s w"], used: Array) -> Float[Array, "k s"]:

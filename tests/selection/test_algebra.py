@@ -1,13 +1,15 @@
 """The prior's Cholesky factor in XLA's own operations against float64 NumPy: backward error at the
-scale of the Gram matrix, and its inverse within the condition number's reach."""
+scale of the Gram matrix, and its inverse within the condition number's reach; the span factor's
+block structure after a few picks, and its solve read by slabs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxdpo.selection import algebra as alg
 from jaxdpo.selection.algebra import CHOLESKY_BLOCK, cholesky
-from tests.tolerance import F32_EPS
+from tests.tolerance import F32_EPS, assert_close
 
 factor = jax.jit(cholesky)
 
@@ -30,3 +32,23 @@ def test_cholesky_is_backward_stable_with_an_inverse_good_to_its_condition(n, co
     assert np.linalg.norm(u.T @ u - g) <= 8 * F32_EPS * np.linalg.norm(g)
     reference = np.linalg.cholesky(g).T
     assert np.linalg.norm(m @ u.T - np.eye(n)) <= 64 * F32_EPS * np.sqrt(n) * np.linalg.cond(reference)
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 33, 50])
+def test_span_part_reads_only_the_slabs_of_the_picks_so_far(count):
+    """After `count` picks T = diag(T₁₁, ρI) and M = diag(M₁₁, ·) exactly, which is what lets
+    `span_part` multiply by the leading slabs alone; its ‖ρT⁻ᵀc‖² then matches a float64 solve
+    with the same T within the solve's reach (2·K·cond(T) roundings of the largest value)."""
+    rng = np.random.default_rng(count)
+    width, batch, rho = 64, 50, np.float32(0.3)
+    picks = alg.no_picks(width, batch, jnp.float32(rho), jnp.float32)
+    for b in range(count):
+        picks = alg.add_pick(picks, jnp.int32(b), jnp.asarray(rng.normal(size=width), jnp.float32))
+    t, m = np.asarray(picks.tri.factor, np.float64), np.asarray(picks.tri.inverse)
+    assert not (t[:count, count:].any() or t[count:, :count].any() or m[:count, count:].any() or m[count:, :count].any())
+    np.testing.assert_array_equal(t[count:, count:], np.float32(rho) * np.eye(batch - count))
+    coords = np.zeros((5, batch), np.float32)
+    coords[:, :count] = rng.normal(size=(5, count))
+    got = jax.jit(alg.span_part)(picks, jnp.float32(rho), jnp.asarray(coords), jnp.int32(count))
+    want = np.sum((float(rho) * np.linalg.solve(t.T, coords.T.astype(np.float64))) ** 2, axis=0)  # z: Tᵀz = c
+    assert_close(got, want, ulps=2 * batch * np.linalg.cond(t))
