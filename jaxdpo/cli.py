@@ -1,6 +1,6 @@
 """`jaxdpo run [CONFIG] --out DIR [--resume]`: run an experiment (the embedded default without CONFIG).
 `jaxdpo rehearse CONFIG --out DIR [--scale S]`: one round of CONFIG on random-weight stand-ins.
-`jaxdpo plan CONFIG --target T [--mesh D,M] [--json FILE]`: a round of CONFIG compiled for a TPU slice (or this machine), per-stage memory and roofline time.
+`jaxdpo plan CONFIG --target T [--mesh D,M] [--json FILE] [--cache FILE]`: a round of CONFIG compiled for a TPU slice (or this machine), per-stage memory and roofline time.
 `jaxdpo report DIR [DIR...] [--out FILE]`: re-render runs' summary tables and curves from their metrics.jsonl.
 `jaxdpo annotate DIR [--port P]`: label the pairs a run waits for, on a page at 127.0.0.1:P.
 `jaxdpo export DIR dataset --out PATH [--format F]`: every label as a Hugging Face dataset (TRL's preference format).
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.add_argument("--target", required=True, choices=TARGETS, help="a TPU slice (needs libtpu: pip install 'jax[tpu]') or local")
     plan.add_argument("--mesh", metavar="D,M", help="data × model devices (default: the config's [mesh], else every device on data)")
     plan.add_argument("--json", type=Path, metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--cache", type=Path, metavar="FILE", help="keep each stage's analysis in FILE as it finishes; a plan run again with FILE compiles only the stages not in it")
     plan.add_argument("--memory-only", action="store_true", help="bytes per device only: skip the FLOPs, bytes accessed and roofline")
     report_ = commands.add_parser("report", help="re-render runs' summary tables and curves from their metrics.jsonl")
     report_.add_argument("runs", nargs="+", type=Path, metavar="DIR", help="run folders; several are overlaid in one plot")
@@ -137,7 +138,7 @@ def _plan(args, console) -> int:
     quiet_libtpu()  # before JAX starts its backends
     config = load_config(args.config)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True) as progress:
-        report = plan.plan(config, args.target, mesh=plan.parse_mesh(args.mesh), costs=not args.memory_only, progress=progress)
+        report = plan.plan(config, args.target, mesh=plan.parse_mesh(args.mesh), costs=not args.memory_only, progress=progress, cache=args.cache)
     report["config"] = str(args.config)
     plan.print_plan(report, str(args.config))
     if args.json:

@@ -1,4 +1,4 @@
-"""`jaxdpo plan CONFIG --target T [--mesh D,M] [--json FILE]`: a round of CONFIG compiled for a
+"""`jaxdpo plan CONFIG --target T [--mesh D,M] [--json FILE] [--cache FILE]`: a round of CONFIG compiled for a
 TPU slice (or this machine, `local`) with the target's own compiler, without its hardware, without
 weights and without the hub.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jaxdpo.config import ExperimentConfig
 from jaxdpo.errors import UserError
-from jaxdpo.experiment import stages, targets
+from jaxdpo.experiment import stage_cache, stages, targets
 from jaxdpo.experiment.compiled import analyze
 
 NOTES = (
@@ -72,9 +72,12 @@ def parse_mesh(text: str | None) -> tuple[int, int] | None:
     return data, model
 
 
-def plan(config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None = None, costs: bool = True, progress=None) -> dict:
+def plan(
+    config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None = None, costs: bool = True, progress=None, cache: Path | None = None
+) -> dict:
     """The plan of a round of `config` on `target` (a name of `targets.TARGETS`) as a JSON-ready
-    dict; `mesh` (data, model) overrides `config.mesh`."""
+    dict; `mesh` (data, model) overrides `config.mesh`; `cache`: a file keeping each stage's
+    analysis as it finishes (`stage_cache`), reused by a later plan with the same file."""
     import jax
 
     from jaxdpo.experiment.abstract import abstract_round
@@ -95,12 +98,19 @@ def plan(config: ExperimentConfig, target: str, *, mesh: tuple[int, int] | None 
         limit = targets.usable_memory(devices[0], chip)
     held = stages.long_lived(shape)
     rows = []
+    kept = stage_cache.read(cache) if cache is not None else {}
     for stage in stages.round_stages(shape):
-        task = progress.add_task(f"  compiling {stage.name}", total=None) if progress is not None else None
-        rows.append(_row(stage, analyze(stage.program, stage.args, costs=costs, loop_trips=stage.loop_trips), held, limit, chip))
-        jax.clear_caches()  # JAX's caches keep each compiled program alive; a plan never runs them
-        if task is not None:
-            progress.remove_task(task)
+        key = stage_cache.stage_key(stage, target, dict(grid.shape), costs)
+        analysis = kept.get(key)
+        if analysis is None:
+            task = progress.add_task(f"  compiling {stage.name}", total=None) if progress is not None else None
+            analysis = analyze(stage.program, stage.args, costs=costs, loop_trips=stage.loop_trips)
+            jax.clear_caches()  # JAX's caches keep each compiled program alive; a plan never runs them
+            if cache is not None:
+                stage_cache.append(cache, key, stage.name, analysis)
+            if task is not None:
+                progress.remove_task(task)
+        rows.append(_row(stage, analysis, held, limit, chip))
     timed = all(row.seconds_per_call is not None for row in rows)
     round_seconds = sum(row.seconds_per_round for row in rows) if timed else None
     per_method = {

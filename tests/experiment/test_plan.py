@@ -1,6 +1,7 @@
 """`jaxdpo plan` and the stage programs it shares with the run: loop-aware costs against unrolled
 programs, the stages a config's methods need and their calls, the local plan against the run's own
-memory plan, the exit-2 path, and a small model compiled for a TPU slice through libtpu."""
+memory plan, the exit-2 path, a plan resumed from its cache of stages, and a small model compiled
+for a TPU slice through libtpu."""
 
 import json
 import math
@@ -16,8 +17,9 @@ from flax import nnx
 from jaxdpo import embedded
 from jaxdpo.cli import main
 from jaxdpo.config import config_from_dict
-from jaxdpo.errors import EXIT_USER_ERROR
+from jaxdpo.errors import EXIT_USER_ERROR, UserError
 from jaxdpo.experiment import memory, stages
+from jaxdpo.experiment import plan as planning
 from jaxdpo.experiment.abstract import abstract_round
 from jaxdpo.experiment.compiled import analyze, required_bytes
 from jaxdpo.experiment.plan import parse_mesh
@@ -128,6 +130,31 @@ def test_the_local_plan_compiles_the_programs_of_the_runs_memory_plan(tmp_path, 
     error = capsys.readouterr().err
     assert f"{largest.key} ({largest.stage} needs" in error and "does not fit" in error
     assert sum(not p["fits"] for p in planned) == 1
+
+
+def test_a_plan_with_a_cache_compiles_only_the_stages_it_lacks(tmp_path, monkeypatch):
+    """A plan killed before its last stage and while writing a line goes on from its cache: it
+    compiles that stage alone and reports what a plan from scratch reports."""
+    config = config_from_dict(SMALL)
+    compiled = []
+    monkeypatch.setattr(planning, "analyze", lambda program, args, **kw: compiled.append(1) or analyze(program, args, **kw))
+    cache = tmp_path / "stages.jsonl"
+    whole = planning.plan(config, "local", costs=False, cache=cache)
+    lines = cache.read_text().splitlines()
+    stages_of_a_round = len(whole["stages"])
+    assert len(compiled) == len(lines) == stages_of_a_round
+    cache.write_text("".join(f"{line}\n" for line in lines[:-1]) + lines[-1][:40])  # killed while writing the last
+    compiled.clear()
+    resumed = planning.plan(config, "local", costs=False, cache=cache)
+    assert len(compiled) == 1 and len(cache.read_text().splitlines()) == stages_of_a_round
+    timeless = lambda report: [{k: v for k, v in row.items() if k != "compile_seconds"} for row in report["stages"]]  # noqa: E731
+    assert timeless(resumed) == timeless(whole)
+    other = config_from_dict({**SMALL, "lora": {"rank": 4, "alpha": 8.0}})  # other adapter shapes: other keys
+    planning.plan(other, "local", costs=False, cache=cache)
+    assert len(compiled) == 1 + stages_of_a_round - 1, len(compiled)  # all but the selection take the adapter
+    cache.write_text("not json\n" + cache.read_text())
+    with pytest.raises(UserError, match="line 1 is not a stage's analysis"):
+        planning.plan(config, "local", costs=False, cache=cache)
 
 
 def test_a_jax_reward_model_is_a_stage_and_stays_resident_in_the_others(tmp_path):
