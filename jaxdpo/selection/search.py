@@ -73,15 +73,15 @@ def _energies(ctx: Context, state: State, x: Array, chosen: Array, live: Array) 
     known = state.energy[chosen]
     if prior.kind == "none" and ctx.plan.values:  # ŝ⁰ = ‖x‖², known for every candidate: x is not read for it
         return known, known * (1.0 + x.shape[1] * ctx.eps), state  # (1 + dε): a sum taken in another order
-    products = None
-    if prior.kind == "low":
-        new = live & jnp.isnan(known)
-        products = jax.lax.cond(
-            jnp.any(new), lambda: alg.prior_products(prior, x), lambda: jnp.zeros((x.shape[0], prior.rows.shape[0]), x.dtype)
-        )
-    energy = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known)
-    state = state._replace(energy=state.energy.at[chosen].set(jnp.where(live, energy, known)))
-    return energy, jnp.sum(x * x, axis=-1), state
+    new = live & jnp.isnan(known)
+    if prior.kind == "none":  # ŝ⁰ = ‖x‖², summed only when a live row lacks it (pairs from norm bounds)
+        norms = jax.lax.cond(jnp.any(new), lambda: jnp.sum(x * x, axis=-1), lambda: known)
+        energy = jnp.where(jnp.isnan(known), norms, known)
+    else:
+        empty = lambda: jnp.zeros((x.shape[0], prior.rows.shape[0]), x.dtype)  # noqa: E731
+        products = jax.lax.cond(jnp.any(new), lambda: alg.prior_products(prior, x), empty) if prior.kind == "low" else None
+        energy, norms = jnp.where(jnp.isnan(known), alg.prior_energy(prior, x, products), known), jnp.sum(x * x, axis=-1)
+    return energy, norms, state._replace(energy=state.energy.at[chosen].set(jnp.where(live, energy, known)))
 
 
 def _coordinate_scores(ctx: Context, search: Search, chosen: Array, live: Array) -> tuple[Array, Array, Search]:
