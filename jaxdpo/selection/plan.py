@@ -18,8 +18,8 @@ ROUND_SHARE = 16  # a round of coordinate evaluations costs about 1/ROUND_SHARE 
 MIN_CHUNK, MAX_CHUNK = 8, 4096  # coordinate evaluations per round
 BLOCK = 4  # exact evaluations per round (the contenders left after the coordinate rounds)
 CATCH_UP = 32  # pending updates applied per catch-up pass (one product of Φ with CATCH_UP directions)
-GEMM_RATIO = {"cpu": 24.0}  # the same for a product of all of Φ with CATCH_UP directions (others: DEFAULT_RATIO)
-# (measured on CPU: [2e5, 1024] × [1024, 32] in 1.3 passes; the chunked products of a search run far below)
+GEMM_RATIO = {"cpu": 19.0}  # the same for a product of all of Φ with CATCH_UP directions (others: DEFAULT_RATIO)
+# (measured on CPU: [2e5, 1024] × [1024, 32], squares summed, in 1.67 passes; the chunked products of a search run far below)
 STALLS_BEFORE_FULL = 2  # consecutive stalled lazy picks before the batch goes on as "full"
 PAIR_BOUNDS_FROM = 2**19  # pairs (no prior) from which the norms' bounds beat their exact pass (CPU: between 3e5 and 6e5)
 ACTIVE_FROM, ACTIVE_SHARE, ACTIVE_ROUNDS = 2**17, 8, 24  # a lazy search over at least ACTIVE_FROM candidates (per
