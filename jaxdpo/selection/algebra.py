@@ -318,8 +318,8 @@ def span(picks: Picks, count: Array) -> Array:
 
 def span_part(picks: Picks, rho: Array, coords: Float[Array, "k K"], count: Array) -> Float[Array, " k"]:
     """‖ρT⁻ᵀc‖² of each row of in-span coordinates c (zero past the first `count`), from the
-    leading slabs of T and M that hold those picks: T = diag(T₁₁, ρI) and M = diag(M₁₁, I/ρ)
-    exactly (`rank_one_update` never touches their rest), so the rest only adds zeros."""
+    leading slabs of T and M that hold those picks: T = diag(T₁₁, ρI) and M = diag(M₁₁, M₂₂)
+    exactly (`rank_one_update` never rotates their rest), so the rest only adds zeros."""
     k = coords.shape[1]
     sizes = sorted({min(size, k) for size in range(SLAB, k + SLAB, SLAB)})
 
