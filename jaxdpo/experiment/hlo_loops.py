@@ -1,0 +1,143 @@
+"""The loops of a compiled program, read from its optimized HLO text: each `while` the program runs,
+how many times it runs, and what one run of its body costs.
+
+XLA's cost analysis counts a loop's body once, whatever its trip count. A loop's cost here is
+its body's, as the compiler scheduled it in the program (the body computation made the entry of
+the same module and given to XLA's cost analysis on this machine's CPU client: the
+TPU's compile-only client computes no costs for a module, and the generic analysis counts
+the TPU program's bytes within 1 %: 17.46 vs 17.30 GB for a 2-layer Llama-2-7B decode on v5e).
+
+A trip count is read from the loop itself when its condition is `counter < N` (or `N > counter`) on a
+tuple element the loop starts from a constant (`lax.scan`, `fori_loop` with static bounds, and the
+loops XLA makes); any other loop (a data-dependent `while_loop`: decoding, selection) runs
+`loop_trips` times, the stage's bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) ", re.M)
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z\-]*)\((.*)$")
+_CALLED = re.compile(r"(?:calls|branch_computations|true_computation|false_computation|to_apply)=\{?%([\w.\-]+(?:, %[\w.\-]+)*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+    """A `while` of the program: its body computation and the trip counts of the loops around
+    it, then its own."""
+
+    body: str
+    trips: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    op: str
+    arguments: str  # the text between the operation's parentheses
+    attributes: str  # the text after them
+
+    @property
+    def operands(self) -> tuple[str, ...]:
+        return tuple(re.findall(r"%([\w.\-]+)", self.arguments))
+
+
+def computations(text: str) -> dict[str, list[_Instruction]]:
+    """Each computation of an HLO module's text by name (the entry's under "ENTRY" too)."""
+    found, starts = {}, list(_COMPUTATION.finditer(text))
+    for match, following in zip(starts, starts[1:] + [None]):
+        block = text[match.end() : following.start() if following else len(text)]
+        instructions = []
+        for line in block.splitlines()[1:]:
+            parsed = _INSTRUCTION.match(line)
+            if parsed:
+                name, _, op, rest = parsed.groups()
+                depth, end = 1, 0
+                for end, char in enumerate(rest):  # the operand list ends at its closing parenthesis
+                    depth += {"(": 1, ")": -1}.get(char, 0)
+                    if depth == 0:
+                        break
+                instructions.append(_Instruction(name, op, rest[:end], rest[end + 1 :]))
+        found[match.group(2)] = instructions
+        if match.group(1):
+            found["ENTRY"] = instructions
+    return found
+
+
+def loops(text: str, loop_trips: int) -> list[Loop]:
+    """Every `while` the entry computation runs, directly or through calls, conditionals or other
+    loops' bodies, with its trip counts (see the module doc)."""
+    module = computations(text)
+    found: list[Loop] = []
+
+    def visit(computation: str, trips: tuple[int, ...]) -> None:
+        by_name = {i.name: i for i in module[computation]}
+        for instruction in module[computation]:
+            if instruction.op == "while":
+                body = re.search(r"body=%([\w.\-]+)", instruction.attributes).group(1)
+                own = _trip_count(instruction, module, by_name)
+                found.append(Loop(body, trips + (loop_trips if own is None else own,)))
+                visit(body, found[-1].trips)
+            for match in _CALLED.finditer(instruction.attributes):
+                for called in re.findall(r"[\w.\-]+", match.group(1)):
+                    if called in module and called != computation:
+                        visit(called, trips)
+
+    visit("ENTRY", ())
+    return found
+
+
+def _trip_count(loop: _Instruction, module: dict[str, list[_Instruction]], caller: dict[str, _Instruction]) -> int | None:
+    """The trip count XLA annotated (`known_trip_count`), else N − start when the loop's condition
+    is `tuple[k] < N` (or `N > tuple[k]`, the compare alone or wrapped in a fusion) and its initial
+    tuple's element k is a constant `start`; None otherwise."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes)
+    if known:
+        return int(known.group(1))
+    condition = module[re.search(r"condition=%([\w.\-]+)", loop.attributes).group(1)]
+    by_name = {i.name: i for i in condition}
+    root = condition[-1] if condition else None
+    operands = root.operands if root is not None else ()
+    if root is not None and root.op == "fusion":  # compare(parameter(i), parameter(j)) wrapped alone
+        called = module.get(re.search(r"calls=%([\w.\-]+)", root.attributes).group(1), [])
+        params = {i.name: int(i.arguments) for i in called if i.op == "parameter"}
+        root = called[-1] if called else None
+        inner = root.operands if root is not None else ()
+        operands = tuple(operands[params[name]] for name in inner) if all(name in params for name in inner) else ()
+    if root is None or root.op != "compare" or len(operands) != 2:
+        return None
+    direction = re.search(r"direction=(\w+)", root.attributes)
+    left, right = (by_name.get(name) for name in operands)
+    counter, bound = {"LT": (left, right), "GT": (right, left)}.get(direction.group(1) if direction else "", (None, None))
+    limit = _constant(bound, by_name)
+    if counter is None or counter.op != "get-tuple-element" or limit is None:
+        return None
+    index = int(re.search(r"index=(\d+)", counter.attributes).group(1))
+    start_tuple = caller.get(loop.operands[0])
+    if start_tuple is None or start_tuple.op != "tuple" or index >= len(start_tuple.operands):
+        return None
+    start = _constant(caller.get(start_tuple.operands[index]), caller)
+    return None if start is None else max(limit - start, 0)
+
+
+def _constant(instruction: _Instruction | None, by_name: dict[str, _Instruction]) -> int | None:
+    """The integer a scalar constant holds, through copies and bitcasts; None for anything else."""
+    while instruction is not None and instruction.op in ("copy", "bitcast", "convert") and instruction.operands:
+        instruction = by_name.get(instruction.operands[0])
+    if instruction is None or instruction.op != "constant":
+        return None
+    return int(instruction.arguments) if re.fullmatch(r"-?\d+", instruction.arguments.strip()) else None
+
+
+def body_cost(text: str, body: str) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of one run of the computation `body` of the HLO module `text`: the
+    module with `body` as its entry, given to XLA's cost analysis on this machine's CPU client."""
+    import jax
+    from jax._src.lib import _jax, hlo
+
+    as_entry = re.sub(r"^ENTRY %", "%", text, count=1, flags=re.M)
+    as_entry = re.sub(rf"^%{re.escape(body)} ", f"ENTRY %{body} ", as_entry, count=1, flags=re.M)
+    stats = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, hlo.hlo_module_from_text(as_entry))
+    return float(stats.get("flops", 0.0)), float(stats.get("bytes accessed", 0.0))
