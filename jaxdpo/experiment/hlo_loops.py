@@ -19,7 +19,7 @@ import dataclasses
 import re
 
 _COMPUTATION = re.compile(r"^(ENTRY )?%([\w.\-]+) ", re.M)
-_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s+(ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z\-]*)\((.*)$")
 _CALLED = re.compile(r"(?:calls|branch_computations|true_computation|false_computation|to_apply)=\{?%([\w.\-]+(?:, %[\w.\-]+)*)")
 
 
@@ -38,13 +38,14 @@ class _Instruction:
     op: str
     arguments: str  # the text between the operation's parentheses
     attributes: str  # the text after them
+    root: bool
 
     @property
     def operands(self) -> tuple[str, ...]:
         return tuple(re.findall(r"%([\w.\-]+)", self.arguments))
 
 
-def computations(text: str) -> dict[str, list[_Instruction]]:
+def _computations(text: str) -> dict[str, list[_Instruction]]:
     """Each computation of an HLO module's text by name (the entry's under "ENTRY" too)."""
     found, starts = {}, list(_COMPUTATION.finditer(text))
     for match, following in zip(starts, starts[1:] + [None]):
@@ -53,13 +54,13 @@ def computations(text: str) -> dict[str, list[_Instruction]]:
         for line in block.splitlines()[1:]:
             parsed = _INSTRUCTION.match(line)
             if parsed:
-                name, _, op, rest = parsed.groups()
+                root, name, _, op, rest = parsed.groups()
                 depth, end = 1, 0
                 for end, char in enumerate(rest):  # the operand list ends at its closing parenthesis
                     depth += {"(": 1, ")": -1}.get(char, 0)
                     if depth == 0:
                         break
-                instructions.append(_Instruction(name, op, rest[:end], rest[end + 1 :]))
+                instructions.append(_Instruction(name, op, rest[:end], rest[end + 1 :], bool(root)))
         found[match.group(2)] = instructions
         if match.group(1):
             found["ENTRY"] = instructions
@@ -69,7 +70,7 @@ def computations(text: str) -> dict[str, list[_Instruction]]:
 def loops(text: str, loop_trips: int) -> list[Loop]:
     """Every `while` the entry computation runs, directly or through calls, conditionals or other
     loops' bodies, with its trip counts (see the module doc)."""
-    module = computations(text)
+    module = _computations(text)
     found: list[Loop] = []
 
     def visit(computation: str, trips: tuple[int, ...]) -> None:
@@ -90,45 +91,85 @@ def loops(text: str, loop_trips: int) -> list[Loop]:
 
 
 def _trip_count(loop: _Instruction, module: dict[str, list[_Instruction]], caller: dict[str, _Instruction]) -> int | None:
-    """The trip count XLA annotated (`known_trip_count`), else N − start when the loop's condition
-    is `tuple[k] < N` (or `N > tuple[k]`, the compare alone or wrapped in a fusion) and its initial
-    tuple's element k is a constant `start`; None otherwise."""
+    """The trip count XLA annotated (`known_trip_count`), else ⌈(N − start) / step⌉ when the
+    loop's condition is `tuple[k] < N` (or `N > tuple[k]`), its body adds a constant `step` to
+    tuple[k], and its initial tuple's element k is a constant `start`; None otherwise."""
     known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', loop.attributes)
     if known:
         return int(known.group(1))
     condition = module[re.search(r"condition=%([\w.\-]+)", loop.attributes).group(1)]
-    by_name = {i.name: i for i in condition}
-    root = condition[-1] if condition else None
-    operands = root.operands if root is not None else ()
-    if root is not None and root.op == "fusion":  # compare(parameter(i), parameter(j)) wrapped alone
-        called = module.get(re.search(r"calls=%([\w.\-]+)", root.attributes).group(1), [])
+    op, operands, attributes = _seen_through_fusion(_root(condition), module)
+    direction = re.search(r"direction=(\w+)", attributes)
+    if op != "compare" or direction is None or direction.group(1) not in ("LT", "GT"):
+        return None
+    counter, bound = operands if direction.group(1) == "LT" else operands[::-1]
+    index, limit = _element(counter, condition), _constant(bound, condition)
+    init = caller.get(loop.operands[0])
+    if index is None or limit is None or init is None or init.op != "tuple":
+        return None
+    start, step = _constant(init.operands[index], caller), _step(module[re.search(r"body=%([\w.\-]+)", loop.attributes).group(1)], index, module)
+    if start is None or step is None or step <= 0:
+        return None
+    return max(-(-(limit - start) // step), 0)
+
+
+def _root(computation: list[_Instruction]) -> _Instruction:
+    return next(i for i in computation if i.root)
+
+
+def _seen_through_fusion(instruction: _Instruction, module: dict[str, list[_Instruction]]) -> tuple[str, tuple[str, ...], str]:
+    """(operation, operand names, attributes) of `instruction`, or of the one operation a fusion
+    wraps on its parameters (the CPU compiler wraps a loop's compare and add so)."""
+    if instruction.op == "fusion":
+        called = module.get(re.search(r"calls=%([\w.\-]+)", instruction.attributes).group(1), [])
         params = {i.name: int(i.arguments) for i in called if i.op == "parameter"}
-        root = called[-1] if called else None
-        inner = root.operands if root is not None else ()
-        operands = tuple(operands[params[name]] for name in inner) if all(name in params for name in inner) else ()
-    if root is None or root.op != "compare" or len(operands) != 2:
-        return None
-    direction = re.search(r"direction=(\w+)", root.attributes)
-    left, right = (by_name.get(name) for name in operands)
-    counter, bound = {"LT": (left, right), "GT": (right, left)}.get(direction.group(1) if direction else "", (None, None))
-    limit = _constant(bound, by_name)
-    if counter is None or counter.op != "get-tuple-element" or limit is None:
-        return None
-    index = int(re.search(r"index=(\d+)", counter.attributes).group(1))
-    start_tuple = caller.get(loop.operands[0])
-    if start_tuple is None or start_tuple.op != "tuple" or index >= len(start_tuple.operands):
-        return None
-    start = _constant(caller.get(start_tuple.operands[index]), caller)
-    return None if start is None else max(limit - start, 0)
+        inner = _root(called) if called else None
+        if inner is not None and inner.operands and all(name in params for name in inner.operands):
+            return inner.op, tuple(instruction.operands[params[name]] for name in inner.operands), inner.attributes
+    return instruction.op, instruction.operands, instruction.attributes
 
 
-def _constant(instruction: _Instruction | None, by_name: dict[str, _Instruction]) -> int | None:
-    """The integer a scalar constant holds, through copies and bitcasts; None for anything else."""
-    while instruction is not None and instruction.op in ("copy", "bitcast", "convert") and instruction.operands:
-        instruction = by_name.get(instruction.operands[0])
+def _element(name: str, computation: list[_Instruction]) -> int | None:
+    """k when `name` is `get-tuple-element(parameter, index=k)` in `computation` (through copies)."""
+    instruction = _through_copies(name, {i.name: i for i in computation})
+    if instruction is None or instruction.op != "get-tuple-element":
+        return None
+    return int(re.search(r"index=(\d+)", instruction.attributes).group(1))
+
+
+def _step(body: list[_Instruction], index: int, module: dict[str, list[_Instruction]]) -> int | None:
+    """c when the body's result element `index` is its element `index` plus a constant c."""
+    result = _root(body)
+    if result.op != "tuple" or index >= len(result.operands):
+        return None
+    by_name = {i.name: i for i in body}
+    added = by_name.get(result.operands[index])
+    if added is None:
+        return None
+    op, operands, _ = _seen_through_fusion(added, module)
+    if op != "add" or len(operands) != 2:
+        return None
+    for counter, amount in (operands, operands[::-1]):
+        if _element(counter, body) == index:
+            return _constant(amount, body)
+    return None
+
+
+def _constant(name: str, computation: list[_Instruction] | dict[str, _Instruction]) -> int | None:
+    """The integer the scalar constant `name` holds (through copies); None for anything else."""
+    by_name = computation if isinstance(computation, dict) else {i.name: i for i in computation}
+    instruction = _through_copies(name, by_name)
     if instruction is None or instruction.op != "constant":
         return None
     return int(instruction.arguments) if re.fullmatch(r"-?\d+", instruction.arguments.strip()) else None
+
+
+def _through_copies(name: str, by_name: dict[str, _Instruction]) -> _Instruction | None:
+    """The instruction `name` is a copy, bitcast or conversion of (or itself)."""
+    instruction = by_name.get(name)
+    while instruction is not None and instruction.op in ("copy", "bitcast", "convert") and instruction.operands:
+        instruction = by_name.get(instruction.operands[0])
+    return instruction
 
 
 def body_cost(text: str, body: str) -> tuple[float, float]:

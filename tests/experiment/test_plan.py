@@ -6,6 +6,7 @@ for a TPU slice through libtpu."""
 import json
 import math
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -128,6 +129,11 @@ def test_loops_read_from_hlo_text_without_annotations():
     flops, bytes_accessed = hlo_loops.body_cost(_LOOPS_HLO, "body")
     assert flops == pytest.approx(2 * 16**3, rel=0.01)
     assert bytes_accessed >= 2 * 16 * 16 * 4  # x read, y written
+    w, xs = jax.ShapeDtypeStruct((3, 64, 64), jnp.float32), jax.ShapeDtypeStruct((4, 32, 64), jnp.float32)
+    text = jax.jit(_accumulated(_grad_of(_layers))).lower(w, xs).compile().as_text()
+    unannotated = re.sub(r'"known_trip_count":\{"n":"\d+"\}', "", text)
+    assert unannotated != text and hlo_loops.loops(unannotated, 1) == hlo_loops.loops(text, 1)
+    assert sorted(loop.trips for loop in hlo_loops.loops(text, 1)) == [(4,), (4, 3), (4, 3)]  # micro-batches, then layers forward and back
 
 
 def test_round_stages_and_their_calls_follow_the_methods():
