@@ -283,9 +283,13 @@ def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
     chip = report["chip"]
     for row in rows.values():
         assert row["seconds_per_call"] == max(row["flops"] / chip["peak_flops"], row["bytes_accessed"] / chip["bandwidth"])
-    last_round = sum(row["seconds_per_call"] * sum(calls[-1] for calls in row["calls"].values()) for row in rows.values())
-    every_round = sum(row["seconds_per_call"] * sum(map(sum, row["calls"].values())) for row in rows.values())
-    assert report["round_seconds"] == pytest.approx(last_round) and report["run_seconds"] == pytest.approx(every_round)
+        trips = 8 if row["stage"].startswith("generation") else 1  # a decode step reads every weight
+        assert row["floor_seconds_per_call"] == max(row["flops"] / chip["peak_flops"], trips * row["arguments"] / chip["bandwidth"])
+    for estimate, per_call in (("", "seconds_per_call"), ("_floor", "floor_seconds_per_call")):
+        last_round = sum(row[per_call] * sum(calls[-1] for calls in row["calls"].values()) for row in rows.values())
+        every_round = sum(row[per_call] * sum(map(sum, row["calls"].values())) for row in rows.values())
+        assert report[f"round{estimate}_seconds"] == pytest.approx(last_round) and report[f"run{estimate}_seconds"] == pytest.approx(every_round)
+    assert 0 < report["round_floor_seconds"] <= report["round_seconds"]
     assert rows["DPO step"]["calls"]["random"] == [2 * 1, 2 * 2, 2 * 3]  # 2 epochs over 4, 8, 12 pairs in batches of 4
     assert rows["selection: activedpo"]["calls"] == {"random": [0, 0, 0], "activedpo": [1, 1, 1]} and rows["selection: activedpo"]["flops"] > 0
     # log-probs of 16 rows × 32 tokens, every position: 2 FLOPs per weight and token in the layers' matmuls and the head,
