@@ -48,12 +48,16 @@ class _Instruction:
         return tuple(re.findall(r"%([\w.\-]+)", self.arguments))
 
 
-def _computations(text: str) -> dict[str, list[_Instruction]]:
+Computation = dict[str, _Instruction]
+"""A computation's instructions by name, in the order of the text."""
+
+
+def _computations(text: str) -> dict[str, Computation]:
     """Each computation of an HLO module's text by name (the entry's under "ENTRY" too)."""
     found, starts = {}, list(_COMPUTATION.finditer(text))
     for match, following in zip(starts, starts[1:] + [None]):
         block = text[match.end() : following.start() if following else len(text)]
-        instructions = []
+        instructions: Computation = {}
         for line in block.splitlines()[1:]:
             parsed = _INSTRUCTION.match(line)
             if parsed:
@@ -63,7 +67,7 @@ def _computations(text: str) -> dict[str, list[_Instruction]]:
                     depth += {"(": 1, ")": -1}.get(char, 0)
                     if depth == 0:
                         break
-                instructions.append(_Instruction(name, op, rest[:end], rest[end + 1 :], bool(root)))
+                instructions[name] = _Instruction(name, op, rest[:end], rest[end + 1 :], bool(root))
         found[match.group(2)] = instructions
         if match.group(1):
             found["ENTRY"] = instructions
@@ -77,11 +81,10 @@ def loops(text: str, loop_trips: int) -> list[Loop]:
     found: list[Loop] = []
 
     def visit(computation: str, trips: tuple[int, ...]) -> None:
-        by_name = {i.name: i for i in module[computation]}
-        for instruction in module[computation]:
+        for instruction in module[computation].values():
             if instruction.op == "while":
                 body = re.search(r"body=%([\w.\-]+)", instruction.attributes).group(1)
-                own = _trip_count(instruction, module, by_name)
+                own = _trip_count(instruction, module, module[computation])
                 found.append(Loop(body, trips + (loop_trips if own is None else own,)))
                 visit(body, found[-1].trips)
             for match in _CALLED.finditer(instruction.attributes):
@@ -93,7 +96,7 @@ def loops(text: str, loop_trips: int) -> list[Loop]:
     return found
 
 
-def _trip_count(loop: _Instruction, module: dict[str, list[_Instruction]], caller: dict[str, _Instruction]) -> int | None:
+def _trip_count(loop: _Instruction, module: dict[str, Computation], caller: Computation) -> int | None:
     """The trip count XLA annotated (`known_trip_count`), else ⌈(N − start) / step⌉ when the
     loop's condition is `tuple[k] < N` (or `N > tuple[k]`), its body adds a constant `step` to
     tuple[k], and its initial tuple's element k is a constant `start`; None otherwise."""
@@ -116,37 +119,36 @@ def _trip_count(loop: _Instruction, module: dict[str, list[_Instruction]], calle
     return max(-(-(limit - start) // step), 0)
 
 
-def _root(computation: list[_Instruction]) -> _Instruction:
-    return next(i for i in computation if i.root)
+def _root(computation: Computation) -> _Instruction:
+    return next(i for i in computation.values() if i.root)
 
 
-def _seen_through_fusion(instruction: _Instruction, module: dict[str, list[_Instruction]]) -> tuple[str, tuple[str, ...], str]:
+def _seen_through_fusion(instruction: _Instruction, module: dict[str, Computation]) -> tuple[str, tuple[str, ...], str]:
     """(operation, operand names, attributes) of `instruction`, or of the one operation a fusion
     wraps on its parameters (the CPU compiler wraps a loop's compare and add so)."""
     if instruction.op == "fusion":
-        called = module.get(re.search(r"calls=%([\w.\-]+)", instruction.attributes).group(1), [])
-        params = {i.name: int(i.arguments) for i in called if i.op == "parameter"}
+        called = module.get(re.search(r"calls=%([\w.\-]+)", instruction.attributes).group(1), {})
+        params = {i.name: int(i.arguments) for i in called.values() if i.op == "parameter"}
         inner = _root(called) if called else None
         if inner is not None and inner.operands and all(name in params for name in inner.operands):
             return inner.op, tuple(instruction.operands[params[name]] for name in inner.operands), inner.attributes
     return instruction.op, instruction.operands, instruction.attributes
 
 
-def _element(name: str, computation: list[_Instruction]) -> int | None:
+def _element(name: str, computation: Computation) -> int | None:
     """k when `name` is `get-tuple-element(parameter, index=k)` in `computation` (through copies)."""
-    instruction = _through_copies(name, {i.name: i for i in computation})
+    instruction = _through_copies(name, computation)
     if instruction is None or instruction.op != "get-tuple-element":
         return None
     return int(re.search(r"index=(\d+)", instruction.attributes).group(1))
 
 
-def _step(body: list[_Instruction], index: int, module: dict[str, list[_Instruction]]) -> int | None:
+def _step(body: Computation, index: int, module: dict[str, Computation]) -> int | None:
     """c when the body's result element `index` is its element `index` plus a constant c."""
     result = _root(body)
     if result.op != "tuple" or index >= len(result.operands):
         return None
-    by_name = {i.name: i for i in body}
-    added = by_name.get(result.operands[index])
+    added = body.get(result.operands[index])
     if added is None:
         return None
     op, operands, _ = _seen_through_fusion(added, module)
@@ -158,20 +160,19 @@ def _step(body: list[_Instruction], index: int, module: dict[str, list[_Instruct
     return None
 
 
-def _constant(name: str, computation: list[_Instruction] | dict[str, _Instruction]) -> int | None:
+def _constant(name: str, computation: Computation) -> int | None:
     """The integer the scalar constant `name` holds (through copies); None for anything else."""
-    by_name = computation if isinstance(computation, dict) else {i.name: i for i in computation}
-    instruction = _through_copies(name, by_name)
+    instruction = _through_copies(name, computation)
     if instruction is None or instruction.op != "constant":
         return None
     return int(instruction.arguments) if re.fullmatch(r"-?\d+", instruction.arguments.strip()) else None
 
 
-def _through_copies(name: str, by_name: dict[str, _Instruction]) -> _Instruction | None:
+def _through_copies(name: str, computation: Computation) -> _Instruction | None:
     """The instruction `name` is a copy, bitcast or conversion of (or itself)."""
-    instruction = by_name.get(name)
+    instruction = computation.get(name)
     while instruction is not None and instruction.op in ("copy", "bitcast", "convert") and instruction.operands:
-        instruction = by_name.get(instruction.operands[0])
+        instruction = computation.get(instruction.operands[0])
     return instruction
 
 
