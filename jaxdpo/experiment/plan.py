@@ -28,7 +28,8 @@ from jaxdpo.experiment import stage_cache, stages, targets
 from jaxdpo.experiment.compiled import analyze
 
 NOTES = (
-    "the round floor adds every call's max(FLOPs / peak, arguments read once per loop trip / HBM bandwidth): a lower bound, "
+    "the round floor adds every call's max(FLOPs / peak, the bytes it must read / HBM bandwidth: its arguments once per loop trip, "
+    "a decode step's KV cache), a lower bound "
     "without collectives' interconnect time, host work or the oracle",
     "the roofline adds every call's max(FLOPs / peak, bytes accessed / HBM bandwidth) with XLA's byte counts, which on a TPU "
     "include on-chip (VMEM) traffic and count async copies several times: not a bound",
@@ -40,8 +41,8 @@ NOTES = (
 @dataclasses.dataclass(frozen=True)
 class StageRow:
     """One stage of the plan (bytes per device; FLOPs and bytes accessed per call; seconds from
-    the roofline of XLA's counts, and its floor: FLOPs, and every argument read once per loop
-    trip, see `floor_seconds`). `calls`: per method, the calls of each round; `calls_per_round`: of every
+    the roofline of XLA's counts, and its floor from FLOPs and `floor_reads`, the bytes a call must
+    read from HBM, see `floor_seconds`). `calls`: per method, the calls of each round; `calls_per_round`: of every
     method's last round (the one with the most labels); `seconds_per_run`: of every round of every
     method, one seed."""
 
@@ -57,6 +58,7 @@ class StageRow:
     bytes_accessed: float | None
     seconds_per_call: float | None
     floor_seconds_per_call: float | None
+    floor_reads: int
     calls: dict[str, list[int]]
     calls_per_round: int
     seconds_per_round: float | None
@@ -140,26 +142,29 @@ def _row(stage: stages.Stage, analysis, held: dict[str, int], limit: int | None,
     resident = stage.resident(held)
     need = analysis.need + resident
     per_call = floor = None
+    reads = stage.loop_trips * analysis.arguments + stage.state_reads
     if chip is not None and analysis.flops is not None:
         per_call = max(analysis.flops / chip.peak_flops, analysis.bytes_accessed / chip.bandwidth)
-        floor = floor_seconds(analysis.flops, analysis.arguments, stage.loop_trips, chip)
+        floor = floor_seconds(analysis.flops, reads, chip)
     last, every = sum(c[-1] for c in stage.calls.values()), sum(sum(c) for c in stage.calls.values())
     return StageRow(
         stage.name, stage.key, need, analysis.arguments, analysis.outputs, analysis.temporaries, resident,
-        analysis.error is None and (limit is None or need <= limit), analysis.flops, analysis.bytes_accessed, per_call, floor,
+        analysis.error is None and (limit is None or need <= limit), analysis.flops, analysis.bytes_accessed, per_call, floor, reads,
         {method: list(c) for method, c in stage.calls.items()}, last, None if per_call is None else per_call * last,
         None if per_call is None else per_call * every, analysis.compile_seconds, analysis.error,
     )
 
 
-def floor_seconds(flops: float, arguments: int, loop_trips: int, chip) -> float:
-    """A call's time floor on `chip`: its FLOPs at peak, or one read of its arguments (weights
-    above all) per trip of its loop (a decode step reads every weight), at the HBM bandwidth.
+def floor_seconds(flops: float, reads: int, chip) -> float:
+    """A call's time floor on `chip`: its FLOPs at peak, or the bytes per device it must read from
+    HBM at the HBM bandwidth: its arguments (weights above all) once per trip of its loop (a
+    decode step reads every weight) and the state it builds and reads again (`Stage.state_reads`:
+    a decode step's KV cache).
 
     Unlike XLA's bytes accessed, which on a TPU count on-chip traffic and an async copy's buffers
     several times (a prefetch slice-start: 3 × the tile; copy-start: 4 × the buffer), no call can
     take less. It holds while the weights do not fit on chip (VMEM: 128 MiB on v5e)."""
-    return max(flops / chip.peak_flops, loop_trips * arguments / chip.bandwidth)
+    return max(flops / chip.peak_flops, reads / chip.bandwidth)
 
 
 def _notes(config: ExperimentConfig) -> list[str]:

@@ -108,6 +108,11 @@ def sampling(config: ExperimentConfig, purpose: str) -> Sampling:
     }[purpose]
 
 
+def prompts_of(config: ExperimentConfig, purpose: str) -> int:
+    """The prompts a round generates for `purpose`: the round's pool, or the held-out evaluation set."""
+    return config.eval.prompts if purpose == "evaluation" else config.data.prompts_per_round
+
+
 def sample(
     model, lora, prompt_ids, prompt_mask, prompt_index, key, *, sampling: Sampling, max_new_tokens: int, eos_token_id, pad_token_id: int,
 ) -> Sequences:
@@ -164,7 +169,9 @@ class Stage:
     long-lived state among its arguments ("policy", "adapter", "optimizer", "reward model");
     `timed_as` the run's stage timings it runs under; `calls` per method of the config, how many
     calls each of its rounds makes (the last one has the most labels); `loop_trips` the
-    iterations its data-dependent loop runs at most (decoding: max_new_tokens)."""
+    iterations its data-dependent loop runs at most (decoding: max_new_tokens); `state_reads`
+    the bytes per device a call reads at least from state it builds itself (decoding: the KV
+    cache, see `decode_cache_reads`)."""
 
     name: str
     key: str
@@ -174,6 +181,7 @@ class Stage:
     timed_as: tuple[str, ...]
     calls: Mapping[str, tuple[int, ...]]
     loop_trips: int = 1
+    state_reads: int = 0
 
     def resident(self, long_lived: Mapping[str, int]) -> int:
         """Bytes per device that stay on the device meanwhile and are not among its arguments:
@@ -203,12 +211,13 @@ def round_stages(shape: RoundShape) -> list[Stage]:
         counts = calls.generation(purpose)
         if any(map(any, counts.values())):
             s = sampling(config, purpose)
-            prompts = prompts_per_call(config, s.num_samples, config.data.prompts_per_round, mesh)
+            prompts = prompts_per_call(config, s.num_samples, prompts_of(config, purpose), mesh)
             tokens, index = placement.rows(shape, (prompts, shape.prompt_len)), placement.rows(shape, (prompts,))
             program = partial(sample, sampling=s, max_new_tokens=shape.max_new_tokens, eos_token_id=shape.eos_token_id, pad_token_id=shape.pad_token_id)
             stages.append(Stage(
                 f"generation: {purpose} ({s.num_samples} per prompt)", "generation.chunk_rows", program, (model, lora, tokens, tokens, index, key),
                 frozenset({"policy", "adapter"}), (timed,), counts, loop_trips=shape.max_new_tokens,
+                state_reads=decode_cache_reads(shape, prompts * s.num_samples),
             ))
     window = shape.seq - 1
     rows = placement.sequences(shape, (logprob_rows(config, mesh), shape.seq))
@@ -234,6 +243,20 @@ def round_stages(shape: RoundShape) -> list[Stage]:
             ("oracle", "eval"), calls.reward_model(),
         ))
     return stages
+
+
+def decode_cache_reads(shape: RoundShape, rows: int) -> int:
+    """The bytes per device a generation call of `rows` sequences reads from its KV cache at least:
+    each decode step after the prefill attends over every slot of every layer's cache (the mask
+    hides the empty ones), and however the cache is placed, some device holds at least its share
+    of the mesh."""
+
+    def keys_and_values():
+        cache = shape.model.init_cache(rows, shape.seq)
+        return cache.k + cache.v
+
+    step = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.eval_shape(keys_and_values))
+    return (shape.max_new_tokens - 1) * step // (shape.mesh.size if shape.mesh is not None else 1)
 
 
 def _dpo_stage(shape: RoundShape, model, lora, calls: _Calls) -> Stage:
@@ -302,15 +325,10 @@ class _Calls:
         """Pairs the DPO of round t trains on (`dpo.train_on`: this round's or every one so far)."""
         return self.batch * (t if self.config.dpo.train_on == "all" else 1)
 
-    def _generation_calls(self, purpose: str, prompts: int) -> int:
-        return math.ceil(prompts / prompts_per_call(self.config, sampling(self.config, purpose).num_samples, prompts, self.mesh))
-
     def generation(self, purpose: str) -> dict[str, tuple[int, ...]]:
-        if purpose == "responses":
-            return self._per_method(lambda fields, t: self._generation_calls(purpose, self.prompts))
-        if purpose == "entropy samples":
-            return self._per_method(lambda fields, t: self._generation_calls(purpose, self.prompts) if "prompt_entropy" in fields else 0)
-        return self._per_method(lambda fields, t: self._generation_calls(purpose, self.config.eval.prompts))
+        prompts = prompts_of(self.config, purpose)
+        calls = math.ceil(prompts / prompts_per_call(self.config, sampling(self.config, purpose).num_samples, prompts, self.mesh))
+        return self._per_method(lambda fields, t: 0 if purpose == "entropy samples" and "prompt_entropy" not in fields else calls)
 
     def logprobs(self) -> dict[str, tuple[int, ...]]:
         """Margins (policy and reference), entropy samples, training's reference log-probs, and the

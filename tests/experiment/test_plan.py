@@ -166,6 +166,14 @@ def test_round_stages_and_their_calls_follow_the_methods():
         f"generation: responses ({m} per prompt)", "generation: evaluation (1 per prompt)", "log-probs", "DPO step", "selection: random"
     ]
     assert got["features"].timed_as == ("features",) and "training" in got["log-probs"].timed_as
+    # each decode step after the prefill reads every layer's keys and values of every row and slot
+    c, itemsize = embedded.MODEL_CONFIG, jnp.dtype(shape.model.dtype).itemsize
+    for samples, prompts_in_pool in ((m, prompts), (k, prompts), (1, 20)):
+        name = next(name for name in got if name.startswith("generation") and f"({samples} per prompt)" in name)
+        rows = stages.prompts_per_call(config, samples, prompts_in_pool, None) * samples
+        slots = shape.prompt_len + shape.max_new_tokens
+        assert got[name].state_reads == (shape.max_new_tokens - 1) * 2 * c.num_layers * rows * c.num_kv_heads * c.head_dim * slots * itemsize
+    assert got["log-probs"].state_reads == got["DPO step"].state_reads == 0
 
 
 def test_the_local_plan_compiles_the_programs_of_the_runs_memory_plan(tmp_path, capsys, monkeypatch):
@@ -283,8 +291,12 @@ def test_a_small_model_planned_for_a_tpu_slice(tmp_path):
     chip = report["chip"]
     for row in rows.values():
         assert row["seconds_per_call"] == max(row["flops"] / chip["peak_flops"], row["bytes_accessed"] / chip["bandwidth"])
-        trips = 8 if row["stage"].startswith("generation") else 1  # a decode step reads every weight
-        assert row["floor_seconds_per_call"] == max(row["flops"] / chip["peak_flops"], trips * row["arguments"] / chip["bandwidth"])
+        # a decode step reads every weight, and after the prefill every slot of the bf16 KV cache, a quarter per chip
+        samples = int(row["stage"].split("(")[1].split()[0]) if row["stage"].startswith("generation") else 0
+        trips, c = (8 if samples else 1), TINY_LLAMA
+        cache = 2 * c["num_hidden_layers"] * 8 * samples * c["num_key_value_heads"] * c["head_dim"] * (24 + 8) * 2
+        assert row["floor_reads"] == trips * row["arguments"] + (trips - 1) * cache // 4
+        assert row["floor_seconds_per_call"] == max(row["flops"] / chip["peak_flops"], row["floor_reads"] / chip["bandwidth"])
     for estimate, per_call in (("", "seconds_per_call"), ("_floor", "floor_seconds_per_call")):
         last_round = sum(row[per_call] * sum(calls[-1] for calls in row["calls"].values()) for row in rows.values())
         every_round = sum(row[per_call] * sum(map(sum, row["calls"].values())) for row in rows.values())
