@@ -248,8 +248,8 @@ def round_stages(shape: RoundShape) -> list[Stage]:
 def decode_cache_reads(shape: RoundShape, rows: int) -> int:
     """The bytes per device a generation call of `rows` sequences reads from its KV cache at least:
     each decode step after the prefill attends over every slot of every layer's cache (the mask
-    hides the empty ones), and however the cache is placed, some device holds at least its share
-    of the mesh."""
+    hides the empty ones), so however the cache is placed, the busiest of the mesh's n devices
+    reads at least 1/n of it."""
 
     def keys_and_values():
         cache = shape.model.init_cache(rows, shape.seq)
