@@ -255,7 +255,7 @@ def decode_cache_reads(shape: RoundShape, rows: int) -> int:
         cache = shape.model.init_cache(rows, shape.seq)
         return cache.k + cache.v
 
-    step = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.eval_shape(keys_and_values))
+    step = placement.device_bytes(jax.eval_shape(keys_and_values))  # unplaced: the whole cache
     return (shape.max_new_tokens - 1) * step // (shape.mesh.size if shape.mesh is not None else 1)
 
 
